@@ -1,0 +1,106 @@
+"""Trajectories -> padded tensors, and the row/column slicing the update needs.
+
+One right-padded batch holds the whole step; mini-batches and micro-batches are row subsets of
+it, each trimmed to its own longest row so short micro-batches do not pay for the longest one.
+Masks come from spans (see types.Trajectory.policy_mask), never from pad ids.
+"""
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+
+from llmrl.algorithms.base import Batch
+from llmrl.types import Trajectory
+
+ROW_KEYS = ("group_ids", "expert_mask", "response_lengths", "truncated")
+
+
+def collate(trajectories: list[Trajectory], pad_id: int) -> Batch:
+    """Pad to the longest trajectory. The scalar reward sits at the last policy token.
+
+    A row with no policy token (an empty response) keeps its reward on its last token, so
+    outcome-level advantages (row sums) still see it while its loss mask stays all zero.
+    """
+    B = len(trajectories)
+    T = max(len(t.token_ids) for t in trajectories)
+    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
+    attention = torch.zeros((B, T), dtype=torch.long)
+    loss_mask = torch.zeros((B, T), dtype=torch.float32)
+    rollout_logprobs = torch.zeros((B, T), dtype=torch.float32)
+    token_rewards = torch.zeros((B, T), dtype=torch.float32)
+    turn_ids = torch.zeros((B, T), dtype=torch.long)
+    for i, traj in enumerate(trajectories):
+        n = len(traj.token_ids)
+        input_ids[i, :n] = torch.tensor(traj.token_ids)
+        attention[i, :n] = 1
+        mask = torch.tensor(traj.policy_mask, dtype=torch.float32)
+        loss_mask[i, :n] = mask
+        rollout_logprobs[i, :n] = torch.tensor(traj.rollout_logprobs, dtype=torch.float32)
+        policy_positions = mask.nonzero().flatten()
+        last = int(policy_positions[-1]) if len(policy_positions) else n - 1
+        token_rewards[i, last] = traj.reward
+        turn = 0
+        ends = sorted(traj.turn_ends)
+        for pos in range(n):
+            turn_ids[i, pos] = turn
+            if turn < len(ends) and pos == ends[turn]:
+                turn += 1
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention,
+        "position_ids": (attention.cumsum(-1) - 1).clamp(min=0),
+        "loss_mask": loss_mask,
+        "rollout_logprobs": rollout_logprobs,
+        "token_rewards": token_rewards,
+        "turn_ids": turn_ids,
+        "group_ids": torch.tensor([t.group_id for t in trajectories], dtype=torch.long),
+        "expert_mask": torch.tensor([t.expert for t in trajectories], dtype=torch.bool),
+        "response_lengths": torch.tensor([t.num_policy_tokens for t in trajectories], dtype=torch.long),
+        "truncated": torch.tensor([t.finish_reason == "length" for t in trajectories], dtype=torch.bool),
+    }
+
+
+def select_rows(batch: Batch, rows: torch.Tensor | list[int]) -> Batch:
+    """Rows `rows` of every tensor, trimmed to the longest selected row."""
+    idx = torch.as_tensor(rows, dtype=torch.long)
+    out = {k: v.index_select(0, idx) for k, v in batch.items()}
+    width = int(out["attention_mask"].sum(-1).max()) if len(idx) else 0
+    return {k: (v if v.dim() == 1 or k in ROW_KEYS else v[:, :width]) for k, v in out.items()}
+
+
+def split_micro_batches(batch: Batch, micro_batch_size: int | None, micro_batch_tokens: int | None) -> list[Batch]:
+    """Split rows into micro-batches by row count, or by padded token budget.
+
+    With a token budget, rows are sorted by length first so similar lengths share a
+    micro-batch and little compute goes to padding (row order does not change the update).
+    """
+    lengths = batch["attention_mask"].sum(-1)
+    n = len(lengths)
+    if micro_batch_tokens:
+        order = torch.argsort(lengths, descending=True).tolist()
+        groups: list[list[int]] = []
+        current: list[int] = []
+        for row in order:
+            width = max([int(lengths[row])] + [int(lengths[r]) for r in current])
+            if current and width * (len(current) + 1) > micro_batch_tokens:
+                groups.append(current)
+                current = []
+            current.append(row)
+        if current:
+            groups.append(current)
+    else:
+        size = micro_batch_size or n
+        groups = [list(range(s, min(s + size, n))) for s in range(0, n, size)]
+    return [select_rows(batch, g) for g in groups]
+
+
+def iter_mini_batches(num_rows: int, mini_batch_size: int, generator: torch.Generator | None = None) -> Iterator[list[int]]:
+    """Row indices of each mini-batch, shuffled when a generator is given."""
+    order = torch.randperm(num_rows, generator=generator).tolist() if generator is not None else list(range(num_rows))
+    for start in range(0, num_rows, mini_batch_size):
+        yield order[start : start + mini_batch_size]
+
+
+def num_tokens(batch: Batch) -> int:
+    return int(batch["attention_mask"].sum())

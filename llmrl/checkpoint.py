@@ -1,0 +1,87 @@
+"""Checkpoints: an HF policy directory plus everything needed to resume exactly.
+
+Layout: output_dir/checkpoints/step_N/{policy/, trainer_state.pt, loop_state.json, rng.pt}.
+A checkpoint is written under a temporary name and renamed into place, so a crash mid-write
+leaves the previous checkpoint intact and never a half-written one that resume would pick.
+"""
+from __future__ import annotations
+
+import json
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from llmrl.models import is_lora, merged_state_dict
+
+STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+def checkpoints_root(run_dir: Path) -> Path:
+    return run_dir / "checkpoints"
+
+
+def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    root = checkpoints_root(run_dir)
+    if not root.exists():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := STEP_DIR.match(p.name)) and (p / "loop_state.json").exists()]
+    return sorted(found)
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    found = list_checkpoints(run_dir)
+    return found[-1][1] if found else None
+
+
+def save_policy(model: torch.nn.Module, tokenizer: Any, directory: Path) -> None:
+    """An HF directory `from_pretrained` loads; LoRA deltas merged in, the adapter saved beside."""
+    directory.mkdir(parents=True, exist_ok=True)
+    base = model.get_base_model() if is_lora(model) else model
+    base.save_pretrained(str(directory), state_dict=merged_state_dict(model), safe_serialization=True)
+    if is_lora(model):
+        model.save_pretrained(str(directory / "adapter"))
+    tokenizer.save_pretrained(str(directory))
+
+
+def rng_state() -> dict[str, Any]:
+    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+
+
+def save_checkpoint(run_dir: Path, step: int, engine: Any, tokenizer: Any, loop_state: dict[str, Any], keep_last: int, with_optimizer: bool = True) -> Path:
+    root = checkpoints_root(run_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{step}"
+    tmp = root / f".step_{step}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_policy(engine.model, tokenizer, tmp / "policy")
+    if with_optimizer:
+        engine.save(tmp)
+        torch.save(rng_state(), tmp / "rng.pt")
+    (tmp / "loop_state.json").write_text(json.dumps({**loop_state, "step": step}, indent=2))
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    for _, old in list_checkpoints(run_dir)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(directory: Path, engine: Any) -> dict[str, Any]:
+    """Restore engine and RNG state; return the loop state (step, sampler position...)."""
+    if not (directory / "trainer_state.pt").exists():
+        raise ValueError(f"checkpoint {directory} has no trainer state (saved with checkpoint.save_optimizer=false); cannot resume")
+    engine.load(directory)
+    restore_rng(torch.load(directory / "rng.pt", weights_only=False))
+    return json.loads((directory / "loop_state.json").read_text())

@@ -1,0 +1,318 @@
+"""Task types, and `build_tasks`: dataset rows -> `Task`s with templated prompt ids.
+
+A task type says where its rows come from, which columns it reads by default, how the gold
+answer is found, and what instruction follows the problem. Adding one is one decorated class;
+`build_tasks` never branches on the type's name.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from llmrl.data.arithmetic import arithmetic_split
+from llmrl.data.config import DataConfig, DataConfigError
+from llmrl.data.prompts import build_messages, tokenize_prompt
+from llmrl.data.sources import Row, load_rows
+from llmrl.types import Task
+
+ANSWER_MARKER = "####"
+
+
+class RowError(Exception):
+    """A malformed row: skipped and counted under `reason`, fatal only in bulk."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass
+class ParsedRow:
+    problem: str | list[dict[str, str]]  # text, or a chat that is already in messages form
+    answer: str | None
+    row_id: str | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+class TaskType:
+    """Defaults shared by every type; subclasses override the class attributes and `gold`."""
+
+    name: str = ""  # set by `register_task_type`
+    default_fields: dict[str, str] = {"prompt": "prompt", "answer": "answer", "id": "id"}
+    required_fields: frozenset[str] = frozenset({"prompt"})
+    instruction: str | None = None
+    subdirs: tuple[str, ...] = ()  # folders searched under a data-root directory
+    hub_subsets: dict[str, str] = {}  # hub id -> the configuration that holds the data
+
+    def load_rows(self, cfg: DataConfig, split: str) -> tuple[list[Row], str]:
+        use_eval_path = split == cfg.eval_split and cfg.eval_path is not None
+        key, path = ("data.eval_path", cfg.eval_path) if use_eval_path else ("data.path", cfg.path)
+        if path is None:
+            raise DataConfigError(
+                f"data.path: task type {self.name!r} needs a file, directory or hub id"
+            )
+        subset = cfg.subset or self.hub_subsets.get(path)
+        return load_rows(
+            path, split, subdirs=self.subdirs, subset=subset, key=key, limit=cfg.limit
+        )
+
+    def parse(self, row: Mapping[str, Any], fields: Mapping[str, str], user_keys: set[str]) -> ParsedRow:
+        # Columns the user named are required; a type's optional defaults may be absent.
+        values = extract_fields(row, fields, required=self.required_fields | user_keys)
+        problem = check_problem(values.pop("prompt"))
+        row_id = values.pop("id", None)
+        answer = self.gold(values)
+        return ParsedRow(problem, answer, None if row_id is None else str(row_id), values)
+
+    def gold(self, values: dict[str, Any]) -> str | None:
+        """The gold answer; pops the columns it consumes, what is left becomes Task.meta."""
+        answer = values.pop("answer", None)
+        return None if answer is None else str(answer).strip()
+
+
+_REGISTRY: dict[str, TaskType] = {}
+
+
+def register_task_type(name: str) -> Callable[[type[TaskType]], type[TaskType]]:
+    def register(cls: type[TaskType]) -> type[TaskType]:
+        if name in _REGISTRY:
+            raise ValueError(f"task type {name!r} is already registered")
+        cls.name = name
+        _REGISTRY[name] = cls()
+        return cls
+
+    return register
+
+
+def get_task_type(name: str) -> TaskType:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise DataConfigError(
+            f"data.type: unknown task type {name!r}; choose one of {', '.join(task_type_names())}"
+        ) from None
+
+
+def task_type_names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+# ---------------------------------------------------------------- row helpers
+
+
+def extract_fields(
+    row: Mapping[str, Any], fields: Mapping[str, str], required: frozenset[str] | set[str]
+) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for key, column in fields.items():
+        value = row.get(column)
+        if value is not None:
+            values[key] = value
+        elif key in required:
+            raise RowError("missing_field", f"column {column!r} (data.fields.{key}) is missing")
+    return values
+
+
+def check_problem(value: Any) -> str | list[dict[str, str]]:
+    if isinstance(value, str):
+        if not value.strip():
+            raise RowError("empty_prompt", "the prompt is empty")
+        return value
+    if isinstance(value, list) and value:
+        is_message = lambda m: isinstance(m, Mapping) and isinstance(m.get("content"), str)  # noqa: E731
+        if all(is_message(m) and m.get("role") for m in value) and any(
+            m["role"] == "user" for m in value
+        ):
+            return [{"role": m["role"], "content": m["content"]} for m in value]
+        raise RowError("bad_chat", "a chat prompt needs role/content messages and a user turn")
+    if isinstance(value, list):
+        raise RowError("empty_prompt", "the prompt is an empty chat")
+    raise RowError("bad_prompt", f"the prompt is a {type(value).__name__}, not text or a chat")
+
+
+def last_boxed(text: str) -> str | None:
+    """Contents of the last `\\boxed{...}` in `text`, braces matched (so `\\frac{1}{2}` survives)."""
+    start = text.rfind("\\boxed")
+    while start != -1:
+        content = _braced_after(text, start + len("\\boxed"))
+        if content is not None:
+            return content.strip()
+        start = text.rfind("\\boxed", 0, start)
+    return None
+
+
+def _braced_after(text: str, position: int) -> str | None:
+    while position < len(text) and text[position].isspace():
+        position += 1
+    if position >= len(text) or text[position] != "{":
+        return None
+    depth = 0
+    for index in range(position, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[index], 0)
+        if depth == 0:
+            return text[position + 1 : index]
+    return None  # unbalanced
+
+
+# ---------------------------------------------------------------- built-in types
+
+
+@register_task_type("generic")
+class GenericTask(TaskType):
+    """Any dataset: `fields` picks the prompt, optional answer and id columns."""
+
+
+@register_task_type("gsm8k")
+class Gsm8kTask(TaskType):
+    default_fields = {"prompt": "question", "answer": "answer"}
+    required_fields = frozenset({"prompt", "answer"})
+    instruction = (
+        "Solve the problem step by step. Write the final answer as a number after '####'."
+    )
+    subdirs = ("gsm8k",)
+    hub_subsets = {"openai/gsm8k": "main", "gsm8k": "main"}
+
+    def gold(self, values: dict[str, Any]) -> str:
+        solution = str(values.pop("answer"))
+        values["solution"] = solution
+        _, marker, tail = solution.rpartition(ANSWER_MARKER)
+        gold = tail.strip().replace(",", "")
+        if not marker or not gold:
+            raise RowError("no_answer", f"no final answer after {ANSWER_MARKER!r}")
+        return gold
+
+
+@register_task_type("math")
+class MathTask(TaskType):
+    default_fields = {
+        "prompt": "problem",
+        "answer": "answer",
+        "solution": "solution",
+        "subject": "subject",
+        "level": "level",
+        "id": "unique_id",
+    }
+    instruction = "Solve the problem step by step. Put the final answer in \\boxed{}."
+    subdirs = ("math500", "math", "MATH")
+
+    def gold(self, values: dict[str, Any]) -> str:
+        answer = str(values.pop("answer", "")).strip()
+        if answer:
+            return answer
+        boxed = last_boxed(str(values.get("solution", "")))
+        if not boxed:
+            raise RowError("no_answer", "no answer column and no \\boxed{} in the solution")
+        return boxed
+
+
+@register_task_type("arithmetic")
+class ArithmeticTask(TaskType):
+    """Generated in memory from `num_train`/`num_test`/`difficulty`/`data_seed`."""
+
+    default_fields = {"prompt": "question", "answer": "answer", "id": "id", "expression": "expression"}
+    instruction = "Solve it. End your reply with '#### <number>'."
+
+    def load_rows(self, cfg: DataConfig, split: str) -> tuple[list[Row], str]:
+        problems = arithmetic_split(
+            split, cfg.num_train, cfg.num_test, cfg.difficulty, cfg.data_seed
+        )
+        rows = [
+            {
+                "id": f"arith-{split}-{index:05d}",
+                "question": problem.question,
+                "answer": str(problem.value),
+                "expression": problem.expression,
+            }
+            for index, problem in enumerate(problems[: cfg.limit])
+        ]
+        return rows, f"arithmetic generator (difficulty {cfg.difficulty}, seed {cfg.data_seed})"
+
+
+# ---------------------------------------------------------------- building a task set
+
+
+@dataclass
+class TaskSet:
+    tasks: list[Task]
+    kind: str  # the task type's name: picks the default reward
+    split: str
+    source: str  # where the rows came from, for logs and errors
+    stats: dict[str, int]  # rows, kept, skipped, and one count per skip reason
+
+    def __len__(self) -> int:
+        return len(self.tasks)
+
+
+class SkippedRows:
+    """Counts malformed rows by reason and remembers the first, for the error message."""
+
+    def __init__(self) -> None:
+        self.by_reason: Counter[str] = Counter()
+        self.first: tuple[int, RowError] | None = None
+
+    def add(self, index: int, error: RowError) -> None:
+        self.by_reason[error.reason] += 1
+        if self.first is None:
+            self.first = (index, error)
+
+    def stats(self, total: int) -> dict[str, int]:
+        skipped = sum(self.by_reason.values())
+        return {"rows": total, "kept": total - skipped, "skipped": skipped, **self.by_reason}
+
+    def check(self, total: int, max_bad_fraction: float, source: str) -> None:
+        if total == 0:
+            raise DataConfigError(f"data.path: {source} has no rows")
+        skipped = sum(self.by_reason.values())
+        if skipped == 0 or (skipped < total and skipped / total <= max_bad_fraction):
+            return
+        index, error = self.first  # type: ignore[misc]
+        counts = ", ".join(f"{reason}={n}" for reason, n in sorted(self.by_reason.items()))
+        raise DataConfigError(
+            f"data.max_bad_fraction: {skipped} of {total} rows of {source} are malformed "
+            f"({skipped / total:.1%} > {max_bad_fraction:.1%}; {counts}); "
+            f"first bad row is #{index}: {error}"
+        )
+
+
+def build_tasks(cfg: DataConfig, tokenizer: Any, split: str = "train") -> TaskSet:
+    """Load `split`, turn each row into a Task with prompt ids, and skip malformed rows
+    (failing when more than `cfg.max_bad_fraction` of them are)."""
+    task_type = get_task_type(cfg.type)
+    rows, source = task_type.load_rows(cfg, split)
+    fields = {**task_type.default_fields, **cfg.fields}
+    instruction = task_type.instruction if cfg.instruction is None else cfg.instruction
+    tasks: list[Task] = []
+    skipped = SkippedRows()
+    seen_ids: set[str] = set()
+    for index, row in enumerate(rows):
+        try:
+            parsed = task_type.parse(row, fields, set(cfg.fields))
+            task_id = parsed.row_id or f"{task_type.name}-{split}-{index:05d}"
+            if task_id in seen_ids:
+                raise RowError("duplicate_id", f"task id {task_id!r} already used")
+            messages = build_messages(parsed.problem, instruction, cfg.system_prompt)
+            prompt_ids = tokenize_prompt(tokenizer, messages)
+            if len(prompt_ids) > cfg.max_prompt_tokens:
+                raise RowError(
+                    "too_long",
+                    f"{len(prompt_ids)} prompt tokens > data.max_prompt_tokens {cfg.max_prompt_tokens}",
+                )
+        except RowError as error:
+            skipped.add(index, error)
+            continue
+        seen_ids.add(task_id)
+        tasks.append(
+            Task(
+                task_id=task_id,
+                messages=messages,
+                answer=parsed.answer,
+                kind=task_type.name,
+                prompt_ids=prompt_ids,
+                meta=parsed.meta,
+            )
+        )
+    skipped.check(len(rows), cfg.max_bad_fraction, source)
+    return TaskSet(tasks, task_type.name, split, source, skipped.stats(len(rows)))

@@ -1,0 +1,173 @@
+"""The typed recipe: YAML + dotted overrides -> a validated `Recipe`, or an error naming the key.
+
+Every section is a pydantic model whose fields carry descriptions; `llmrl validate` prints the
+resolved recipe with every default filled in. Sections are owned by the package that uses them
+(model, data, rollout, algorithm, reward, train); this module only composes and checks them.
+"""
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, Field, ValidationError
+
+from llmrl.algorithms.config import AlgorithmConfig
+from llmrl.config_base import Section
+from llmrl.data.config import DataConfig
+from llmrl.models import ModelConfig
+from llmrl.reward import RewardConfig
+from llmrl.rollout.base import RolloutConfig
+from llmrl.train.engine import TrainConfig
+
+
+class RecipeError(ValueError):
+    """A bad recipe: the message names the key and the file."""
+
+
+class CheckpointConfig(Section):
+    every: int = Field(0, ge=0, description="Save a checkpoint every N steps (0 = only at the end). The last step is always saved.")
+    keep_last: int = Field(2, ge=1, description="Keep the newest K checkpoints; older ones are deleted.")
+    save_optimizer: bool = Field(True, description="Include optimizer/scheduler/RNG state, needed to resume exactly.")
+
+
+class LoggingConfig(Section):
+    tensorboard: bool = Field(True, description="Write TensorBoard event files under output_dir/tensorboard.")
+    wandb: bool = Field(False, description="Log to Weights & Biases when the wandb package is installed.")
+    wandb_project: str = Field("llmrl", description="wandb project name.")
+    rollouts_every: int = Field(1, ge=0, description="Write output_dir/rollouts/step_N.jsonl every K steps (0 = never).")
+    progress: bool = Field(True, description="Show a progress bar with ETA and the last reward.")
+
+
+class Recipe(Section):
+    model: ModelConfig = Field(default_factory=ModelConfig, description="Policy model.")
+    data: DataConfig = Field(default_factory=DataConfig, description="Training tasks.")
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig, description="Rollout engine and sampling.")
+    algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig, description="RL algorithm and its options.")
+    reward: RewardConfig = Field(default_factory=RewardConfig, description="Reward functions.")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="Optimisation and batch sizes.")
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="Checkpointing.")
+    logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Metrics and rollout logs.")
+    seed: int = Field(0, description="Seed for sampling, shuffling and initialisation.")
+    output_dir: str = Field("runs/llmrl", description="Run directory: recipe, metrics, TensorBoard, rollouts, checkpoints.")
+    resume: Literal["never", "auto"] | str = Field(
+        "never", description="'auto' continues from the newest checkpoint in output_dir; or a checkpoint directory path."
+    )
+
+
+# ------------------------------------------------------------------------------ loading
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise RecipeError(f"override '{item}' is not of the form key=value (e.g. train.steps=2)")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as err:
+        raise RecipeError(f"override {key}: cannot parse value {raw!r}: {err}") from None
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for item in overrides:
+        path, value = parse_override(item)
+        node = data
+        for part in path[:-1]:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = {}
+                node[part] = child
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def _fields_at(loc: tuple[Any, ...]) -> list[str]:
+    """Field names of the model that owns location `loc` (for did-you-mean)."""
+    model: Any = Recipe
+    for part in loc[:-1]:
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            model = annotation
+        else:
+            return []
+    return list(getattr(model, "model_fields", {}))
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p.startswith(("function-", "tagged-union"))))
+        key = ".".join(str(p) for p in loc) or "(recipe)"
+        if e["type"] == "extra_forbidden":
+            close = difflib.get_close_matches(str(loc[-1]), _fields_at(loc), n=1)
+            hint = f" (did you mean '{'.'.join([*map(str, loc[:-1]), close[0]])}'?)" if close else ""
+            lines.append(f"unknown key '{key}' in {source}{hint}")
+        else:
+            got = e.get("input")
+            shown = "" if isinstance(got, dict) else f" (got {got!r})"
+            msg = e["msg"].removeprefix("Value error, ")
+            lines.append(f"{key}: {msg}{shown} in {source}")
+    return "\n".join(lines)
+
+
+def load_recipe(path: str | None, overrides: list[str] | None = None) -> Recipe:
+    source = path or "(defaults)"
+    data: dict[str, Any] = {}
+    if path is not None:
+        file = Path(path)
+        if not file.exists():
+            raise RecipeError(f"recipe file not found: {path}")
+        try:
+            data = yaml.safe_load(file.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise RecipeError(f"{path}: invalid YAML: {err}") from None
+        if not isinstance(data, dict):
+            raise RecipeError(f"{path}: a recipe must be a mapping of sections, got {type(data).__name__}")
+    data = apply_overrides(data, list(overrides or []))
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as err:
+        raise RecipeError(format_validation_error(err, source)) from None
+    check_recipe(recipe, source)
+    return recipe
+
+
+def trajectories_per_step(recipe: Recipe) -> int:
+    return recipe.train.prompts_per_step * recipe.rollout.n
+
+
+def check_recipe(recipe: Recipe, source: str) -> None:
+    """Cross-section checks: batch sizes divide, and referenced names and files exist."""
+    from llmrl.algorithms.presets import get_preset
+    from llmrl.reward import RewardConfigError, resolve_reward
+
+    total = trajectories_per_step(recipe)
+    mini = recipe.train.mini_batch_size or total
+    if total % mini:
+        raise RecipeError(
+            f"train.mini_batch_size={mini} must divide the trajectories per step "
+            f"(train.prompts_per_step x rollout.n = {recipe.train.prompts_per_step} x {recipe.rollout.n} = {total}) in {source}"
+        )
+    micro = recipe.train.micro_batch_size
+    if recipe.train.micro_batch_tokens is None and micro and mini % micro:
+        raise RecipeError(f"train.micro_batch_size={micro} must divide train.mini_batch_size={mini} in {source}")
+    try:
+        get_preset(recipe.algorithm.name)
+    except (KeyError, ValueError) as err:
+        raise RecipeError(f"algorithm.name: {err} in {source}") from None
+    for i, item in enumerate(recipe.reward.functions):
+        spec = item if isinstance(item, str) else item.fn
+        try:
+            resolve_reward(spec)
+        except RewardConfigError as err:
+            raise RecipeError(f"reward.functions[{i}]: {err} in {source}") from None
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False, default_flow_style=False)

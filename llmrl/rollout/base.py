@@ -1,0 +1,74 @@
+"""The RolloutEngine protocol and its registry.
+
+Logprobs mean one thing everywhere: log-softmax of logits / temperature (temperature 0, i.e.
+greedy, reports the temperature-1 distribution). Prompts go in as token ids so multi-turn and
+guided workflows can extend a sequence without re-tokenising it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Literal, Protocol
+
+import torch
+from pydantic import Field
+
+from llmrl.config_base import Section
+from llmrl.types import Completion
+
+
+@dataclass
+class SamplingParams:
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    max_new_tokens: int = 64
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+class RolloutConfig(Section):
+    engine: Literal["hf", "vllm"] = Field("hf", description="Rollout engine: hf (transformers, embedded default) or vllm.")
+    n: int = Field(8, ge=1, description="Samples per prompt (the GRPO group size).")
+    temperature: float = Field(1.0, ge=0, description="Sampling temperature; 0 is greedy. Logprobs are of logits / temperature.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling; RL keeps 1.0 so rollout and trainer distributions match.")
+    top_k: int = Field(0, ge=0, description="Top-k sampling; 0 is off.")
+    max_new_tokens: int = Field(64, ge=1, description="Generation budget per sample, in tokens.")
+    stop: list[str] = Field(default_factory=list, description="Extra stop strings (EOS always stops).")
+    dtype: Literal["auto", "bfloat16", "float32"] = Field(
+        "auto", description="Weights dtype of the rollout copy of the model; auto = bfloat16 only where bf16 matmuls are native."
+    )
+    max_batch_size: int = Field(64, ge=1, description="hf engine: sequences generated together in one batch.")
+
+
+class RolloutEngine(Protocol):
+    def generate(self, prompt_ids: list[list[int]], sampling: SamplingParams) -> list[Completion]:
+        """One completion per prompt (repeat a prompt n times for a group)."""
+
+    def score(self, prefix_ids: list[list[int]], continuation_ids: list[list[int]], temperature: float = 1.0) -> list[list[float]]:
+        """Teacher-forced logprob of every continuation token given its prefix."""
+
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Replace the engine's weights with the trainer's (full names, merged LoRA)."""
+
+
+ROLLOUT_ENGINES: dict[str, Callable[..., RolloutEngine]] = {}
+
+
+def register_rollout_engine(name: str) -> Callable[[Callable[..., RolloutEngine]], Callable[..., RolloutEngine]]:
+    def register(factory: Callable[..., RolloutEngine]) -> Callable[..., RolloutEngine]:
+        ROLLOUT_ENGINES[name] = factory
+        return factory
+
+    return register
+
+
+def build_rollout_engine(cfg: RolloutConfig, model_cfg: Any, tokenizer: Any) -> RolloutEngine:
+    import llmrl.rollout.hf  # noqa: F401  (registers "hf")
+
+    if cfg.engine not in ROLLOUT_ENGINES:
+        raise ValueError(f"rollout.engine: '{cfg.engine}' is not available here (known: {', '.join(sorted(ROLLOUT_ENGINES))})")
+    return ROLLOUT_ENGINES[cfg.engine](cfg, model_cfg, tokenizer)

@@ -1,0 +1,155 @@
+"""The embedded rollout engine: transformers models with our own KV-cache sampling loop.
+
+We sample ourselves rather than call `generate` because we need, per sampled token, the logprob
+under logits / temperature (what the trainer computes), and exact finish reasons: SmolLM2 pads
+with its EOS id, so after `generate` a padded row cannot be told from one that sampled EOS.
+"""
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import torch
+from transformers import DynamicCache
+
+from llmrl.models import ModelConfig, load_causal_lm
+from llmrl.precision import resolve_dtype
+from llmrl.rollout.base import RolloutConfig, SamplingParams, register_rollout_engine
+from llmrl.train.logprobs import sequence_logprobs
+from llmrl.types import Completion
+
+
+
+def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Mask (to -inf) tokens outside top-k and outside the top-p nucleus."""
+    if top_k > 0 and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        # drop a token when the mass strictly before it already reaches top_p
+        drop_sorted = (probs.cumsum(-1) - probs) >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+class HFRolloutEngine:
+    def __init__(self, cfg: RolloutConfig, model_cfg: ModelConfig, tokenizer: Any) -> None:
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.model = load_causal_lm(model_cfg.model_copy(update={"gradient_checkpointing": False}), resolve_dtype(cfg.dtype)).eval()
+        self.model.requires_grad_(False)
+        eos = self.model.generation_config.eos_token_id if self.model.generation_config else None
+        eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        eos_ids.add(tokenizer.eos_token_id)
+        self.eos_ids = torch.tensor(sorted(i for i in eos_ids if i is not None))
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    # ------------------------------------------------------------------ generate
+    @torch.no_grad()
+    def generate(self, prompt_ids: list[list[int]], sampling: SamplingParams) -> list[Completion]:
+        generator = None
+        if sampling.seed is not None:
+            generator = torch.Generator().manual_seed(sampling.seed)
+        out: list[Completion] = []
+        size = self.cfg.max_batch_size
+        for start in range(0, len(prompt_ids), size):
+            out.extend(self._generate_batch(prompt_ids[start : start + size], sampling, generator))
+        return out
+
+    def _generate_batch(self, prompts: list[list[int]], sp: SamplingParams, generator: torch.Generator | None) -> list[Completion]:
+        B = len(prompts)
+        width = max(len(p) for p in prompts)
+        input_ids = torch.full((B, width), self.pad_id, dtype=torch.long)
+        attention = torch.zeros((B, width), dtype=torch.long)
+        for i, p in enumerate(prompts):  # left padding keeps every row's next token in the last column
+            input_ids[i, width - len(p) :] = torch.tensor(p)
+            attention[i, width - len(p) :] = 1
+        positions = (attention.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache()
+        logits = self.model(
+            input_ids=input_ids, attention_mask=attention, position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=1
+        ).logits[:, -1]
+        next_pos = positions[:, -1] + 1
+        finished = torch.zeros(B, dtype=torch.bool)
+        reasons = ["length"] * B
+        tokens: list[list[int]] = [[] for _ in range(B)]
+        logps: list[list[float]] = [[] for _ in range(B)]
+        for _ in range(sp.max_new_tokens):
+            logits = logits.float()
+            if sp.greedy:
+                logp_all = torch.log_softmax(logits, dim=-1)
+                chosen = logp_all.argmax(-1)
+            else:
+                scaled = logits / sp.temperature
+                logp_all = torch.log_softmax(scaled, dim=-1)
+                probs = torch.softmax(filter_logits(scaled, sp.top_k, sp.top_p), dim=-1)
+                chosen = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+            chosen_logp = logp_all.gather(-1, chosen[:, None]).squeeze(-1)
+            active = (~finished).nonzero().flatten().tolist()
+            for i in active:
+                tokens[i].append(int(chosen[i]))
+                logps[i].append(float(chosen_logp[i]))
+            hit_eos = torch.isin(chosen, self.eos_ids) & ~finished
+            for i in hit_eos.nonzero().flatten().tolist():
+                reasons[i] = "stop"
+            finished |= hit_eos
+            if sp.stop:
+                for i in active:
+                    if not finished[i] and self._hits_stop_string(tokens[i], sp.stop):
+                        finished[i] = True
+                        reasons[i] = "stop"
+            if bool(finished.all()):
+                break
+            chosen = chosen.masked_fill(finished, self.pad_id)
+            attention = torch.cat([attention, torch.ones(B, 1, dtype=torch.long)], dim=1)
+            logits = self.model(
+                input_ids=chosen[:, None], attention_mask=attention, position_ids=next_pos[:, None], past_key_values=cache, use_cache=True
+            ).logits[:, -1]
+            next_pos = next_pos + 1
+        return [Completion(token_ids=tokens[i], logprobs=logps[i], finish_reason=reasons[i]) for i in range(B)]
+
+    def _hits_stop_string(self, ids: list[int], stops: list[str]) -> bool:
+        # Stop strings can straddle token boundaries, so look at a short decoded tail.
+        longest = max(len(s) for s in stops)
+        tail = self.tokenizer.decode(ids[-(longest + 8) :], skip_special_tokens=False)
+        return any(s in tail for s in stops)
+
+    # ------------------------------------------------------------------ score
+    @torch.no_grad()
+    def score(self, prefix_ids: list[list[int]], continuation_ids: list[list[int]], temperature: float = 1.0) -> list[list[float]]:
+        results: list[list[float]] = []
+        size = self.cfg.max_batch_size
+        for start in range(0, len(prefix_ids), size):
+            prefixes = prefix_ids[start : start + size]
+            conts = continuation_ids[start : start + size]
+            seqs = [p + c for p, c in zip(prefixes, conts)]
+            width = max(len(s) for s in seqs)
+            ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
+            attn = torch.zeros_like(ids)
+            for i, s in enumerate(seqs):
+                ids[i, : len(s)] = torch.tensor(s)
+                attn[i, : len(s)] = 1
+            logp, _, _ = sequence_logprobs(self.model, ids, attn, temperature=temperature)
+            for i, (p, c) in enumerate(zip(prefixes, conts)):
+                results.append(logp[i, len(p) : len(p) + len(c)].tolist())
+        return results
+
+    # ------------------------------------------------------------------ weights
+    @torch.no_grad()
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        params = dict(self.model.named_parameters())
+        buffers = dict(self.model.named_buffers())
+        for name, tensor in named_tensors:
+            target = params.get(name, buffers.get(name))
+            if target is None:
+                if name == "lm_head.weight" and self.model.config.tie_word_embeddings:
+                    continue  # tied: arrives as embed_tokens.weight
+                raise KeyError(f"rollout engine has no weight named {name}")
+            target.copy_(tensor.to(target.dtype))
+
+
+@register_rollout_engine("hf")
+def _build_hf(cfg: RolloutConfig, model_cfg: ModelConfig, tokenizer: Any) -> HFRolloutEngine:
+    return HFRolloutEngine(cfg, model_cfg, tokenizer)

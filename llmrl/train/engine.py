@@ -1,0 +1,65 @@
+"""The TrainEngine protocol and the train-section config shared by every backend."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator, Literal, Protocol
+
+import torch
+from pydantic import Field, model_validator
+
+from llmrl.algorithms.base import Batch, LossContext, LossFn
+from llmrl.config_base import Section
+
+
+class TrainConfig(Section):
+    backend: Literal["torch", "deepspeed"] = Field("torch", description="Train engine: torch (one process) or deepspeed (ZeRO).")
+    steps: int = Field(20, ge=1, description="Number of RL steps (rollout + update rounds).")
+    prompts_per_step: int = Field(8, ge=1, description="Prompts sampled per RL step; trajectories per step = prompts_per_step x rollout.n.")
+    mini_batch_size: int | None = Field(
+        None, ge=1, description="Trajectories per optimizer step; None = all trajectories of the step (one update per epoch)."
+    )
+    micro_batch_size: int | None = Field(
+        8, ge=1, description="Trajectories per forward/backward pass (gradient accumulation splits a mini-batch into these)."
+    )
+    micro_batch_tokens: int | None = Field(
+        None, ge=1, description="If set, micro-batches are packed by padded-token budget instead of micro_batch_size."
+    )
+    lr: float = Field(1e-6, ge=0, description="Peak learning rate (AdamW).")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
+    adam_eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
+    lr_schedule: Literal["constant", "cosine", "linear"] = Field("constant", description="Decay after warmup.")
+    warmup_steps: int = Field(0, ge=0, description="Optimizer steps of linear warmup from 0 to lr.")
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="Floor of cosine/linear decay as a fraction of lr.")
+    grad_clip: float = Field(1.0, ge=0, description="Clip the global grad norm to this; 0 disables clipping (the norm is still logged).")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto",
+        description="fp32, or bf16 autocast over fp32 master weights. auto = bf16 where bf16 matmuls are native (CUDA, AVX512-BF16/AMX CPUs), else fp32.",
+    )
+    max_nonfinite_updates: int = Field(3, ge=1, description="Abort after this many consecutive updates with a non-finite loss or grad norm.")
+    logprob_chunk_tokens: int = Field(1024, ge=16, description="Tokens per chunk when computing logprobs/entropy (bounds logits memory).")
+
+    @model_validator(mode="after")
+    def _one_micro_unit(self) -> "TrainConfig":
+        if self.micro_batch_tokens is None and self.micro_batch_size is None:
+            raise ValueError("set train.micro_batch_size or train.micro_batch_tokens")
+        return self
+
+
+class NonFiniteUpdateError(RuntimeError):
+    pass
+
+
+class TrainEngine(Protocol):
+    def forward(self, batch: Batch, want: set[str], reference: bool = False) -> dict[str, torch.Tensor]:
+        """No-grad outputs (logprobs, entropy, values) for every row, token-aligned."""
+
+    def step(self, micro_batches: list[Batch], loss_fn: LossFn, ctx: LossContext) -> dict[str, float]:
+        """One optimizer step over a mini-batch given as micro-batches."""
+
+    def named_weights(self, bucket_bytes: int = 256 << 20) -> Iterator[list[tuple[str, torch.Tensor]]]:
+        """Full (merged) weights in size-bounded buckets, for weight sync and export."""
+
+    def save(self, directory: Path) -> None: ...
+
+    def load(self, directory: Path) -> None: ...

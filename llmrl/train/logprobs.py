@@ -1,0 +1,84 @@
+"""Token logprobs and entropy without materialising full-vocabulary fp32 logits for a batch.
+
+The lm_head projection, log-softmax and entropy run over chunks of tokens. Under autograd each
+chunk is checkpointed, so backward recomputes that chunk's logits instead of keeping them: peak
+extra memory is one chunk of logits (chunk_tokens x vocab), not the whole batch's.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+DEFAULT_CHUNK_TOKENS = 1024
+
+
+def _chunk_stats(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float, want_entropy: bool):
+    logits = F.linear(hidden, weight).float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    logp_all = torch.log_softmax(logits, dim=-1)
+    logp = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    if not want_entropy:
+        return logp, torch.zeros_like(logp)
+    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    return logp, entropy
+
+
+def token_logprobs(
+    hidden: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    input_ids: torch.Tensor,
+    temperature: float = 1.0,
+    want_entropy: bool = False,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Token-aligned logprobs (and entropies) for `input_ids` [B,T] from decoder states [B,T,H].
+
+    Position t holds log p(x_t | x_<t) under logits / temperature; position 0 has no
+    prediction and is 0. The entropy at t is that of the distribution that sampled x_t.
+    """
+    B, T, H = hidden.shape
+    h = hidden[:, :-1].reshape(-1, H)
+    targets = input_ids[:, 1:].reshape(-1)
+    use_ckpt = torch.is_grad_enabled() and (h.requires_grad or lm_head_weight.requires_grad)
+    logps, ents = [], []
+    for start in range(0, h.shape[0], chunk_tokens):
+        args = (h[start : start + chunk_tokens], lm_head_weight, targets[start : start + chunk_tokens], temperature, want_entropy)
+        if use_ckpt:
+            lp, ent = checkpoint(_chunk_stats, *args, use_reentrant=False)
+        else:
+            lp, ent = _chunk_stats(*args)
+        logps.append(lp)
+        ents.append(ent)
+    zero = torch.zeros(B, 1, dtype=torch.float32, device=hidden.device)
+    logp = torch.cat([zero, torch.cat(logps).view(B, T - 1)], dim=1)
+    entropy = torch.cat([zero, torch.cat(ents).view(B, T - 1)], dim=1) if want_entropy else None
+    return logp, entropy
+
+
+def decoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.Tensor]:
+    """The decoder stack and the lm_head weight of a causal LM (peft-wrapped or not)."""
+    decoder = model.get_decoder()
+    head = model.get_output_embeddings()
+    if getattr(head, "bias", None) is not None:
+        raise ValueError("lm_head with a bias is not supported by the chunked logprob path")
+    return decoder, head.weight
+
+
+def sequence_logprobs(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    position_ids: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    want_entropy: bool = False,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Run the decoder once; return token-aligned logprobs, entropies and the hidden states."""
+    decoder, weight = decoder_and_head(model)
+    if position_ids is None:
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False).last_hidden_state
+    logp, entropy = token_logprobs(hidden, weight, input_ids, temperature, want_entropy, chunk_tokens)
+    return logp, entropy, hidden

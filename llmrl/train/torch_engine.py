@@ -1,0 +1,239 @@
+"""Single-process train engine: plain torch, fp32 master weights, optional bf16 autocast."""
+from __future__ import annotations
+
+import contextlib
+import math
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from llmrl.algorithms.base import Batch, LossContext, LossFn
+from llmrl.models import is_lora, merged_state_dict
+from llmrl.precision import resolve_precision
+from llmrl.train.engine import NonFiniteUpdateError, TrainConfig
+from llmrl.train.logprobs import decoder_and_head, token_logprobs
+
+TRAINER_STATE = "trainer_state.pt"
+
+
+def lr_lambda(cfg: TrainConfig, total_updates: int):
+    def factor(update: int) -> float:
+        if cfg.warmup_steps and update < cfg.warmup_steps:
+            return (update + 1) / cfg.warmup_steps
+        if cfg.lr_schedule == "constant":
+            return 1.0
+        span = max(total_updates - cfg.warmup_steps, 1)
+        progress = min((update - cfg.warmup_steps) / span, 1.0)
+        if cfg.lr_schedule == "cosine":
+            decay = 0.5 * (1 + math.cos(math.pi * progress))
+        else:
+            decay = 1.0 - progress
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * decay
+
+    return factor
+
+
+class TorchTrainEngine:
+    """Owns a model and its optimizer; runs micro-batches with mini-batch-global normalisation.
+
+    `model` must expose `get_decoder()` and, for logprobs, `get_output_embeddings()`; a
+    `value_head` attribute (hidden -> 1) makes it a critic whose outputs include `values`.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        cfg: TrainConfig,
+        total_updates: int,
+        temperature: float = 1.0,
+        reference: torch.nn.Module | None = None,
+    ) -> None:
+        self.model = model
+        self.cfg = cfg
+        self.precision = resolve_precision(cfg.precision)
+        self.temperature = temperature if temperature > 0 else 1.0
+        self.reference = reference
+        self.device = next(model.parameters()).device
+        params = [p for p in model.parameters() if p.requires_grad]
+        bad = [n for n, p in model.named_parameters() if p.requires_grad and p.dtype != torch.float32]
+        if bad:
+            raise ValueError(
+                f"trainable parameters must be fp32 master weights (pure-bf16 parameters lose small updates to rounding); got {bad[0]} as {dict(model.named_parameters())[bad[0]].dtype}"
+            )
+        self.params = params
+        self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg, total_updates))
+        self.nonfinite_streak = 0
+        self.skipped_updates = 0
+        self.updates = 0
+
+    # ------------------------------------------------------------------ forward
+    def _autocast(self):
+        if self.precision != "bf16":
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+
+    def _outputs(self, model: torch.nn.Module, mb: Batch, want: set[str]) -> dict[str, torch.Tensor]:
+        decoder = model.get_decoder()
+        with self._autocast():
+            hidden = decoder(
+                input_ids=mb["input_ids"], attention_mask=mb["attention_mask"], position_ids=mb["position_ids"], use_cache=False
+            ).last_hidden_state
+            out: dict[str, torch.Tensor] = {}
+            if want & {"logprobs", "entropy"}:
+                _, weight = decoder_and_head(model)
+                logp, ent = token_logprobs(
+                    hidden, weight, mb["input_ids"], self.temperature, "entropy" in want, self.cfg.logprob_chunk_tokens
+                )
+                out["logprobs"] = logp
+                if ent is not None:
+                    out["entropy"] = ent
+            if "values" in want:
+                v = model.value_head(hidden).squeeze(-1).float()
+                # token-aligned: the value of the state that token t is sampled from
+                out["values"] = torch.cat([torch.zeros_like(v[:, :1]), v[:, :-1]], dim=1)
+        return out
+
+    @torch.no_grad()
+    def forward(self, batch: Batch, want: set[str], reference: bool = False, micro_batch_size: int = 8) -> dict[str, torch.Tensor]:
+        """No-grad outputs for all rows; `reference=True` uses the frozen reference policy.
+
+        With LoRA the reference is the base model with the adapter disabled, not a second copy.
+        """
+        model = self.model
+        ctx: Any = contextlib.nullcontext()
+        if reference:
+            if self.reference is not None:
+                model = self.reference
+            elif is_lora(self.model):
+                ctx = self.model.disable_adapter()
+            else:
+                raise ValueError("reference logprobs requested but no reference model is loaded")
+        was_training = model.training
+        model.eval()
+        B, T = batch["input_ids"].shape
+        results: dict[str, torch.Tensor] = {}
+        with ctx:
+            for start in range(0, B, micro_batch_size):
+                rows = list(range(start, min(start + micro_batch_size, B)))
+                mb = {k: v[rows] for k, v in batch.items()}
+                for key, value in self._outputs(model, mb, want).items():
+                    full = results.setdefault(key, torch.zeros(B, T, dtype=torch.float32))
+                    full[rows, : value.shape[1]] = value.float()
+        model.train(was_training)
+        return results
+
+    # ------------------------------------------------------------------ update
+    def all_reduce_denominators(self, denominators: dict[str, float]) -> dict[str, float]:
+        """Data-parallel hook: one process has nothing to reduce."""
+        return denominators
+
+    def step(
+        self,
+        micro_batches: list[Batch],
+        loss_fn: LossFn,
+        ctx: LossContext,
+        want: set[str] | None = None,
+        track_rollout_diff: bool = False,
+    ) -> dict[str, float]:
+        """One optimizer step. Without `old_logprobs` in a micro-batch the update is on-policy
+        and takes them from its own forward (detached), saving a separate forward pass.
+        `track_rollout_diff` logs mean |rollout logprob - trainer logprob| on policy tokens."""
+        want = want or {"logprobs", "entropy"}
+        denominators: dict[str, float] = {}
+        for mb in micro_batches:
+            for part, d in loss_fn.denominators(mb, ctx).items():
+                denominators[part] = denominators.get(part, 0.0) + float(d)
+        denominators = self.all_reduce_denominators(denominators)
+
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        metric_sums: dict[str, float] = {}
+        metric_counts: dict[str, float] = {}
+        total_loss = 0.0
+        for mb in micro_batches:
+            out = self._outputs(self.model, mb, want)
+            if "old_logprobs" not in mb and "logprobs" in out:
+                mb = {**mb, "old_logprobs": out["logprobs"].detach()}
+            if track_rollout_diff and "logprobs" in out:
+                gap = ((mb["old_logprobs"] - mb["rollout_logprobs"]).abs() * mb["loss_mask"]).sum()
+                metric_sums["rollout/logprob_diff"] = metric_sums.get("rollout/logprob_diff", 0.0) + float(gap)
+                metric_counts["rollout/logprob_diff"] = metric_counts.get("rollout/logprob_diff", 0.0) + float(mb["loss_mask"].sum())
+            result = loss_fn(mb, out, ctx)
+            loss = None
+            for part, value in result.sums.items():
+                denom = denominators.get(part, 0.0)
+                if denom <= 0:
+                    continue  # e.g. no expert rows in this mini-batch: the part is absent
+                term = result.weights.get(part, 1.0) * value / denom
+                loss = term if loss is None else loss + term
+            if loss is not None and loss.requires_grad:
+                loss.backward()
+                total_loss += float(loss.detach())
+            for name, (s, c) in result.metrics.items():
+                metric_sums[name] = metric_sums.get(name, 0.0) + float(s)
+                metric_counts[name] = metric_counts.get(name, 0.0) + float(c)
+
+        max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
+        metrics = {name: metric_sums[name] / metric_counts[name] for name in metric_sums if metric_counts[name] > 0}
+        metrics.update({"actor/loss": total_loss, "actor/grad_norm": grad_norm, "actor/lr": self.scheduler.get_last_lr()[0]})
+        if not (math.isfinite(total_loss) and math.isfinite(grad_norm)):
+            self.optimizer.zero_grad(set_to_none=True)
+            self.nonfinite_streak += 1
+            self.skipped_updates += 1
+            metrics["actor/skipped_updates"] = float(self.skipped_updates)
+            if self.nonfinite_streak >= self.cfg.max_nonfinite_updates:
+                raise NonFiniteUpdateError(
+                    f"{self.nonfinite_streak} consecutive updates had a non-finite loss or grad norm "
+                    f"(loss={total_loss}, grad_norm={grad_norm}); lower train.lr or check the reward scale"
+                )
+            return metrics
+        self.optimizer.step()
+        self.scheduler.step()
+        self.nonfinite_streak = 0
+        self.updates += 1
+        metrics["actor/skipped_updates"] = float(self.skipped_updates)
+        return metrics
+
+    # ------------------------------------------------------------------ weights
+    def named_weights(self, bucket_bytes: int = 256 << 20) -> Iterator[list[tuple[str, torch.Tensor]]]:
+        bucket: list[tuple[str, torch.Tensor]] = []
+        size = 0
+        for name, tensor in merged_state_dict(self.model).items():
+            bucket.append((name, tensor))
+            size += tensor.numel() * tensor.element_size()
+            if size >= bucket_bytes:
+                yield bucket
+                bucket, size = [], 0
+        if bucket:
+            yield bucket
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, directory: Path) -> None:
+        """Optimizer, scheduler and counters, plus the trainable weights (exact fp32)."""
+        trainable = {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
+        torch.save(
+            {
+                "model": trainable,
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "nonfinite_streak": self.nonfinite_streak,
+                "skipped_updates": self.skipped_updates,
+                "updates": self.updates,
+            },
+            Path(directory) / TRAINER_STATE,
+        )
+
+    def load(self, directory: Path) -> None:
+        state = torch.load(Path(directory) / TRAINER_STATE, map_location="cpu", weights_only=False)
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for name, value in state["model"].items():
+                params[name].copy_(value)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.nonfinite_streak = state["nonfinite_streak"]
+        self.skipped_updates = state["skipped_updates"]
+        self.updates = state["updates"]

@@ -1,0 +1,103 @@
+"""The hf rollout engine: logprob meaning, finish reasons, and span-based loss masks."""
+import pytest
+import torch
+
+from llmrl.batch import collate
+from llmrl.models import ModelConfig
+from llmrl.rollout.base import RolloutConfig, SamplingParams
+from llmrl.rollout.hf import HFRolloutEngine, filter_logits
+from llmrl.rollout.workflows import single_turn
+from llmrl.types import Task
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_path, tokenizer):
+    return HFRolloutEngine(RolloutConfig(dtype="float32", max_batch_size=4), ModelConfig(name=tiny_path), tokenizer)
+
+
+def prompt(tokenizer, text="What is 2 + 3?"):
+    return tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True)["input_ids"]
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.7, 1.0])
+def test_sampled_logprobs_equal_teacher_forced_scores(engine, tokenizer, temperature):
+    prompts = [prompt(tokenizer), prompt(tokenizer, "Name a colour.")] * 3  # 6 rows: two engine batches
+    outs = engine.generate(prompts, SamplingParams(temperature=temperature, max_new_tokens=12, seed=3))
+    assert all(len(o.token_ids) == len(o.logprobs) > 0 for o in outs)
+    scored = engine.score(prompts, [o.token_ids for o in outs], temperature=temperature or 1.0)
+    for o, s in zip(outs, scored):
+        torch.testing.assert_close(torch.tensor(s), torch.tensor(o.logprobs), atol=2e-4, rtol=1e-4)
+
+
+def test_seeded_sampling_is_reproducible(engine, tokenizer):
+    sp = SamplingParams(temperature=1.0, max_new_tokens=10, seed=11)
+    a = engine.generate([prompt(tokenizer)] * 2, sp)
+    b = engine.generate([prompt(tokenizer)] * 2, sp)
+    assert [o.token_ids for o in a] == [o.token_ids for o in b]
+
+
+def test_finish_reasons_length_eos_and_stop_string(engine, tokenizer):
+    p = prompt(tokenizer)
+    greedy = SamplingParams(temperature=0.0, max_new_tokens=6)
+    base = engine.generate([p], greedy)[0]
+    assert base.finish_reason == "length" and len(base.token_ids) == 6
+    # Treat the greedy second token as EOS: generation must stop right there, EOS included.
+    saved = engine.eos_ids
+    engine.eos_ids = torch.tensor([base.token_ids[1]])
+    try:
+        stopped = engine.generate([p], greedy)[0]
+    finally:
+        engine.eos_ids = saved
+    assert stopped.finish_reason == "stop"
+    assert stopped.token_ids == base.token_ids[: base.token_ids.index(base.token_ids[1]) + 1]
+    text = tokenizer.decode(base.token_ids[:3])
+    by_string = engine.generate([p], SamplingParams(temperature=0.0, max_new_tokens=6, stop=[text[-2:]]))[0]
+    assert by_string.finish_reason == "stop" and len(by_string.token_ids) <= 3
+
+
+def test_top_k_and_top_p_filtering():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
+    assert torch.isinf(filter_logits(logits, 2, 1.0)).tolist() == [[False, False, True, True]]
+    probs = torch.softmax(logits, -1)[0]  # [0.644, 0.237, 0.087, 0.032]
+    kept = ~torch.isinf(filter_logits(logits, 0, 0.8))
+    assert kept.tolist() == [[True, True, False, False]] and probs[0] < 0.8 <= probs[0] + probs[1]
+
+
+def test_sampled_eos_is_in_the_loss_mask_although_pad_is_eos(engine, tokenizer):
+    """SmolLM2 pads with its EOS id; masks come from spans, so a sampled EOS stays a policy token."""
+    assert tokenizer.pad_token_id == tokenizer.eos_token_id
+    task = Task(task_id="t", messages=[], prompt_ids=prompt(tokenizer))
+    saved = engine.eos_ids
+    seeded = SamplingParams(temperature=1.0, max_new_tokens=8, seed=5)
+    first = engine.generate([task.prompt_ids], seeded)[0]
+    fresh = [t for i, t in enumerate(first.token_ids) if i > 0 and t not in first.token_ids[:i]]
+    engine.eos_ids = torch.tensor(fresh[:1])  # a token the greedy reply reaches after >= 1 other token
+    try:
+        trajs = single_turn([task], engine, seeded, 1, tokenizer, 0)
+        trajs += single_turn([task], engine, SamplingParams(temperature=0.0, max_new_tokens=1), 1, tokenizer, 1)
+    finally:
+        engine.eos_ids = saved
+    # Make the first row end in the real EOS id, as SmolLM2's would.
+    trajs[0].token_ids[-1] = tokenizer.eos_token_id
+    batch = collate(trajs, tokenizer.pad_token_id)
+    p = len(task.prompt_ids)
+    n0 = len(trajs[0].response_ids)
+    assert trajs[0].finish_reason == "stop" and n0 >= 2
+    assert batch["input_ids"][0, p + n0 - 1] == tokenizer.eos_token_id
+    assert batch["loss_mask"][0].tolist() == [0.0] * p + [1.0] * n0  # the sampled EOS is trained on
+    pad = n0 - 1
+    assert batch["input_ids"][1, p + 1 :].tolist() == [tokenizer.pad_token_id] * pad  # padding, same id...
+    assert batch["loss_mask"][1].tolist() == [0.0] * p + [1.0] + [0.0] * pad  # ...but not in the loss
+    assert batch["token_rewards"].shape == batch["loss_mask"].shape
+
+
+def test_load_weights_changes_outputs(engine, tokenizer, tiny_path):
+    p = [prompt(tokenizer)]
+    before = engine.score(p, [[5, 6, 7]])[0]
+    state = {n: t.clone() for n, t in engine.model.state_dict().items()}
+    engine.load_weights([(n, t * 1.5 if t.dim() == 2 else t) for n, t in state.items()])
+    after = engine.score(p, [[5, 6, 7]])[0]
+    engine.load_weights(state.items())
+    restored = engine.score(p, [[5, 6, 7]])[0]
+    assert max(abs(a - b) for a, b in zip(before, after)) > 1e-3
+    assert restored == pytest.approx(before, abs=1e-6)

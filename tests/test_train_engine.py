@@ -1,0 +1,171 @@
+"""TrainEngine: normalisation across micro-batches, chunked logprobs, value head, safety nets."""
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from llmrl.algorithms.base import LossContext, LossOutput
+from llmrl.batch import select_rows, split_micro_batches
+from llmrl.models import ModelConfig, load_causal_lm, load_policy
+from llmrl.train.engine import NonFiniteUpdateError, TrainConfig
+from llmrl.train.logprobs import token_logprobs
+from llmrl.train.torch_engine import TorchTrainEngine
+from llmrl.train.value_model import ValueModel
+
+
+class TokenMeanPG:
+    """-A * logp averaged over all policy tokens of the mini-batch."""
+
+    def denominators(self, mb, ctx):
+        return {"pg": float(mb["loss_mask"].sum())}
+
+    def __call__(self, mb, out, ctx):
+        return LossOutput(sums={"pg": -(mb["advantages"] * out["logprobs"] * mb["loss_mask"]).sum()})
+
+
+def random_batch(n_rows=8, width=12, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(5, width + 1, (n_rows,), generator=g)
+    ids = torch.randint(0, 1000, (n_rows, width), generator=g)
+    attn = (torch.arange(width)[None] < lengths[:, None]).long()
+    loss_mask = attn.float().clone()
+    loss_mask[:, :4] = 0  # a 4-token prompt
+    return {
+        "input_ids": ids * attn,
+        "attention_mask": attn,
+        "position_ids": (attn.cumsum(-1) - 1).clamp(min=0),
+        "loss_mask": loss_mask,
+        "advantages": torch.randn(n_rows, width, generator=g) * loss_mask,
+        "rollout_logprobs": torch.zeros(n_rows, width),
+        "group_ids": torch.arange(n_rows) // 4,
+    }
+
+
+def grads_after_step(tiny_path, micro_size):
+    torch.manual_seed(0)
+    model = load_policy(ModelConfig(name=tiny_path))
+    cfg = TrainConfig(lr=0.0, grad_clip=0.0, precision="fp32", micro_batch_size=micro_size)
+    engine = TorchTrainEngine(model, cfg, total_updates=1)
+    batch = random_batch()
+    engine.step(split_micro_batches(batch, micro_size, None), TokenMeanPG(), LossContext(step=0, cfg=None))
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_one_micro_batch_of_8_equals_four_of_2(tiny_path):
+    whole = grads_after_step(tiny_path, 8)
+    split = grads_after_step(tiny_path, 2)
+    assert whole.keys() == split.keys() and whole
+    for name in whole:
+        torch.testing.assert_close(split[name], whole[name], rtol=1e-5, atol=1e-7)
+
+
+def test_micro_batches_trim_padding():
+    batch = random_batch()
+    parts = split_micro_batches(batch, None, micro_batch_tokens=40)
+    assert sum(p["input_ids"].shape[0] for p in parts) == 8
+    for p in parts:
+        assert p["input_ids"].shape[1] == int(p["attention_mask"].sum(-1).max())
+        assert p["input_ids"].numel() <= 40 or p["input_ids"].shape[0] == 1
+
+
+def test_chunked_logprobs_match_full_softmax():
+    torch.manual_seed(0)
+    hidden = torch.randn(3, 7, 16)
+    weight = torch.randn(50, 16)
+    ids = torch.randint(0, 50, (3, 7))
+    logp, ent = token_logprobs(hidden, weight, ids, temperature=0.7, want_entropy=True, chunk_tokens=4)
+    full = torch.log_softmax((hidden @ weight.T) / 0.7, -1)
+    expected = full[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)
+    torch.testing.assert_close(logp[:, 1:], expected)
+    assert torch.all(logp[:, 0] == 0)
+    torch.testing.assert_close(ent[:, 1:], -(full.exp() * full).sum(-1)[:, :-1])
+
+
+def test_logprob_pass_memory_is_bounded():
+    """16 x 1024 tokens, 49k vocab: unchunked fp32 logits alone would be ~3.2 GB."""
+    code = textwrap.dedent(
+        """
+        import resource, torch
+        from llmrl.train.logprobs import token_logprobs
+        torch.manual_seed(0)
+        hidden = torch.randn(16, 1024, 576)
+        weight = torch.randn(49152, 576) * 0.02
+        ids = torch.randint(0, 49152, (16, 1024))
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        with torch.no_grad():
+            logp, ent = token_logprobs(hidden, weight, ids, want_entropy=True)
+        after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        assert torch.isfinite(logp).all() and torch.isfinite(ent).all()
+        print((after - before) / 1024)
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    peak_rise_mb = float(out.stdout.strip().splitlines()[-1])
+    assert peak_rise_mb < 1024, f"logprob pass raised peak RSS by {peak_rise_mb:.0f} MB"
+
+
+def test_value_head_trains_through_engine(tiny_path):
+    torch.manual_seed(0)
+    critic = ValueModel(load_causal_lm(ModelConfig(name=tiny_path)))
+    engine = TorchTrainEngine(critic, TrainConfig(lr=3e-3, precision="fp32"), total_updates=60)
+    batch = random_batch(n_rows=4)
+    batch["returns"] = (torch.arange(4.0)[:, None] - 1.5).expand_as(batch["loss_mask"]) * batch["loss_mask"]
+
+    class MSE:
+        def denominators(self, mb, ctx):
+            return {"vf": float(mb["loss_mask"].sum())}
+
+        def __call__(self, mb, out, ctx):
+            err = (out["values"] - mb["returns"]) ** 2 * mb["loss_mask"]
+            return LossOutput(sums={"vf": err.sum()}, metrics={"vf": (float(err.sum()), float(mb["loss_mask"].sum()))})
+
+    losses = [engine.step([batch], MSE(), LossContext(0, None), want={"values"})["vf"] for _ in range(60)]
+    assert losses[-1] < 0.2 * losses[0], losses[:: 10]
+    values = engine.forward(batch, {"values"})["values"]
+    assert values.shape == batch["loss_mask"].shape
+
+
+def test_nonfinite_update_is_skipped_then_aborts(tiny_path):
+    model = load_policy(ModelConfig(name=tiny_path))
+    engine = TorchTrainEngine(model, TrainConfig(lr=1e-3, precision="fp32", max_nonfinite_updates=2), total_updates=5)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    class NaNLoss(TokenMeanPG):
+        def __call__(self, mb, out, ctx):
+            return LossOutput(sums={"pg": (out["logprobs"] * mb["loss_mask"]).sum() * float("nan")})
+
+    batch = random_batch(n_rows=2)
+    metrics = engine.step([batch], NaNLoss(), LossContext(0, None))
+    assert metrics["actor/skipped_updates"] == 1
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]), n
+    with pytest.raises(NonFiniteUpdateError, match="2 consecutive"):
+        engine.step([batch], NaNLoss(), LossContext(0, None))
+
+
+def test_pure_bf16_parameters_are_refused(tiny_path):
+    model = load_causal_lm(ModelConfig(name=tiny_path), torch.bfloat16)
+    with pytest.raises(ValueError, match="fp32 master weights"):
+        TorchTrainEngine(model, TrainConfig(), total_updates=1)
+
+
+def test_lora_reference_is_base_model_with_adapter_disabled(tiny_path):
+    from llmrl.models import LoraConfig
+
+    cfg = ModelConfig(name=tiny_path, lora=LoraConfig(enabled=True, rank=4, alpha=8))
+    model = load_policy(cfg)
+    engine = TorchTrainEngine(model, TrainConfig(lr=1e-2, precision="fp32"), total_updates=3)
+    batch = random_batch(n_rows=2)
+    base = load_causal_lm(ModelConfig(name=tiny_path))
+    ref_before = engine.forward(batch, {"logprobs"}, reference=True)["logprobs"]
+    for _ in range(3):
+        engine.step([batch], TokenMeanPG(), LossContext(0, None))
+    ref_after = engine.forward(batch, {"logprobs"}, reference=True)["logprobs"]
+    policy_after = engine.forward(batch, {"logprobs"})["logprobs"]
+    base_engine = TorchTrainEngine(base, TrainConfig(precision="fp32"), total_updates=1)
+    expected = base_engine.forward(batch, {"logprobs"})["logprobs"]
+    torch.testing.assert_close(ref_after, expected)
+    torch.testing.assert_close(ref_before, ref_after)
+    assert (policy_after - ref_after).abs().max() > 1e-4  # the adapter did learn something
