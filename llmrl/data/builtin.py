@@ -59,7 +59,9 @@ class TaskType:
             path, split, subdirs=self.subdirs, subset=subset, key=key, limit=cfg.limit
         )
 
-    def parse(self, row: Mapping[str, Any], fields: Mapping[str, str], user_keys: set[str]) -> ParsedRow:
+    def parse(
+        self, row: Mapping[str, Any], fields: Mapping[str, str], user_keys: set[str]
+    ) -> ParsedRow:
         # Columns the user named are required; a type's optional defaults may be absent.
         values = extract_fields(row, fields, required=self.required_fields | user_keys)
         problem = check_problem(values.pop("prompt"))
@@ -122,10 +124,7 @@ def check_problem(value: Any) -> str | list[dict[str, str]]:
             raise RowError("empty_prompt", "the prompt is empty")
         return value
     if isinstance(value, list) and value:
-        is_message = lambda m: isinstance(m, Mapping) and isinstance(m.get("content"), str)  # noqa: E731
-        if all(is_message(m) and m.get("role") for m in value) and any(
-            m["role"] == "user" for m in value
-        ):
+        if all(_is_message(m) for m in value) and any(m["role"] == "user" for m in value):
             return [{"role": m["role"], "content": m["content"]} for m in value]
         raise RowError("bad_chat", "a chat prompt needs role/content messages and a user turn")
     if isinstance(value, list):
@@ -133,8 +132,16 @@ def check_problem(value: Any) -> str | list[dict[str, str]]:
     raise RowError("bad_prompt", f"the prompt is a {type(value).__name__}, not text or a chat")
 
 
+def _is_message(item: Any) -> bool:
+    return (
+        isinstance(item, Mapping)
+        and isinstance(item.get("role"), str)
+        and isinstance(item.get("content"), str)
+    )
+
+
 def last_boxed(text: str) -> str | None:
-    """Contents of the last `\\boxed{...}` in `text`, braces matched (so `\\frac{1}{2}` survives)."""
+    """Contents of the last `\\boxed{...}` in `text`, braces matched: `\\frac{1}{2}` survives."""
     start = text.rfind("\\boxed")
     while start != -1:
         content = _braced_after(text, start + len("\\boxed"))
@@ -212,7 +219,12 @@ class MathTask(TaskType):
 class ArithmeticTask(TaskType):
     """Generated in memory from `num_train`/`num_test`/`difficulty`/`data_seed`."""
 
-    default_fields = {"prompt": "question", "answer": "answer", "id": "id", "expression": "expression"}
+    default_fields = {
+        "prompt": "question",
+        "answer": "answer",
+        "id": "id",
+        "expression": "expression",
+    }
     instruction = "Solve it. End your reply with '#### <number>'."
 
     def load_rows(self, cfg: DataConfig, split: str) -> tuple[list[Row], str]:
@@ -296,9 +308,9 @@ def build_tasks(cfg: DataConfig, tokenizer: Any, split: str = "train") -> TaskSe
             messages = build_messages(parsed.problem, instruction, cfg.system_prompt)
             prompt_ids = tokenize_prompt(tokenizer, messages)
             if len(prompt_ids) > cfg.max_prompt_tokens:
+                limit = cfg.max_prompt_tokens
                 raise RowError(
-                    "too_long",
-                    f"{len(prompt_ids)} prompt tokens > data.max_prompt_tokens {cfg.max_prompt_tokens}",
+                    "too_long", f"{len(prompt_ids)} prompt tokens > data.max_prompt_tokens {limit}"
                 )
         except RowError as error:
             skipped.add(index, error)

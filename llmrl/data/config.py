@@ -69,7 +69,9 @@ class DataConfig(Section):
         ),
     )
     max_prompt_tokens: int = Field(
-        512, ge=1, description="Rows whose templated prompt is longer than this many tokens are skipped."
+        512,
+        ge=1,
+        description="Rows whose templated prompt is longer than this many tokens are skipped.",
     )
     max_bad_fraction: float = Field(
         0.05,

@@ -72,7 +72,7 @@ class HFRolloutEngine:
             input_ids=input_ids, attention_mask=attention, position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=1
         ).logits[:, -1]
         next_pos = positions[:, -1] + 1
-        finished = torch.zeros(B, dtype=torch.bool)
+        rows = list(range(B))  # original row of each live cache row; finished rows are dropped
         reasons = ["length"] * B
         tokens: list[list[int]] = [[] for _ in range(B)]
         logps: list[list[float]] = [[] for _ in range(B)]
@@ -86,24 +86,25 @@ class HFRolloutEngine:
                 logp_all = torch.log_softmax(scaled, dim=-1)
                 probs = torch.softmax(filter_logits(scaled, sp.top_k, sp.top_p), dim=-1)
                 chosen = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-            chosen_logp = logp_all.gather(-1, chosen[:, None]).squeeze(-1)
-            active = (~finished).nonzero().flatten().tolist()
-            for i in active:
-                tokens[i].append(int(chosen[i]))
-                logps[i].append(float(chosen_logp[i]))
-            hit_eos = torch.isin(chosen, self.eos_ids) & ~finished
-            for i in hit_eos.nonzero().flatten().tolist():
-                reasons[i] = "stop"
-            finished |= hit_eos
-            if sp.stop:
-                for i in active:
-                    if not finished[i] and self._hits_stop_string(tokens[i], sp.stop):
-                        finished[i] = True
-                        reasons[i] = "stop"
-            if bool(finished.all()):
+            chosen_logp = logp_all.gather(-1, chosen[:, None]).squeeze(-1).tolist()
+            chosen_ids = chosen.tolist()
+            done = torch.isin(chosen, self.eos_ids).tolist()
+            for j, i in enumerate(rows):
+                tokens[i].append(chosen_ids[j])
+                logps[i].append(chosen_logp[j])
+                if not done[j] and sp.stop and self._hits_stop_string(tokens[i], sp.stop):
+                    done[j] = True
+                if done[j]:
+                    reasons[i] = "stop"
+            if all(done):
                 break
-            chosen = chosen.masked_fill(finished, self.pad_id)
-            attention = torch.cat([attention, torch.ones(B, 1, dtype=torch.long)], dim=1)
+            if any(done):
+                # Drop finished rows from the cache: the remaining steps cost only live rows.
+                keep = torch.tensor([j for j, d in enumerate(done) if not d])
+                cache.batch_select_indices(keep)
+                rows = [rows[j] for j in keep.tolist()]
+                chosen, attention, next_pos = chosen[keep], attention[keep], next_pos[keep]
+            attention = torch.cat([attention, torch.ones(len(rows), 1, dtype=torch.long)], dim=1)
             logits = self.model(
                 input_ids=chosen[:, None], attention_mask=attention, position_ids=next_pos[:, None], past_key_values=cache, use_cache=True
             ).logits[:, -1]
@@ -128,10 +129,12 @@ class HFRolloutEngine:
             width = max(len(s) for s in seqs)
             ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
             attn = torch.zeros_like(ids)
-            for i, s in enumerate(seqs):
+            wanted = torch.zeros_like(ids, dtype=torch.bool)
+            for i, (s, p) in enumerate(zip(seqs, prefixes)):
                 ids[i, : len(s)] = torch.tensor(s)
                 attn[i, : len(s)] = 1
-            logp, _, _ = sequence_logprobs(self.model, ids, attn, temperature=temperature)
+                wanted[i, len(p) : len(s)] = True
+            logp, _, _ = sequence_logprobs(self.model, ids, attn, temperature=temperature, only=wanted)
             for i, (p, c) in enumerate(zip(prefixes, conts)):
                 results.append(logp[i, len(p) : len(p) + len(c)].tolist())
         return results

@@ -32,15 +32,22 @@ def token_logprobs(
     temperature: float = 1.0,
     want_entropy: bool = False,
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    only: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Token-aligned logprobs (and entropies) for `input_ids` [B,T] from decoder states [B,T,H].
 
     Position t holds log p(x_t | x_<t) under logits / temperature; position 0 has no
     prediction and is 0. The entropy at t is that of the distribution that sampled x_t.
+    `only` ([B,T] mask) limits the work to those positions (others are 0): the lm_head is a
+    large share of a small model's FLOPs, and prompt positions need no logprob.
     """
     B, T, H = hidden.shape
     h = hidden[:, :-1].reshape(-1, H)
     targets = input_ids[:, 1:].reshape(-1)
+    selected = None
+    if only is not None:
+        selected = only[:, 1:].reshape(-1).nonzero().flatten()
+        h, targets = h.index_select(0, selected), targets.index_select(0, selected)
     use_ckpt = torch.is_grad_enabled() and (h.requires_grad or lm_head_weight.requires_grad)
     logps, ents = [], []
     for start in range(0, h.shape[0], chunk_tokens):
@@ -51,9 +58,14 @@ def token_logprobs(
             lp, ent = _chunk_stats(*args)
         logps.append(lp)
         ents.append(ent)
+    flat_logp = torch.cat(logps) if logps else h.new_zeros(0, dtype=torch.float32)
+    flat_ent = torch.cat(ents) if ents else flat_logp
+    if selected is not None:
+        flat_logp = flat_logp.new_zeros(B * (T - 1)).index_copy(0, selected, flat_logp)
+        flat_ent = flat_ent.new_zeros(B * (T - 1)).index_copy(0, selected, flat_ent)
     zero = torch.zeros(B, 1, dtype=torch.float32, device=hidden.device)
-    logp = torch.cat([zero, torch.cat(logps).view(B, T - 1)], dim=1)
-    entropy = torch.cat([zero, torch.cat(ents).view(B, T - 1)], dim=1) if want_entropy else None
+    logp = torch.cat([zero, flat_logp.view(B, T - 1)], dim=1)
+    entropy = torch.cat([zero, flat_ent.view(B, T - 1)], dim=1) if want_entropy else None
     return logp, entropy
 
 
@@ -74,11 +86,12 @@ def sequence_logprobs(
     temperature: float = 1.0,
     want_entropy: bool = False,
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    only: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """Run the decoder once; return token-aligned logprobs, entropies and the hidden states."""
     decoder, weight = decoder_and_head(model)
     if position_ids is None:
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False).last_hidden_state
-    logp, entropy = token_logprobs(hidden, weight, input_ids, temperature, want_entropy, chunk_tokens)
+    logp, entropy = token_logprobs(hidden, weight, input_ids, temperature, want_entropy, chunk_tokens, only)
     return logp, entropy, hidden

@@ -84,7 +84,8 @@ class TorchTrainEngine:
             if want & {"logprobs", "entropy"}:
                 _, weight = decoder_and_head(model)
                 logp, ent = token_logprobs(
-                    hidden, weight, mb["input_ids"], self.temperature, "entropy" in want, self.cfg.logprob_chunk_tokens
+                    hidden, weight, mb["input_ids"], self.temperature, "entropy" in want, self.cfg.logprob_chunk_tokens,
+                    only=mb["loss_mask"] > 0 if "loss_mask" in mb else None,
                 )
                 out["logprobs"] = logp
                 if ent is not None:

@@ -1,0 +1,134 @@
+"""Algorithm presets: a name picks a workflow, an advantage function, a loss and default options.
+
+`algorithm.name` in a recipe selects one; any `algorithm.*` key the user sets wins over the
+preset's default for that key (see `config.resolve_algorithm`). Adding an algorithm is one
+`register_preset` call (plus a registry entry when it needs a new advantage or loss).
+"""
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from typing import Any
+
+PRESETS: dict[str, "AlgorithmPreset"] = {}
+
+
+@dataclass(frozen=True)
+class AlgorithmPreset:
+    workflow: str  # key of llmrl.rollout.workflows.WORKFLOWS
+    advantage: str  # key of llmrl.algorithms.advantages.ADVANTAGES
+    loss: str  # key of llmrl.algorithms.losses.LOSSES
+    defaults: dict[str, Any] = field(default_factory=dict)  # AlgorithmConfig field -> value
+    needs_critic: bool = False  # the loop must build a value model and fit it (loss `value`)
+    description: str = ""
+
+
+def register_preset(name: str, preset: AlgorithmPreset) -> AlgorithmPreset:
+    """Register `preset` under `name`. Later packages (POPE, IGPO, CHORD) add theirs the same way."""
+    if name in PRESETS:
+        raise ValueError(f"algorithm preset '{name}' is already registered")
+    PRESETS[name] = preset
+    return preset
+
+
+def unknown_name_message(kind: str, name: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(name, known, n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    return f"unknown {kind} '{name}' (known: {', '.join(sorted(known))}){hint}"
+
+
+def get_preset(name: str) -> AlgorithmPreset:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ValueError(unknown_name_message("algorithm", name, list(PRESETS))) from None
+
+
+# --------------------------------------------------------------------------- built-in presets
+# AlgorithmConfig's own defaults are GRPO as verl runs it (std-normalised group advantage,
+# eps 0.2/0.2, dual clip 3, token-mean, no KL); presets only state what differs.
+
+register_preset(
+    "grpo",
+    AlgorithmPreset(
+        "single_turn", "grpo", "ppo_clip", {},
+        description="GRPO (Shao et al. 2024, arXiv 2402.03300) with verl's defaults: group z-score advantage, PPO clip loss, token-mean.",
+    ),
+)
+
+register_preset(
+    "dr_grpo",
+    AlgorithmPreset(
+        "single_turn", "grpo", "ppo_clip",
+        {"norm_adv_by_std": False, "loss_agg_mode": "seq-mean-token-sum-norm"},
+        description="Dr. GRPO (Liu et al. 2025, arXiv 2503.20783): no std division, constant length normaliser.",
+    ),
+)
+
+register_preset(
+    "dapo",
+    AlgorithmPreset(
+        "single_turn", "grpo", "ppo_clip",
+        {
+            "clip_eps_high": 0.28,
+            "loss_agg_mode": "token-mean",
+            "dual_clip_c": 10.0,  # verl DAPO recipe scripts (clip_ratio_c=10)
+            "overlong_shaping": True,
+            "dynamic_sampling": True,
+        },
+        description="DAPO (Yu et al. 2025, arXiv 2503.14476): clip-higher, token-mean, overlong shaping, dynamic sampling.",
+    ),
+)
+
+register_preset(
+    "rloo",
+    AlgorithmPreset(
+        "single_turn", "rloo", "ppo_clip", {},
+        description="RLOO (Ahmadian et al. 2024, arXiv 2402.14740): leave-one-out baseline; token-level PPO loss as in verl.",
+    ),
+)
+
+register_preset(
+    "reinforce_pp",
+    AlgorithmPreset(
+        "single_turn", "reinforce_pp", "ppo_clip",
+        {"kl_placement": "reward", "kl_estimator": "k1"},
+        description="REINFORCE++ (Hu 2025, arXiv 2501.03262): discounted token returns, batch whitening, KL in the reward.",
+    ),
+)
+
+register_preset(
+    "reinforce_pp_baseline",
+    AlgorithmPreset(
+        "single_turn", "reinforce_pp_baseline", "ppo_clip",
+        {"kl_placement": "reward", "kl_estimator": "k1"},
+        description="REINFORCE++-baseline: group-mean baseline, then token-weighted batch whitening.",
+    ),
+)
+
+register_preset(
+    "gspo",
+    AlgorithmPreset(
+        "single_turn", "grpo", "gspo",
+        {"clip_eps_low": 3e-4, "clip_eps_high": 4e-4, "loss_agg_mode": "seq-mean-token-mean"},
+        description="GSPO (Zheng et al. 2025, arXiv 2507.18071): sequence-level ratio (GSPO-token form), verl example clip 3e-4/4e-4.",
+    ),
+)
+
+register_preset(
+    "lite_ppo",
+    AlgorithmPreset(
+        "single_turn", "lite", "ppo_clip", {"loss_agg_mode": "token-mean"},
+        description="Lite PPO (Liu et al. 2025, arXiv 2508.08221): group-mean / batch-std advantage, token-mean PPO clip.",
+    ),
+)
+
+register_preset(
+    "ppo",
+    AlgorithmPreset(
+        "single_turn", "gae", "ppo_clip",
+        {"kl_placement": "reward", "kl_estimator": "k1"},
+        needs_critic=True,
+        description="PPO with a critic (Ouyang et al. 2022 style): GAE, whitened advantages, clipped value loss.",
+    ),
+)

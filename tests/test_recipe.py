@@ -1,0 +1,92 @@
+"""Recipes: overrides, defaults, and errors that name the key and the file (exit 2, no traceback)."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from llmrl.recipe import RecipeError, apply_overrides, load_recipe
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write(tmp_path, text, name="r.yaml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def test_overrides_are_parsed_as_yaml():
+    data = apply_overrides({}, ["train.lr=1e-6", "rollout.stop=[a,b]", "logging.tensorboard=false", "model.name=tiny"])
+    assert data == {"train": {"lr": 1e-6}, "rollout": {"stop": ["a", "b"]}, "logging": {"tensorboard": False}, "model": {"name": "tiny"}}
+    recipe = load_recipe(None, ["train.lr=1e-6", "train.steps=2", "rollout.stop=[a,b]"])
+    assert recipe.train.lr == 1e-6 and recipe.train.steps == 2 and recipe.rollout.stop == ["a", "b"]
+
+
+def test_shipped_recipes_validate():
+    for path in sorted((REPO / "recipes").glob("*.yaml")):
+        load_recipe(str(path))
+
+
+def test_unknown_key_names_key_file_and_suggestion(tmp_path):
+    path = write(tmp_path, "train:\n  stepz: 3\n")
+    with pytest.raises(RecipeError) as err:
+        load_recipe(path)
+    msg = str(err.value)
+    assert "train.stepz" in msg and path in msg and "did you mean 'train.steps'" in msg
+
+
+def test_unknown_section_suggests(tmp_path):
+    with pytest.raises(RecipeError, match="did you mean 'rollout'"):
+        load_recipe(write(tmp_path, "rolout:\n  n: 2\n"))
+
+
+def test_wrong_type_names_key(tmp_path):
+    path = write(tmp_path, "train:\n  lr: fast\n")
+    with pytest.raises(RecipeError, match=r"train\.lr: .*number.*'fast'.*r\.yaml"):
+        load_recipe(path)
+
+
+def test_missing_recipe_file():
+    with pytest.raises(RecipeError, match="recipe file not found: nope.yaml"):
+        load_recipe("nope.yaml")
+
+
+def test_unknown_algorithm_and_reward(tmp_path):
+    with pytest.raises(RecipeError, match="algorithm.name"):
+        load_recipe(None, ["algorithm.name=grp0"])
+    with pytest.raises(RecipeError, match=r"reward.functions\[0\].*gsm8kk"):
+        load_recipe(None, ["reward.functions=[gsm8kk]"])
+    with pytest.raises(RecipeError, match=r"reward.functions\[0\].*missing_file.py"):
+        load_recipe(None, ["reward.functions=[missing_file.py:fn]"])
+
+
+def test_batch_sizes_must_divide():
+    with pytest.raises(RecipeError, match="mini_batch_size=24 must divide"):
+        load_recipe(None, ["train.prompts_per_step=8", "rollout.n=8", "train.mini_batch_size=24"])
+    with pytest.raises(RecipeError, match="micro_batch_size=5 must divide"):
+        load_recipe(None, ["train.mini_batch_size=32", "train.micro_batch_size=5"])
+    load_recipe(None, ["train.mini_batch_size=32", "train.micro_batch_size=8"])
+
+
+def run_cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "llmrl.cli", *args], capture_output=True, text=True, cwd=cwd)
+
+
+def test_cli_validate_prints_every_default(tmp_path):
+    out = run_cli("validate", str(REPO / "recipes" / "quickstart.yaml"), "train.steps=2")
+    assert out.returncode == 0, out.stderr
+    resolved = yaml.safe_load(out.stdout)
+    assert resolved["train"]["steps"] == 2
+    for key in ("model", "data", "rollout", "algorithm", "reward", "train", "checkpoint", "logging", "seed", "output_dir"):
+        assert key in resolved
+    assert resolved["train"]["backend"] == "torch" and resolved["rollout"]["engine"] == "hf"
+
+
+def test_cli_bad_key_exits_2_without_traceback(tmp_path):
+    path = write(tmp_path, "train:\n  stepz: 3\n")
+    for command in ("validate", "train"):
+        out = run_cli(command, path)
+        assert out.returncode == 2
+        assert "Traceback" not in out.stderr and "train.stepz" in out.stderr
