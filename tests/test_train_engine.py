@@ -58,7 +58,10 @@ def test_one_micro_batch_of_8_equals_four_of_2(tiny_path):
     split = grads_after_step(tiny_path, 2)
     assert whole.keys() == split.keys() and whole
     for name in whole:
-        torch.testing.assert_close(split[name], whole[name], rtol=1e-5, atol=1e-7)
+        # Relative to the tensor's norm: element-wise tolerances trip on fp32 reassociation
+        # in near-zero entries, while a normalisation bug is off by a factor (here 4).
+        err = (split[name] - whole[name]).norm() / whole[name].norm().clamp(min=1e-12)
+        assert err < 1e-5, (name, float(err))
 
 
 def test_micro_batches_trim_padding():
