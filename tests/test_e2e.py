@@ -69,13 +69,13 @@ def recipe_model_path():
     return resolve_model_path("tiny")
 
 
-def toy_run(tmp_path, lr, steps=12):
+def toy_run(tmp_path, lr, steps=10):
     recipe = load_recipe(
         QUICKSTART,
         [
             "model.name=tiny", "reward.functions=[toy_token_fraction]", "rollout.n=8", "train.prompts_per_step=4",
             "rollout.max_new_tokens=16", f"train.steps={steps}", f"train.lr={lr}", "logging.progress=false",
-            "logging.tensorboard=false", "logging.rollouts_every=0", "rollout.temperature=1.0",
+            "logging.tensorboard=false", "logging.rollouts_every=0", "rollout.temperature=1.0", "checkpoint.every=0",
             f"output_dir={tmp_path / f'lr{lr}'}",
         ],
     )
@@ -86,15 +86,13 @@ def toy_run(tmp_path, lr, steps=12):
 def test_reward_rises_on_toy_task_and_not_with_zero_lr(tmp_path):
     """Catches sign and masking errors no unit test sees: learning must move the reward,
     and the same run with lr=0 must not."""
-    start = time.time()
-    learned = toy_run(tmp_path, 3e-3)
-    elapsed = time.time() - start
+    # lr is huge on purpose: the tiny random model must move visibly within 10 steps.
+    learned = toy_run(tmp_path, 0.1)
     control = toy_run(tmp_path, 0.0)
     rise = sum(learned[-3:]) / 3 - sum(learned[:3]) / 3
     control_rise = sum(control[-3:]) / 3 - sum(control[:3]) / 3
-    assert rise >= 0.15, learned
-    assert control_rise < 0.03, control
-    assert elapsed < 60, elapsed
+    assert rise >= 0.3, learned
+    assert abs(control_rise) < 0.05, control
 
 
 @pytest.mark.slow
