@@ -1,4 +1,4 @@
-"""`llmrl train | validate`: user mistakes exit 2 with one message naming the key; no traceback."""
+"""`llmrl train | validate | eval`: user mistakes exit 2 with one message naming the key; no traceback."""
 from __future__ import annotations
 
 import argparse
@@ -55,6 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("recipe", help="recipe YAML")
     p.add_argument("overrides", nargs="*", help="dotted overrides")
     p.set_defaults(fn=cmd_validate)
+
+    from llmrl.eval.cli import add_eval_parser
+
+    add_eval_parser(sub)
     return parser
 
 
