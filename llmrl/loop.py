@@ -21,6 +21,7 @@ from llmrl.batch import collate, iter_mini_batches, num_tokens, select_rows, spl
 from llmrl.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from llmrl.data import PromptSampler, build_tasks
 from llmrl.distributed.weight_sync import sync_weights
+from llmrl.eval.harness import evaluate_during_training, should_evaluate
 from llmrl.models import load_causal_lm, load_policy, load_tokenizer
 from llmrl.recipe import Recipe, dump_recipe
 from llmrl.reward import RewardComputer
@@ -109,6 +110,12 @@ def train(recipe: Recipe) -> Path:
             }
             if step == start_step + 1:
                 metrics.update({f"data/{k}": float(v) for k, v in taskset.stats.items()})
+
+            # 8. held-out evaluation of the synced weights, with the harness `llmrl eval` runs
+            if should_evaluate(recipe.eval, step, recipe.train.steps):
+                started = time.perf_counter()
+                metrics.update(evaluate_during_training(rollout, tokenizer, recipe.eval, step, run_dir))
+                metrics["time/eval"] = time.perf_counter() - started
             tracker.log(step, metrics)
             tracker.log_rollouts(step, trajectories)
             progress.update(step, metrics)

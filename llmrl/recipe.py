@@ -16,6 +16,7 @@ from pydantic import BaseModel, Field, ValidationError
 from llmrl.algorithms.config import AlgorithmConfig
 from llmrl.config_base import Section
 from llmrl.data.config import DataConfig
+from llmrl.eval.config import EvalConfig
 from llmrl.models import ModelConfig
 from llmrl.reward import RewardConfig
 from llmrl.rollout.base import RolloutConfig
@@ -49,6 +50,10 @@ class Recipe(Section):
     train: TrainConfig = Field(default_factory=TrainConfig, description="Optimisation and batch sizes.")
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="Checkpointing.")
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Metrics and rollout logs.")
+    eval: EvalConfig = Field(
+        default_factory=EvalConfig,
+        description="Held-out evaluation during training, with the same harness and settings as `llmrl eval`.",
+    )
     seed: int = Field(0, description="Seed for sampling, shuffling and initialisation.")
     output_dir: str = Field("runs/llmrl", description="Run directory: recipe, metrics, TensorBoard, rollouts, checkpoints.")
     resume: Literal["never", "auto"] | str = Field(

@@ -22,12 +22,17 @@ QUICKSTART = str(REPO / "recipes" / "quickstart.yaml")
 DOCUMENTED_METRICS = [
     "reward/mean", "reward/std", "reward/arithmetic", "reward/acc", "reward/failures",
     "response/length_mean", "response/length_max", "response/truncated_frac",
-    "actor/entropy", "actor/approx_kl", "actor/clipfrac", "actor/grad_norm", "actor/lr", "actor/loss",
+    "actor/entropy", "actor/rows_trained_frac", "actor/approx_kl", "actor/clipfrac", "actor/grad_norm", "actor/lr", "actor/loss",
     "rollout/logprob_diff", "perf/tokens_per_s", "perf/gen_tokens_per_s",
     "time/generate", "time/reward", "time/logprobs", "time/update", "time/sync", "time/step",
 ]
 
-TINY = ["model.name=tiny", "rollout.n=4", "train.prompts_per_step=2", "train.micro_batch_size=4", "rollout.max_new_tokens=8", "logging.progress=false"]
+TINY = [
+    "model.name=tiny", "rollout.n=4", "train.prompts_per_step=2", "train.micro_batch_size=4", "rollout.max_new_tokens=8",
+    "logging.progress=false", "eval.benches=[]",
+]
+# A few held-out problems after every step, through the harness `llmrl eval` runs.
+TINY_EVAL = ["eval.benches=[arithmetic]", "eval.limit=3", "eval.every=1", "eval.max_new_tokens=8", "eval.reward_workers=0", "eval.progress=false"]
 
 
 def read_metrics(run_dir):
@@ -39,7 +44,7 @@ def test_two_steps_with_tiny_model(tmp_path):
     from transformers import AutoModelForCausalLM
 
     rewards = "reward.functions=[arithmetic, toy_token_fraction]"  # the toy part gives non-zero advantages
-    recipe = load_recipe(QUICKSTART, TINY + [rewards, "train.steps=2", "train.lr=1e-3", f"output_dir={tmp_path}", "checkpoint.every=1"])
+    recipe = load_recipe(QUICKSTART, TINY + TINY_EVAL + [rewards, "train.steps=2", "train.lr=1e-3", f"output_dir={tmp_path}", "checkpoint.every=1"])
     run_dir = train(recipe)
     rows = read_metrics(run_dir)
     assert [r["step"] for r in rows] == [1, 2]
@@ -48,6 +53,11 @@ def test_two_steps_with_tiny_model(tmp_path):
             assert key in row, key
             assert math.isfinite(row[key]), (key, row[key])
     assert (run_dir / "recipe.yaml").exists() and list((run_dir / "tensorboard").iterdir())
+    for row in rows:
+        assert 0.0 <= row["eval/arithmetic/pass@1"] <= 1.0 and row["time/eval"] > 0
+    results = json.loads((run_dir / "eval" / "step_2" / "results.json").read_text())
+    assert results["benches"]["arithmetic"]["metrics"]["items"] == 3
+    assert results["benches"]["arithmetic"]["metrics"]["pass@1"] == rows[1]["eval/arithmetic/pass@1"]
     rollouts = [json.loads(l) for l in (run_dir / "rollouts" / "step_2.jsonl").read_text().splitlines()]
     assert len(rollouts) == 8 and {"prompt", "completion", "reward", "advantage", "reward_parts"} <= rollouts[0].keys()
 
@@ -75,7 +85,7 @@ def toy_run(tmp_path, lr, steps=10):
         [
             "model.name=tiny", "reward.functions=[toy_token_fraction]", "rollout.n=8", "train.prompts_per_step=4",
             "rollout.max_new_tokens=16", f"train.steps={steps}", f"train.lr={lr}", "logging.progress=false",
-            "logging.tensorboard=false", "logging.rollouts_every=0", "rollout.temperature=1.0", "checkpoint.every=0",
+            "logging.tensorboard=false", "logging.rollouts_every=0", "rollout.temperature=1.0", "checkpoint.every=0", "eval.benches=[]",
             f"output_dir={tmp_path / f'lr{lr}'}",
         ],
     )
@@ -92,7 +102,7 @@ def test_reward_rises_on_toy_task_and_not_with_zero_lr(tmp_path):
     rise = sum(learned[-3:]) / 3 - sum(learned[:3]) / 3
     control_rise = sum(control[-3:]) / 3 - sum(control[:3]) / 3
     assert rise >= 0.3, learned
-    assert abs(control_rise) < 0.05, control
+    assert abs(control_rise) < 0.03, control
 
 
 @pytest.mark.slow

@@ -29,6 +29,16 @@ def test_sampled_logprobs_equal_teacher_forced_scores(engine, tokenizer, tempera
         torch.testing.assert_close(torch.tensor(s), torch.tensor(o.logprobs), atol=2e-4, rtol=1e-4)
 
 
+def test_shared_prefill_of_repeated_prompts_matches_separate_runs(engine, tokenizer):
+    a, b = prompt(tokenizer), prompt(tokenizer, "Name a colour, then explain why.")
+    greedy = SamplingParams(temperature=0.0, max_new_tokens=10)
+    together = engine.generate([a, a, b, b], greedy)  # one batch: two prefills, copied to four rows
+    alone = engine.generate([a], greedy) + engine.generate([b], greedy)
+    for got, want in zip(together, [alone[0], alone[0], alone[1], alone[1]]):
+        assert got.token_ids == want.token_ids
+        torch.testing.assert_close(torch.tensor(got.logprobs), torch.tensor(want.logprobs), atol=1e-4, rtol=1e-4)
+
+
 def test_seeded_sampling_is_reproducible(engine, tokenizer):
     sp = SamplingParams(temperature=1.0, max_new_tokens=10, seed=11)
     a = engine.generate([prompt(tokenizer)] * 2, sp)

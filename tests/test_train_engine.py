@@ -185,3 +185,94 @@ def test_logprobs_limited_to_masked_positions_match_full():
     torch.testing.assert_close(part, full * only)
     part.sum().backward()
     assert hidden.grad[0, 0].abs().sum() == 0 and hidden.grad[0, 2].abs().sum() > 0
+
+
+def params_after_two_updates(tiny_path, skip, batches, algo_cfg):
+    from llmrl.algorithms import LOSSES
+
+    torch.manual_seed(0)
+    model = load_policy(ModelConfig(name=tiny_path))
+    cfg = TrainConfig(lr=1e-3, grad_clip=0.0, precision="fp32", micro_batch_size=4, skip_zero_advantage_rows=skip)
+    engine = TorchTrainEngine(model, cfg, total_updates=2)
+    metrics = [
+        engine.step(split_micro_batches(b, 4, None), LOSSES["ppo_clip"], LossContext(step=0, cfg=algo_cfg)) for b in batches
+    ]
+    return {n: p.detach().clone() for n, p in model.named_parameters()}, metrics
+
+
+@pytest.mark.parametrize("kl_free", [True, False])
+def test_skipping_zero_advantage_rows_leaves_the_update_unchanged(tiny_path, kl_free):
+    from llmrl.algorithms import AlgorithmConfig, resolve_algorithm
+
+    algo = resolve_algorithm(AlgorithmConfig(name="grpo", entropy_coef=0.0 if kl_free else 0.01))
+    first = random_batch(seed=1)
+    first["advantages"][:4] = 0.0  # two groups whose samples all scored the same
+    second = random_batch(seed=2)
+    second["advantages"].zero_()  # nothing to learn: Adam still moves on its momentum
+    skipped, skip_metrics = params_after_two_updates(tiny_path, True, [first, second], algo)
+    full, full_metrics = params_after_two_updates(tiny_path, False, [first, second], algo)
+    for name in full:
+        err = (skipped[name] - full[name]).norm() / full[name].norm().clamp(min=1e-12)
+        assert err < 1e-6, (name, float(err))
+    assert abs(skip_metrics[0]["actor/loss"] - full_metrics[0]["actor/loss"]) < 1e-6
+    # Without an entropy bonus half the first batch and all the second are skipped; with one,
+    # zero-advantage rows still carry gradient and every row is trained.
+    expected = (0.5, 0.0) if kl_free else (1.0, 1.0)
+    assert (skip_metrics[0]["actor/rows_trained_frac"], skip_metrics[1]["actor/rows_trained_frac"]) == expected
+    assert full_metrics[0]["actor/rows_trained_frac"] == 1.0
+
+
+def grouped_batch(seed=0):
+    """Two prompts (lengths 6 and 9) with three samples each, one of them an empty response."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for prompt_len, response_lens in ((6, (3, 5, 1)), (9, (4, 0, 2))):
+        prompt = torch.randint(1, 1000, (prompt_len,), generator=g).tolist()
+        for n in response_lens:
+            rows.append((prompt, torch.randint(1, 1000, (n,), generator=g).tolist()))
+    width = max(len(p) + len(r) for p, r in rows)
+    B = len(rows)
+    batch = {k: torch.zeros(B, width, dtype=torch.long) for k in ("input_ids", "attention_mask", "position_ids")}
+    batch["loss_mask"] = torch.zeros(B, width)
+    for i, (p, r) in enumerate(rows):
+        n = len(p) + len(r)
+        batch["input_ids"][i, :n] = torch.tensor(p + r)
+        batch["attention_mask"][i, :n] = 1
+        batch["position_ids"][i, :n] = torch.arange(n)
+        batch["loss_mask"][i, len(p) : n] = 1
+    return batch
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_shared_prompt_forward_matches_per_row_forward(tiny_path, precision):
+    from llmrl.train.shared_prefix import plan_shared_prefix
+
+    batch = grouped_batch()
+    plan = plan_shared_prefix(batch)
+    assert plan is not None and plan.prefix_ids.shape[0] == 2 and len(plan.rows) == 5  # the empty row is left out
+    results = {}
+    for shared in (True, False):
+        torch.manual_seed(0)
+        model = load_policy(ModelConfig(name=tiny_path))
+        cfg = TrainConfig(precision=precision, micro_batch_size=6, shared_prompt_forward=shared)
+        engine = TorchTrainEngine(model, cfg, total_updates=1, temperature=0.7)
+        out = engine._outputs(model, batch, {"logprobs", "entropy"})
+        (-(out["logprobs"] * batch["loss_mask"]).sum() + out["entropy"].sum()).backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results[shared] = (out["logprobs"].detach(), out["entropy"].detach(), grads)
+    tol = 1e-5 if precision == "fp32" else 2e-2
+    torch.testing.assert_close(results[True][0], results[False][0], atol=tol, rtol=tol)
+    torch.testing.assert_close(results[True][1], results[False][1], atol=tol, rtol=tol)
+    assert (results[True][0][batch["loss_mask"] == 0] == 0).all()
+    assert results[True][2].keys() == results[False][2].keys()
+    for name, grad in results[False][2].items():
+        err = (results[True][2][name] - grad).norm() / grad.norm().clamp(min=1e-12)
+        assert err < (1e-4 if precision == "fp32" else 5e-2), (name, float(err))
+
+
+def test_shared_prompt_forward_needs_a_shared_prompt():
+    from llmrl.train.shared_prefix import plan_shared_prefix
+
+    batch = grouped_batch()
+    assert plan_shared_prefix(select_rows(batch, [0, 3])) is None  # two different prompts
+    assert plan_shared_prefix(select_rows(batch, [0, 1])) is not None

@@ -161,6 +161,20 @@ class _PolicyLoss:
     def policy_part(self, mb: Batch, out: Batch, ctx: LossContext) -> tuple[torch.Tensor, Metrics]:
         raise NotImplementedError
 
+    def rows_with_gradient(self, mb: Batch, ctx: LossContext) -> torch.Tensor | None:
+        """[B] bool: rows whose loss can have a non-zero gradient, or None for "all of them".
+
+        Every policy-gradient term is -A x f(ratio), so a row whose advantage is zero on all its
+        policy tokens (a GRPO group where every sample scored the same) adds exactly zero to
+        the gradient. The engine then skips that row's forward and backward; denominators still
+        count it, so the update is unchanged. Any KL, entropy or entropy-control term keeps
+        every row, because those act where A = 0 too.
+        """
+        cfg = ctx.cfg
+        if kl_in_loss(cfg) or cfg.entropy_coef > 0 or cfg.entropy_control != "none":
+            return None
+        return ((mb["advantages"] != 0) & _valid(mb)).any(dim=-1)
+
     def __call__(self, mb: Batch, out: Batch, ctx: LossContext) -> LossOutput:
         pg, metrics = self.policy_part(mb, out, ctx)
         metrics["actor/pg_loss"] = (float(pg.detach()), self.pg_denominator(mb, ctx.cfg))

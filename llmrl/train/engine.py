@@ -37,6 +37,19 @@ class TrainConfig(Section):
         description="fp32, or bf16 autocast over fp32 master weights. auto = bf16 where bf16 matmuls are native (CUDA, AVX512-BF16/AMX CPUs), else fp32.",
     )
     max_nonfinite_updates: int = Field(3, ge=1, description="Abort after this many consecutive updates with a non-finite loss or grad norm.")
+    skip_zero_advantage_rows: bool = Field(
+        True,
+        description="Skip the forward/backward of rows whose advantages are all zero (e.g. GRPO groups where every "
+        "sample scored the same) when the loss has no KL, entropy or entropy-control term: they add exactly zero "
+        "gradient and still count in the normaliser, so the update is unchanged and faster. actor/* token metrics "
+        "(entropy, clipfrac) then cover the trained rows; actor/rows_trained_frac says how many.",
+    )
+    shared_prompt_forward: bool = Field(
+        True,
+        description="Run each distinct prompt of a micro-batch through the model once and share its key/value cache "
+        "with the samples of that prompt (gradients included), instead of once per sample. Same update, less compute "
+        "when prompts are long next to responses. Off for critics and under gradient checkpointing.",
+    )
     logprob_chunk_tokens: int = Field(1024, ge=16, description="Tokens per chunk when computing logprobs/entropy (bounds logits memory).")
 
     @model_validator(mode="after")

@@ -9,10 +9,12 @@ from typing import Any, Iterator
 import torch
 
 from llmrl.algorithms.base import Batch, LossContext, LossFn
+from llmrl.batch import select_rows
 from llmrl.models import is_lora, merged_state_dict
 from llmrl.precision import resolve_precision
 from llmrl.train.engine import NonFiniteUpdateError, TrainConfig
 from llmrl.train.logprobs import decoder_and_head, token_logprobs
+from llmrl.train.shared_prefix import PrefixPlan, plan_shared_prefix
 
 TRAINER_STATE = "trainer_state.pt"
 
@@ -75,6 +77,9 @@ class TorchTrainEngine:
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
 
     def _outputs(self, model: torch.nn.Module, mb: Batch, want: set[str]) -> dict[str, torch.Tensor]:
+        plan = self._shared_prefix_plan(model, mb, want)
+        if plan is not None:
+            return self._shared_prefix_outputs(model, plan, want)
         decoder = model.get_decoder()
         with self._autocast():
             hidden = decoder(
@@ -94,6 +99,28 @@ class TorchTrainEngine:
                 v = model.value_head(hidden).squeeze(-1).float()
                 # token-aligned: the value of the state that token t is sampled from
                 out["values"] = torch.cat([torch.zeros_like(v[:, :1]), v[:, :-1]], dim=1)
+        return out
+
+    def _shared_prefix_plan(self, model: torch.nn.Module, mb: Batch, want: set[str]) -> PrefixPlan | None:
+        # Values need every position's hidden state, and HF turns the KV cache off under
+        # gradient checkpointing: both take the plain path.
+        if not self.cfg.shared_prompt_forward or "values" in want or "loss_mask" not in mb:
+            return None
+        if getattr(model, "is_gradient_checkpointing", False):
+            return None
+        return plan_shared_prefix(mb)
+
+    def _shared_prefix_outputs(self, model: torch.nn.Module, plan: PrefixPlan, want: set[str]) -> dict[str, torch.Tensor]:
+        decoder, weight = decoder_and_head(model)
+        with self._autocast():
+            hidden = plan.run_decoder(decoder)
+            logp, ent = token_logprobs(
+                hidden, weight, plan.suffix_ids, self.temperature, "entropy" in want, self.cfg.logprob_chunk_tokens,
+                only=plan.suffix_loss_mask > 0,
+            )
+        out = {"logprobs": plan.to_rows(logp)}
+        if ent is not None:
+            out["entropy"] = plan.to_rows(ent)
         return out
 
     @torch.no_grad()
@@ -153,7 +180,13 @@ class TorchTrainEngine:
         metric_sums: dict[str, float] = {}
         metric_counts: dict[str, float] = {}
         total_loss = 0.0
+        rows_total = rows_trained = 0
         for mb in micro_batches:
+            rows_total += mb["input_ids"].shape[0]
+            mb = self._rows_with_gradient(mb, loss_fn, ctx)
+            if mb is None:
+                continue
+            rows_trained += mb["input_ids"].shape[0]
             out = self._outputs(self.model, mb, want)
             if "old_logprobs" not in mb and "logprobs" in out:
                 mb = {**mb, "old_logprobs": out["logprobs"].detach()}
@@ -176,9 +209,13 @@ class TorchTrainEngine:
                 metric_sums[name] = metric_sums.get(name, 0.0) + float(s)
                 metric_counts[name] = metric_counts.get(name, 0.0) + float(c)
 
+        for p in self.params:
+            if p.grad is None:  # nothing ran backward: Adam still steps, as it would on zero grads
+                p.grad = torch.zeros_like(p)
         max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
         metrics = {name: metric_sums[name] / metric_counts[name] for name in metric_sums if metric_counts[name] > 0}
+        metrics["actor/rows_trained_frac"] = rows_trained / max(rows_total, 1)
         metrics.update({"actor/loss": total_loss, "actor/grad_norm": grad_norm, "actor/lr": self.scheduler.get_last_lr()[0]})
         if not (math.isfinite(total_loss) and math.isfinite(grad_norm)):
             self.optimizer.zero_grad(set_to_none=True)
@@ -197,6 +234,19 @@ class TorchTrainEngine:
         self.updates += 1
         metrics["actor/skipped_updates"] = float(self.skipped_updates)
         return metrics
+
+    def _rows_with_gradient(self, mb: Batch, loss_fn: LossFn, ctx: LossContext) -> Batch | None:
+        """`mb` without the rows the loss says carry no gradient (None when no row is left), so
+        they cost no forward or backward. Off with train.skip_zero_advantage_rows=false."""
+        select = getattr(loss_fn, "rows_with_gradient", None)
+        if not self.cfg.skip_zero_advantage_rows or select is None:
+            return mb
+        keep = select(mb, ctx)
+        if keep is None or bool(keep.all()):
+            return mb
+        if not bool(keep.any()):
+            return None
+        return select_rows(mb, keep.nonzero().flatten())
 
     # ------------------------------------------------------------------ weights
     def named_weights(self, bucket_bytes: int = 256 << 20) -> Iterator[list[tuple[str, torch.Tensor]]]:
