@@ -16,7 +16,9 @@ import numpy as np
 import torch
 
 from llmrl.algorithms import ADVANTAGES, LOSSES, get_preset, needs_reference, resolve_algorithm
+from llmrl.algorithms.advantages import mask_truncated
 from llmrl.algorithms.base import LossContext
+from llmrl.algorithms.dapo import GroupFilter, reward_config_with_overlong
 from llmrl.batch import collate, iter_mini_batches, num_tokens, select_rows, split_micro_batches
 from llmrl.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from llmrl.data import PromptSampler, build_tasks
@@ -48,7 +50,8 @@ def train(recipe: Recipe) -> Path:
     tokenizer = load_tokenizer(recipe.model.name, recipe.model.revision)
     taskset = build_tasks(recipe.data, tokenizer, split="train")
     sampler = PromptSampler(taskset.tasks, recipe.train.prompts_per_step, seed=recipe.seed, shuffle=recipe.data.shuffle)
-    rewards = RewardComputer(recipe.reward, default_kind=taskset.kind)
+    reward_cfg = reward_config_with_overlong(recipe.reward, algo, recipe.rollout.max_new_tokens, taskset.kind)
+    rewards = RewardComputer(reward_cfg, default_kind=taskset.kind)
     trainer = build_train_engine(recipe, algo)
     rollout = build_rollout_engine(recipe.rollout, recipe.model, tokenizer)
     workflow = WORKFLOWS[preset.workflow]
@@ -66,20 +69,15 @@ def train(recipe: Recipe) -> Path:
         for step in range(start_step + 1, recipe.train.steps + 1):
             timer = StepTimer()
 
-            # 1-2. tasks -> workflow -> trajectories
-            with timer("generate"):
-                tasks = sampler.next_batch()
-                first_group = (step - 1) * recipe.train.prompts_per_step
-                trajectories = workflow(tasks, rollout, sampling_for(recipe, step), recipe.rollout.n, tokenizer, first_group)
-
-            # 3. rewards
-            with timer("reward"):
-                results = rewards.score(trajectories)
-                for traj, result in zip(trajectories, results):
-                    traj.reward, traj.reward_parts = result.score, result.parts
+            # 1-3. tasks -> workflow -> trajectories -> rewards (DAPO's dynamic sampling may take
+            # several rounds to collect groups whose reward varies)
+            trajectories, sampling_metrics = sample_and_score(recipe, algo, step, sampler, workflow, rollout, rewards, tokenizer, timer)
 
             # 4. batch, with the logprobs the update needs before it changes the policy
             batch = collate(trajectories, tokenizer.pad_token_id)
+            if algo.mask_truncated_completions:
+                truncated = torch.tensor([t.finish_reason == "length" for t in trajectories])
+                batch["loss_mask"] = mask_truncated(batch["loss_mask"], truncated)
             with timer("logprobs"):
                 add_reference_and_old_logprobs(batch, trainer, algo, recipe)
 
@@ -101,6 +99,7 @@ def train(recipe: Recipe) -> Path:
 
             metrics = {
                 **reward_metrics(trajectories, rewards.metrics()),
+                **sampling_metrics,
                 **response_metrics(trajectories),
                 **adv_metrics,
                 **update_metrics,
@@ -178,10 +177,41 @@ def resume_if_asked(recipe: Recipe, run_dir: Path, trainer: TorchTrainEngine, sa
     return int(state["step"])
 
 
-def sampling_for(recipe: Recipe, step: int) -> SamplingParams:
+def sample_and_score(
+    recipe: Recipe, algo: Any, step: int, sampler: PromptSampler, workflow: Any, rollout: Any, rewards: RewardComputer,
+    tokenizer: Any, timer: "StepTimer",
+) -> tuple[list[Trajectory], dict[str, float]]:
+    """One step's scored trajectories, and the dynamic-sampling metrics when it is on."""
+    groups = GroupFilter(recipe.train.prompts_per_step, algo.dynamic_sampling_metric)
+    while True:
+        with timer("generate"):
+            tasks = sampler.next_batch()
+            # group ids stay unique over the run: round r of step s starts at (s - 1 + r * steps) * prompts
+            first_group = (step - 1 + groups.rounds * recipe.train.steps) * recipe.train.prompts_per_step
+            sampling = sampling_for(recipe, step, groups.rounds)
+            trajectories = workflow(tasks, rollout, sampling, recipe.rollout.n, tokenizer, first_group)
+        with timer("reward"):
+            for traj, result in zip(trajectories, rewards.score(trajectories)):
+                traj.reward, traj.reward_parts = result.score, result.parts
+        if not algo.dynamic_sampling:
+            return trajectories, {}
+        groups.add(trajectories)
+        if groups.full or groups.rounds >= max_rounds(algo):
+            return groups.result()
+
+
+def sampling_for(recipe: Recipe, step: int, round_index: int = 0) -> SamplingParams:
     r = recipe.rollout
-    # A per-step seed makes a resumed run sample exactly what an uninterrupted one would.
-    return SamplingParams(r.temperature, r.top_p, r.top_k, r.max_new_tokens, list(r.stop), seed=recipe.seed * 1_000_003 + step)
+    # A per-step (and per-round) seed makes a resumed run sample exactly what an uninterrupted one would.
+    seed = recipe.seed * 1_000_003 + step + round_index * 7_919_000
+    return SamplingParams(r.temperature, r.top_p, r.top_k, r.max_new_tokens, list(r.stop), seed=seed)
+
+
+def max_rounds(algo: Any) -> int:
+    """Generation rounds one step may take: 1 without dynamic sampling; <= 0 means no cap."""
+    if not algo.dynamic_sampling:
+        return 1
+    return algo.max_num_gen_batches if algo.max_num_gen_batches > 0 else 1_000_000
 
 
 def add_reference_and_old_logprobs(batch: dict[str, torch.Tensor], trainer: TorchTrainEngine, algo: Any, recipe: Recipe) -> None:

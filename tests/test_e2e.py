@@ -140,3 +140,15 @@ def test_sigterm_saves_a_checkpoint(tmp_path):
     steps = [int(p.name.split("_")[1]) for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith("step_")]
     assert steps and max(steps) < 50 and "SIGTERM" in err
     assert max(steps) == read_metrics(tmp_path)[-1]["step"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe_file", sorted(p.name for p in (REPO / "recipes").glob("*.yaml")))
+def test_every_recipe_runs_two_steps_with_tiny_model(tmp_path, recipe_file):
+    recipe = load_recipe(
+        str(REPO / "recipes" / recipe_file), TINY + ["train.steps=2", f"output_dir={tmp_path}", "checkpoint.every=0", "logging.tensorboard=false"]
+    )
+    rows = read_metrics(train(recipe))
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all(math.isfinite(r["reward/mean"]) and math.isfinite(r["actor/grad_norm"]) for r in rows)
+    assert (tmp_path / "checkpoints" / "step_2" / "policy" / "config.json").exists()
