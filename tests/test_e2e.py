@@ -79,14 +79,14 @@ def recipe_model_path():
     return resolve_model_path("tiny")
 
 
-def toy_run(tmp_path, lr, steps=10):
+def toy_run(tmp_path, lr, steps=10, extra=()):
     recipe = load_recipe(
         QUICKSTART,
         [
             "model.name=tiny", "reward.functions=[toy_token_fraction]", "rollout.n=8", "train.prompts_per_step=4",
             "rollout.max_new_tokens=16", f"train.steps={steps}", f"train.lr={lr}", "logging.progress=false",
             "logging.tensorboard=false", "logging.rollouts_every=0", "rollout.temperature=1.0", "checkpoint.every=0", "eval.benches=[]",
-            f"output_dir={tmp_path / f'lr{lr}'}",
+            f"output_dir={tmp_path / f'lr{lr}'}", *extra,
         ],
     )
     return [r["reward/mean"] for r in read_metrics(train(recipe))]
@@ -103,6 +103,13 @@ def test_reward_rises_on_toy_task_and_not_with_zero_lr(tmp_path):
     control_rise = sum(control[-3:]) / 3 - sum(control[:3]) / 3
     assert rise >= 0.3, learned
     assert abs(control_rise) < 0.03, control
+
+
+@pytest.mark.slow
+def test_rloo_reward_rises_on_toy_task(tmp_path):
+    """The leave-one-out baseline through the same loop: a sign or baseline error shows here."""
+    learned = toy_run(tmp_path, 0.1, extra=["algorithm.name=rloo"])
+    assert sum(learned[-3:]) / 3 - sum(learned[:3]) / 3 >= 0.3, learned
 
 
 @pytest.mark.slow
@@ -146,9 +153,12 @@ def test_sigterm_saves_a_checkpoint(tmp_path):
 @pytest.mark.parametrize("recipe_file", sorted(p.name for p in (REPO / "recipes").glob("*.yaml")))
 def test_every_recipe_runs_two_steps_with_tiny_model(tmp_path, recipe_file):
     recipe = load_recipe(
-        str(REPO / "recipes" / recipe_file), TINY + ["train.steps=2", f"output_dir={tmp_path}", "checkpoint.every=0", "logging.tensorboard=false"]
+        str(REPO / "recipes" / recipe_file),
+        # Two optimizer steps per RL step (8 trajectories, mini-batches of 4), whatever the recipe says.
+        TINY + ["train.mini_batch_size=4", "train.steps=2", f"output_dir={tmp_path}", "checkpoint.every=0", "logging.tensorboard=false"],
     )
     rows = read_metrics(train(recipe))
     assert [r["step"] for r in rows] == [1, 2]
     assert all(math.isfinite(r["reward/mean"]) and math.isfinite(r["actor/grad_norm"]) for r in rows)
+    assert all(r["actor/updates"] == 2 for r in rows)
     assert (tmp_path / "checkpoints" / "step_2" / "policy" / "config.json").exists()
