@@ -1,6 +1,6 @@
 """Checkpoints: an HF policy directory plus everything needed to resume exactly.
 
-Layout: output_dir/checkpoints/step_N/{policy/, trainer_state.pt, loop_state.json, rng.pt}.
+Layout: output_dir/checkpoints/step_N/{policy/, trainer_state.pt, loop_state.json, rng.pt, critic/ (PPO)}.
 A checkpoint is written under a temporary name and renamed into place, so a crash mid-write
 leaves the previous checkpoint intact and never a half-written one that resume would pick.
 """
@@ -58,7 +58,17 @@ def restore_rng(state: dict[str, Any]) -> None:
     np.random.set_state(state["numpy"])
 
 
-def save_checkpoint(run_dir: Path, step: int, engine: Any, tokenizer: Any, loop_state: dict[str, Any], keep_last: int, with_optimizer: bool = True) -> Path:
+def save_checkpoint(
+    run_dir: Path,
+    step: int,
+    engine: Any,
+    tokenizer: Any,
+    loop_state: dict[str, Any],
+    keep_last: int,
+    with_optimizer: bool = True,
+    companions: dict[str, Any] | None = None,
+) -> Path:
+    """`companions` are further train engines (the PPO critic) saved under their names for resume."""
     root = checkpoints_root(run_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step}"
@@ -68,6 +78,9 @@ def save_checkpoint(run_dir: Path, step: int, engine: Any, tokenizer: Any, loop_
     save_policy(engine.model, tokenizer, tmp / "policy")
     if with_optimizer:
         engine.save(tmp)
+        for name, companion in (companions or {}).items():
+            (tmp / name).mkdir()
+            companion.save(tmp / name)
         torch.save(rng_state(), tmp / "rng.pt")
     (tmp / "loop_state.json").write_text(json.dumps({**loop_state, "step": step}, indent=2))
     if final.exists():
@@ -78,10 +91,14 @@ def save_checkpoint(run_dir: Path, step: int, engine: Any, tokenizer: Any, loop_
     return final
 
 
-def load_checkpoint(directory: Path, engine: Any) -> dict[str, Any]:
-    """Restore engine and RNG state; return the loop state (step, sampler position...)."""
+def load_checkpoint(directory: Path, engine: Any, companions: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Restore engine, companion engines and RNG state; return the loop state (step, sampler position...)."""
     if not (directory / "trainer_state.pt").exists():
         raise ValueError(f"checkpoint {directory} has no trainer state (saved with checkpoint.save_optimizer=false); cannot resume")
     engine.load(directory)
+    for name, companion in (companions or {}).items():
+        if not (directory / name).is_dir():
+            raise ValueError(f"checkpoint {directory} has no {name} state; it was written by a run without a {name}")
+        companion.load(directory / name)
     restore_rng(torch.load(directory / "rng.pt", weights_only=False))
     return json.loads((directory / "loop_state.json").read_text())

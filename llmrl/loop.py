@@ -19,6 +19,8 @@ from llmrl.algorithms import ADVANTAGES, LOSSES, get_preset, needs_reference, re
 from llmrl.algorithms.advantages import mask_truncated
 from llmrl.algorithms.base import LossContext
 from llmrl.algorithms.dapo import GroupFilter, reward_config_with_overlong
+from llmrl.algorithms.kl import kl_penalty
+from llmrl.algorithms.kl_controller import KLController, build_kl_controller, mean_sequence_kl
 from llmrl.batch import collate, iter_mini_batches, num_tokens, select_rows, split_micro_batches
 from llmrl.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from llmrl.data import PromptSampler, build_tasks
@@ -30,6 +32,7 @@ from llmrl.reward import RewardComputer
 from llmrl.rollout.base import SamplingParams, build_rollout_engine
 from llmrl.rollout.workflows import WORKFLOWS
 from llmrl.tracking import Tracker, truncate_metrics
+from llmrl.train.critic import build_critic_engine, old_values, value_targets
 from llmrl.train.torch_engine import TorchTrainEngine
 from llmrl.types import Trajectory
 
@@ -53,12 +56,15 @@ def train(recipe: Recipe) -> Path:
     reward_cfg = reward_config_with_overlong(recipe.reward, algo, recipe.rollout.max_new_tokens, taskset.kind)
     rewards = RewardComputer(reward_cfg, default_kind=taskset.kind)
     trainer = build_train_engine(recipe, algo)
+    critic = build_critic_engine(recipe, algo, updates_per_run(recipe, algo)) if preset.needs_critic else None
+    kl_control = build_kl_controller(algo)
     rollout = build_rollout_engine(recipe.rollout, recipe.model, tokenizer)
     workflow = WORKFLOWS[preset.workflow]
     advantage_fn = ADVANTAGES[algo.advantage]
     loss_fn = LOSSES[algo.loss]
 
-    start_step = resume_if_asked(recipe, run_dir, trainer, sampler)
+    companions = {"critic": critic} if critic is not None else {}
+    start_step = resume_if_asked(recipe, run_dir, trainer, sampler, companions, kl_control)
     if start_step:
         sync_weights(trainer, rollout)
     tracker = Tracker(run_dir, recipe.logging, recipe.model_dump(mode="json"))
@@ -79,19 +85,29 @@ def train(recipe: Recipe) -> Path:
                 truncated = torch.tensor([t.finish_reason == "length" for t in trajectories])
                 batch["loss_mask"] = mask_truncated(batch["loss_mask"], truncated)
             with timer("logprobs"):
-                add_reference_and_old_logprobs(batch, trainer, algo, recipe)
+                kl_metrics = add_reference_and_old_logprobs(batch, trainer, algo, recipe, kl_control)
+            if critic is not None:
+                with timer("values"):
+                    batch["old_values"] = old_values(critic, batch, recipe.train.micro_batch_size or 8)
 
-            # 5. advantages
+            # 5. advantages (with a critic, also the returns it is fit to)
             advantages, adv_metrics = advantage_fn(
-                batch["token_rewards"], batch["loss_mask"], batch["group_ids"], batch["turn_ids"], batch.get("values"), algo
+                batch["token_rewards"], batch["loss_mask"], batch["group_ids"], batch["turn_ids"], batch.get("old_values"), algo
             )
             batch["advantages"] = advantages
+            if critic is not None:
+                batch["returns"] = value_targets(batch, algo)
             for i, traj in enumerate(trajectories):
                 traj.advantage = float(advantages[i][batch["loss_mask"][i] > 0].mean()) if traj.num_policy_tokens else 0.0
 
-            # 6. update
-            with timer("update"):
-                update_metrics = update_policy(trainer, batch, loss_fn, algo, recipe, step)
+            # 6. update: the critic, then the policy once the critic's warm-up is over
+            update_metrics: dict[str, float] = {}
+            if critic is not None:
+                with timer("critic_update"):
+                    update_metrics.update(run_updates(critic, batch, LOSSES["value"], algo, recipe, step, prefix="critic"))
+            if step > algo.critic_warmup_steps or critic is None:
+                with timer("update"):
+                    update_metrics.update(run_updates(trainer, batch, loss_fn, algo, recipe, step, prefix="actor"))
 
             # 7. weight sync: the rollout engine samples the next step from the new policy
             with timer("sync"):
@@ -102,6 +118,7 @@ def train(recipe: Recipe) -> Path:
                 **sampling_metrics,
                 **response_metrics(trajectories),
                 **adv_metrics,
+                **kl_metrics,
                 **update_metrics,
                 **timer.metrics(),
                 "perf/tokens_per_s": num_tokens(batch) / max(timer.total, 1e-9),
@@ -119,11 +136,12 @@ def train(recipe: Recipe) -> Path:
             tracker.log_rollouts(step, trajectories)
             progress.update(step, metrics)
 
-            loop_state = {"sampler": sampler.state_dict()}
+            loop_state = {"sampler": sampler.state_dict(), "kl_controller": kl_control.state_dict()}
             due = recipe.checkpoint.every and step % recipe.checkpoint.every == 0
             if due or step == recipe.train.steps or stop.requested:
                 save_checkpoint(
-                    run_dir, step, trainer, tokenizer, loop_state, recipe.checkpoint.keep_last, recipe.checkpoint.save_optimizer
+                    run_dir, step, trainer, tokenizer, loop_state, recipe.checkpoint.keep_last, recipe.checkpoint.save_optimizer,
+                    companions,
                 )
             if stop.requested:
                 print(f"\nstopped by {stop.signal_name} after step {step}; checkpoint saved, resume with resume=auto", file=sys.stderr)
@@ -148,21 +166,24 @@ def seed_everything(seed: int) -> None:
 def build_train_engine(recipe: Recipe, algo: Any) -> TorchTrainEngine:
     if recipe.train.backend != "torch":
         raise ValueError(f"train.backend: '{recipe.train.backend}' is not available in this build (known: torch)")
-    if get_preset(algo.name).needs_critic:
-        raise ValueError(f"algorithm.name: '{algo.name}' needs a critic engine, which this build does not provide yet")
     policy = load_policy(recipe.model)
     reference = None
     if needs_reference(algo) and not recipe.model.lora.enabled:
         reference = load_causal_lm(recipe.model).eval().requires_grad_(False)
-    updates_per_step = algo.ppo_epochs * (
-        (recipe.train.prompts_per_step * recipe.rollout.n) // (recipe.train.mini_batch_size or recipe.train.prompts_per_step * recipe.rollout.n)
-    )
     return TorchTrainEngine(
-        policy, recipe.train, total_updates=recipe.train.steps * updates_per_step, temperature=recipe.rollout.temperature, reference=reference
+        policy, recipe.train, total_updates=updates_per_run(recipe, algo), temperature=recipe.rollout.temperature, reference=reference
     )
 
 
-def resume_if_asked(recipe: Recipe, run_dir: Path, trainer: TorchTrainEngine, sampler: PromptSampler) -> int:
+def updates_per_run(recipe: Recipe, algo: Any) -> int:
+    """Optimizer steps over the run (the lr schedule's length): epochs x mini-batches x steps."""
+    trajectories = recipe.train.prompts_per_step * recipe.rollout.n
+    return recipe.train.steps * algo.ppo_epochs * (trajectories // (recipe.train.mini_batch_size or trajectories))
+
+
+def resume_if_asked(
+    recipe: Recipe, run_dir: Path, trainer: TorchTrainEngine, sampler: PromptSampler, companions: dict[str, Any], kl_control: KLController
+) -> int:
     if recipe.resume == "never":
         return 0
     ckpt = latest_checkpoint(run_dir) if recipe.resume == "auto" else Path(recipe.resume)
@@ -170,8 +191,10 @@ def resume_if_asked(recipe: Recipe, run_dir: Path, trainer: TorchTrainEngine, sa
         return 0  # resume=auto on a fresh run directory starts from scratch
     if not ckpt.exists():
         raise ValueError(f"resume: checkpoint directory {ckpt} does not exist")
-    state = load_checkpoint(ckpt, trainer)
+    state = load_checkpoint(ckpt, trainer, companions)
     sampler.load_state_dict(state["sampler"])
+    if "kl_controller" in state:
+        kl_control.load_state_dict(state["kl_controller"])
     truncate_metrics(run_dir / "metrics.jsonl", state["step"])
     print(f"resumed from {ckpt} (step {state['step']})", file=sys.stderr)
     return int(state["step"])
@@ -214,9 +237,12 @@ def max_rounds(algo: Any) -> int:
     return algo.max_num_gen_batches if algo.max_num_gen_batches > 0 else 1_000_000
 
 
-def add_reference_and_old_logprobs(batch: dict[str, torch.Tensor], trainer: TorchTrainEngine, algo: Any, recipe: Recipe) -> None:
+def add_reference_and_old_logprobs(
+    batch: dict[str, torch.Tensor], trainer: TorchTrainEngine, algo: Any, recipe: Recipe, kl_control: KLController
+) -> dict[str, float]:
     """Reference logprobs when a KL term needs them; old logprobs only when the update cannot
-    take them from its own first forward (several epochs or mini-batches, or KL in the reward)."""
+    take them from its own first forward (several epochs or mini-batches, or KL in the reward).
+    A KL in the reward is subtracted here with the controller's current weight, which then adapts."""
     micro = recipe.train.micro_batch_size or 8
     if needs_reference(algo):
         batch["ref_logprobs"] = trainer.forward(batch, {"logprobs"}, reference=True, micro_batch_size=micro)["logprobs"]
@@ -225,14 +251,20 @@ def add_reference_and_old_logprobs(batch: dict[str, torch.Tensor], trainer: Torc
     kl_in_reward = needs_reference(algo) and algo.kl_placement == "reward"
     if several_updates or kl_in_reward:
         batch["old_logprobs"] = trainer.forward(batch, {"logprobs"}, micro_batch_size=micro)["logprobs"]
-    if kl_in_reward:
-        from llmrl.algorithms.kl import kl_penalty
+    if not kl_in_reward:
+        return {}
+    kl = kl_penalty(batch["old_logprobs"], batch["ref_logprobs"], algo.kl_estimator)
+    batch["token_rewards"] = batch["token_rewards"] - kl_control.value * kl * batch["loss_mask"]
+    current_kl = mean_sequence_kl(kl, batch["loss_mask"])
+    metrics = {"actor/reward_kl": current_kl, "actor/kl_coef": kl_control.value}
+    kl_control.update(current_kl, batch["input_ids"].shape[0])
+    return metrics
 
-        kl = kl_penalty(batch["old_logprobs"], batch["ref_logprobs"], algo.kl_estimator)
-        batch["token_rewards"] = batch["token_rewards"] - algo.kl_coef * kl * batch["loss_mask"]
 
-
-def update_policy(trainer: TorchTrainEngine, batch: dict[str, torch.Tensor], loss_fn: Any, algo: Any, recipe: Recipe, step: int) -> dict[str, float]:
+def run_updates(
+    engine: TorchTrainEngine, batch: dict[str, torch.Tensor], loss_fn: Any, algo: Any, recipe: Recipe, step: int, prefix: str
+) -> dict[str, float]:
+    """ppo_epochs passes of mini-batch optimizer steps; the engine's actor/* metrics are renamed to `prefix`/*."""
     rows = batch["input_ids"].shape[0]
     mini = recipe.train.mini_batch_size or rows
     shuffle = torch.Generator().manual_seed(recipe.seed * 7919 + step) if mini < rows else None
@@ -243,7 +275,7 @@ def update_policy(trainer: TorchTrainEngine, batch: dict[str, torch.Tensor], los
     for _ in range(algo.ppo_epochs):
         for mini_rows in iter_mini_batches(rows, mini, shuffle):
             micro = split_micro_batches(select_rows(batch, mini_rows), recipe.train.micro_batch_size, recipe.train.micro_batch_tokens)
-            metrics = trainer.step(micro, loss_fn, ctx, track_rollout_diff=first)
+            metrics = engine.step(micro, loss_fn, ctx, want=loss_outputs(loss_fn), track_rollout_diff=first)
             first = False
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + v
@@ -251,7 +283,14 @@ def update_policy(trainer: TorchTrainEngine, batch: dict[str, torch.Tensor], los
     averaged = {k: v / count for k, v in sums.items() if not k.startswith("rollout/")}
     averaged.update({k: v for k, v in sums.items() if k.startswith("rollout/")})
     averaged["actor/updates"] = float(count)
+    if prefix != "actor":
+        averaged = {f"{prefix}/{k[len('actor/'):]}" if k.startswith("actor/") else k: v for k, v in averaged.items()}
     return averaged
+
+
+def loss_outputs(loss_fn: Any) -> set[str]:
+    """What the model must output for a loss: values for a value loss, else logprobs and entropy."""
+    return set(getattr(loss_fn, "outputs", {"logprobs", "entropy"}))
 
 
 # ------------------------------------------------------------------------------ metrics

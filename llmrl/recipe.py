@@ -171,6 +171,14 @@ def check_recipe(recipe: Recipe, source: str) -> None:
         get_preset(recipe.algorithm.name)
     except (KeyError, ValueError) as err:
         raise RecipeError(f"algorithm.name: {err} in {source}") from None
+    from llmrl.algorithms import resolve_algorithm
+
+    algo = resolve_algorithm(recipe.algorithm)
+    if algo.kl_controller == "adaptive" and not (algo.kl_placement == "reward" and algo.kl_coef > 0):
+        raise RecipeError(
+            f"algorithm.kl_controller: 'adaptive' steers a KL penalty in the reward; it needs algorithm.kl_placement=reward "
+            f"and algorithm.kl_coef > 0 (the starting coefficient), got {algo.kl_placement!r} and {algo.kl_coef} in {source}"
+        )
     for i, item in enumerate(recipe.reward.functions):
         spec = item if isinstance(item, str) else item.fn
         try:

@@ -98,6 +98,13 @@ class AlgorithmConfig(Section):
         "loss",
         description="'loss': kl_coef * KL(current, ref) is a loss part, aggregated like the policy loss. 'reward': r_t -= kl_coef * KL(old, ref) on policy tokens before advantages.",
     )
+    kl_controller: Literal["fixed", "adaptive"] = Field(
+        "fixed",
+        description="'fixed': kl_coef stays put. 'adaptive' (Ziegler et al. 2019; kl_placement='reward' only): after each "
+        "step kl_coef *= 1 + clip(KL/kl_target - 1, -0.2, 0.2) * trajectories/kl_horizon, KL the batch mean of per-row token-mean KL.",
+    )
+    kl_target: float = Field(0.1, gt=0, description="Adaptive KL controller: the KL it steers towards (verl target_kl 0.1).")
+    kl_horizon: int = Field(10000, ge=1, description="Adaptive KL controller: trajectories over which a full correction applies (verl 10000).")
     entropy_coef: float = Field(0.0, ge=0, description="Entropy bonus weight: the loss adds -entropy_coef * aggregated entropy.")
 
     # ---------------------------------------------------------------- critic (ppo)
@@ -106,6 +113,13 @@ class AlgorithmConfig(Section):
     )
     vf_coef: float = Field(
         1.0, ge=0, description="Weight of the value loss. The critic has its own optimizer (as verl), so 1.0; TRL's shared loss uses 0.1."
+    )
+    critic_model: str | None = Field(
+        None, description="Model the critic's decoder starts from (built-in name, hub id or HF directory); None = model.name. A fresh scalar value head replaces its lm_head."
+    )
+    critic_lr: float = Field(1e-5, ge=0, description="Critic learning rate (verl critic.optim.lr 1e-5); the other optimizer knobs follow train.*.")
+    critic_warmup_steps: int = Field(
+        0, ge=0, description="First RL steps in which only the critic learns and the policy is not updated (verl trainer.critic_warmup)."
     )
 
     # ---------------------------------------------------------------- DAPO

@@ -290,6 +290,8 @@ class ValueLoss:
     weight cfg.vf_coef. Reads out['values'], mb['old_values'], mb['returns'], mb['loss_mask'].
     """
 
+    outputs = ("values",)  # what the train engine's forward must produce for this loss
+
     def denominators(self, mb: Batch, ctx: LossContext) -> dict[str, float]:
         return {"vf": agg_denominator(mb["loss_mask"], ctx.cfg.loss_agg_mode)}
 
