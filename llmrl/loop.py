@@ -58,7 +58,7 @@ def train(recipe: Recipe) -> Path:
     trainer = build_train_engine(recipe, algo)
     critic = build_critic_engine(recipe, algo, updates_per_run(recipe, algo)) if preset.needs_critic else None
     kl_control = build_kl_controller(algo)
-    rollout = build_rollout_engine(recipe.rollout, recipe.model, tokenizer)
+    rollout = build_rollout_engine(recipe.rollout, recipe.model, tokenizer, seed=recipe.seed)
     workflow = WORKFLOWS[preset.workflow]
     advantage_fn = ADVANTAGES[algo.advantage]
     loss_fn = LOSSES[algo.loss]

@@ -171,6 +171,11 @@ def check_recipe(recipe: Recipe, source: str) -> None:
         get_preset(recipe.algorithm.name)
     except (KeyError, ValueError) as err:
         raise RecipeError(f"algorithm.name: {err} in {source}") from None
+    from llmrl.rollout.base import engine_unavailable
+
+    reason = engine_unavailable(recipe.rollout.engine)
+    if reason:
+        raise RecipeError(f"rollout.engine: '{recipe.rollout.engine}': {reason} in {source}")
     from llmrl.algorithms import resolve_algorithm
 
     algo = resolve_algorithm(recipe.algorithm)

@@ -488,3 +488,27 @@ def test_token_mean_ppo_matches_plain_python_rederivation():
     }
     got, _ = engine_value(LOSSES["ppo_clip"], [mb], [{"logprobs": torch.tensor(new)}], ctx(clip_eps_high=0.28))
     assert float(got) == pytest.approx(expected, abs=1e-5)
+
+
+# --------------------------------------------------------------------------- truncated importance sampling
+
+
+def test_truncated_is_weights_the_rollout_mismatch():
+    """A = 1 on three tokens, the update still on-policy (ratio 1). pi_old / pi_rollout is
+    0.5, 4 and 1; with cap 2 the weights are 0.5, 2, 1 and the token-mean loss -(0.5+2+1)/3."""
+    mask = torch.tensor([[0.0, 1.0, 1.0, 1.0]])
+    old = torch.log(torch.tensor([[1.0, 0.2, 0.4, 0.3]]))
+    rollout = torch.log(torch.tensor([[1.0, 0.4, 0.1, 0.3]]))
+    mb = {"loss_mask": mask, "old_logprobs": old, "rollout_logprobs": rollout, "advantages": mask.clone()}
+    out = {"logprobs": old.clone()}
+    value, metrics = engine_value(LOSSES["ppo_clip"], [mb], [out], ctx(rollout_is_cap=2.0))
+    assert float(value) == pytest.approx(-(0.5 + 2.0 + 1.0) / 3, abs=1e-6)
+    plain, _ = engine_value(LOSSES["ppo_clip"], [mb], [out], ctx())
+    assert float(plain) == pytest.approx(-1.0, abs=1e-6)
+
+
+def test_truncated_is_only_with_token_level_loss():
+    mask = torch.tensor([[0.0, 1.0]])
+    mb = {"loss_mask": mask, "old_logprobs": torch.zeros(1, 2), "rollout_logprobs": torch.zeros(1, 2), "advantages": mask}
+    with pytest.raises(ValueError, match="rollout_is_cap"):
+        LOSSES["gspo"](mb, {"logprobs": torch.zeros(1, 2)}, ctx(rollout_is_cap=2.0))

@@ -85,6 +85,12 @@ class AlgorithmConfig(Section):
         None, gt=0, description="The constant C of seq-mean-token-sum-norm; None = rollout.max_new_tokens (the loop fills it)."
     )
     ppo_epochs: int = Field(1, ge=1, description="Passes over each step's batch (verl ppo_epochs 1; TRL PPO 4).")
+    rollout_is_cap: float | None = Field(
+        None,
+        gt=0,
+        description="Truncated importance sampling for the rollout engine's logprob mismatch (Yao et al. 2025): each "
+        "token's policy loss is multiplied by min(pi_trainer / pi_rollout, cap). None = off; verl's example cap is 2. ppo_clip only.",
+    )
 
     # ---------------------------------------------------------------- KL to a reference, entropy bonus
     kl_coef: float = Field(

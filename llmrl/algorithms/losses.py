@@ -185,6 +185,8 @@ class _PolicyLoss:
 def _no_entropy_control(cfg: Any, loss_name: str) -> None:
     if cfg.entropy_control != "none":
         raise ValueError(f"algorithm.entropy_control='{cfg.entropy_control}' works with loss 'ppo_clip', not '{loss_name}'")
+    if cfg.rollout_is_cap is not None:
+        raise ValueError(f"algorithm.rollout_is_cap (truncated importance sampling) works with loss 'ppo_clip', not '{loss_name}'")
 
 
 # --------------------------------------------------------------------------- policy losses
@@ -210,8 +212,22 @@ class PPOClipLoss(_PolicyLoss):
         }
         loss, control_metrics = ENTROPY_CONTROLS[cfg.entropy_control](terms, cfg, ctx.generator)
         metrics.update(control_metrics)
+        if cfg.rollout_is_cap is not None:
+            weights = truncated_is_weights(mb["old_logprobs"], mb["rollout_logprobs"], cfg.rollout_is_cap)
+            loss = loss * _zero_outside(weights, valid)
+            metrics["rollout/is_weight_mean"] = _masked_mean_metric(weights, valid)
+            metrics["rollout/is_capped_frac"] = (float(((weights >= cfg.rollout_is_cap) & valid).sum()), n)
         pg = agg_sum(loss, mb["loss_mask"], cfg.loss_agg_mode, cfg.loss_scale_factor)
         return pg, metrics
+
+
+def truncated_is_weights(old_logp: torch.Tensor, rollout_logp: torch.Tensor, cap: float) -> torch.Tensor:
+    """Truncated importance sampling for the rollout/trainer mismatch (Yao et al. 2025, "Your
+    Efficient RL Framework Secretly Brings You Off-Policy RL Training"; verl `tis_imp_ratio_cap`):
+    w = min(pi_old / pi_rollout, cap) per token, detached. pi_old is the trainer's logprob of the
+    sampled token before the update, pi_rollout the engine's."""
+    log_w = (old_logp.detach() - rollout_logp.detach()).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    return log_w.exp().clamp(max=cap)
 
 
 @register_loss("gspo")

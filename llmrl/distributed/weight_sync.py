@@ -11,4 +11,8 @@ def sync_weights(trainer: Any, rollout: Any, bucket_bytes: int = 256 << 20) -> i
     for bucket in trainer.named_weights(bucket_bytes):
         rollout.load_weights(bucket)
         sent += sum(t.numel() * t.element_size() for _, t in bucket)
+    # Engines that stage buckets (vllm) apply them here, so time/sync covers the whole swap.
+    finish = getattr(rollout, "finish_weight_update", None)
+    if finish is not None:
+        finish()
     return sent

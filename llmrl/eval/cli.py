@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import importlib
 import re
 import sys
 from pathlib import Path
@@ -109,7 +108,7 @@ def _run(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(model["path"])
     prepared = prepare_benches(cfg, tokenizer)  # data errors surface before the model loads
     rollout_cfg = RolloutConfig(engine=args.engine, dtype=args.dtype, max_batch_size=cfg.batch_size)
-    engine = build_rollout_engine(rollout_cfg, ModelConfig(name=model["path"]), tokenizer)
+    engine = build_rollout_engine(rollout_cfg, ModelConfig(name=model["path"]), tokenizer, seed=args.seed)
     model["sha256"] = model_sha256(model["path"])
     try:
         results = run_evaluation(
@@ -180,21 +179,12 @@ def _data_options(items: list[str]) -> dict[str, dict[str, Any]]:
 
 
 def check_engine(name: str) -> None:
-    """Fail with one line when the rollout engine `name` is not registered in this install."""
-    from llmrl.rollout.base import ROLLOUT_ENGINES
-    import llmrl.rollout.hf  # noqa: F401  (registers "hf")
+    """Fail with one line when the rollout engine `name` cannot run in this install."""
+    from llmrl.rollout.base import engine_unavailable
 
-    if name in ROLLOUT_ENGINES:
-        return
-    reason = "no engine of that name is registered"
-    if re.fullmatch(r"[a-z0-9_]+", name):
-        try:  # an engine module registers itself on import (llmrl/rollout/<name>.py)
-            importlib.import_module(f"llmrl.rollout.{name}")
-        except ImportError as err:
-            if getattr(err, "name", None) != f"llmrl.rollout.{name}":
-                reason = f"its module failed to import: {err}"
-    if name not in ROLLOUT_ENGINES:
-        raise EvalError(f"--engine {name}: {reason} (available: {', '.join(sorted(ROLLOUT_ENGINES))})")
+    reason = engine_unavailable(name)
+    if reason:
+        raise EvalError(f"--engine {name}: {reason}")
 
 
 def resolve_eval_model(name: str) -> dict[str, Any]:

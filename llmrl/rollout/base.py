@@ -42,6 +42,19 @@ class RolloutConfig(Section):
         "auto", description="Weights dtype of the rollout copy of the model; auto = bfloat16 only where bf16 matmuls are native."
     )
     max_batch_size: int = Field(64, ge=1, description="hf engine: sequences generated together in one batch.")
+    # vLLM engine (rollout.engine: vllm)
+    tensor_parallel_size: int = Field(1, ge=1, description="vllm: GPUs one engine shards the model over.")
+    gpu_memory_utilization: float = Field(
+        0.5, gt=0, le=1,
+        description="vllm: fraction of accelerator memory for weights and KV cache (on the CPU build: of the NUMA node's memory, "
+        "unless VLLM_CPU_KVCACHE_SPACE is set). vLLM's 0.92 default fails to start on small CPU machines.",
+    )
+    max_num_seqs: int = Field(64, ge=1, description="vllm: sequences scheduled together.")
+    max_model_len: int | None = Field(None, ge=16, description="vllm: longest prompt + completion in tokens; None = the model's limit.")
+    enforce_eager: bool = Field(True, description="vllm: no CUDA graphs (faster start, slower decode on GPU; no effect on CPU).")
+    vllm_cpu_kvcache_gib: int = Field(
+        2, ge=1, description="vllm-cpu: KV cache size in GiB (VLLM_CPU_KVCACHE_SPACE, unless already set in the environment)."
+    )
 
 
 class RolloutEngine(Protocol):
@@ -52,23 +65,44 @@ class RolloutEngine(Protocol):
         """Teacher-forced logprob of every continuation token given its prefix."""
 
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Replace the engine's weights with the trainer's (full names, merged LoRA)."""
+        """Replace the engine's weights with the trainer's (full names, merged LoRA). An engine
+        may stage the buckets and apply them in an optional `finish_weight_update()`, which
+        `sync_weights` calls after the last bucket."""
 
 
 ROLLOUT_ENGINES: dict[str, Callable[..., RolloutEngine]] = {}
 
 
-def register_rollout_engine(name: str) -> Callable[[Callable[..., RolloutEngine]], Callable[..., RolloutEngine]]:
+# Per engine, a check that returns why it cannot run in this install (None when it can).
+ENGINE_REQUIREMENTS: dict[str, Callable[[], str | None]] = {}
+
+
+def register_rollout_engine(
+    name: str, requirement: Callable[[], str | None] | None = None
+) -> Callable[[Callable[..., RolloutEngine]], Callable[..., RolloutEngine]]:
     def register(factory: Callable[..., RolloutEngine]) -> Callable[..., RolloutEngine]:
         ROLLOUT_ENGINES[name] = factory
+        if requirement is not None:
+            ENGINE_REQUIREMENTS[name] = requirement
         return factory
 
     return register
 
 
-def build_rollout_engine(cfg: RolloutConfig, model_cfg: Any, tokenizer: Any) -> RolloutEngine:
+def engine_unavailable(name: str) -> str | None:
+    """Why rollout engine `name` cannot be built here, in one line; None when it can."""
     import llmrl.rollout.hf  # noqa: F401  (registers "hf")
+    import llmrl.rollout.vllm_engine  # noqa: F401  (registers "vllm"; imports vLLM only when built)
 
-    if cfg.engine not in ROLLOUT_ENGINES:
-        raise ValueError(f"rollout.engine: '{cfg.engine}' is not available here (known: {', '.join(sorted(ROLLOUT_ENGINES))})")
-    return ROLLOUT_ENGINES[cfg.engine](cfg, model_cfg, tokenizer)
+    if name not in ROLLOUT_ENGINES:
+        return f"unknown rollout engine (available: {', '.join(sorted(ROLLOUT_ENGINES))})"
+    requirement = ENGINE_REQUIREMENTS.get(name)
+    return requirement() if requirement else None
+
+
+def build_rollout_engine(cfg: RolloutConfig, model_cfg: Any, tokenizer: Any, seed: int = 0) -> RolloutEngine:
+    """`seed` seeds engines that sample from one engine-wide generator (vllm); hf seeds each request."""
+    reason = engine_unavailable(cfg.engine)
+    if reason:
+        raise ValueError(f"rollout.engine: '{cfg.engine}': {reason}")
+    return ROLLOUT_ENGINES[cfg.engine](cfg, model_cfg, tokenizer, seed=seed)

@@ -172,5 +172,5 @@ class HFRolloutEngine:
 
 
 @register_rollout_engine("hf")
-def _build_hf(cfg: RolloutConfig, model_cfg: ModelConfig, tokenizer: Any) -> HFRolloutEngine:
+def _build_hf(cfg: RolloutConfig, model_cfg: ModelConfig, tokenizer: Any, seed: int = 0) -> HFRolloutEngine:
     return HFRolloutEngine(cfg, model_cfg, tokenizer)
