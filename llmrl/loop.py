@@ -32,6 +32,7 @@ from llmrl.reward import RewardComputer
 from llmrl.rollout.base import SamplingParams, build_rollout_engine
 from llmrl.rollout.workflows import WORKFLOWS
 from llmrl.tracking import Tracker, truncate_metrics
+from llmrl.train.backends import build_train_backend
 from llmrl.train.critic import build_critic_engine, old_values, value_targets
 from llmrl.train.torch_engine import TorchTrainEngine
 from llmrl.types import Trajectory
@@ -164,14 +165,13 @@ def seed_everything(seed: int) -> None:
 
 
 def build_train_engine(recipe: Recipe, algo: Any) -> TorchTrainEngine:
-    if recipe.train.backend != "torch":
-        raise ValueError(f"train.backend: '{recipe.train.backend}' is not available in this build (known: torch)")
     policy = load_policy(recipe.model)
     reference = None
     if needs_reference(algo) and not recipe.model.lora.enabled:
         reference = load_causal_lm(recipe.model).eval().requires_grad_(False)
-    return TorchTrainEngine(
-        policy, recipe.train, total_updates=updates_per_run(recipe, algo), temperature=recipe.rollout.temperature, reference=reference
+    return build_train_backend(
+        recipe.train.backend, policy, recipe.train, total_updates=updates_per_run(recipe, algo),
+        temperature=recipe.rollout.temperature, reference=reference,
     )
 
 

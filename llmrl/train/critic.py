@@ -11,6 +11,7 @@ import torch
 
 from llmrl.algorithms.advantages import gae_advantages_and_returns
 from llmrl.models import load_causal_lm
+from llmrl.train.backends import build_train_backend
 from llmrl.train.torch_engine import TorchTrainEngine
 from llmrl.train.value_model import ValueModel
 
@@ -24,7 +25,7 @@ def build_critic_engine(recipe: Any, algo: Any, total_updates: int) -> TorchTrai
     critic = ValueModel(lm)
     # Values need every position's hidden state, so the shared-prompt forward does not apply.
     train_cfg = recipe.train.model_copy(update={"lr": algo.critic_lr, "shared_prompt_forward": False})
-    return TorchTrainEngine(critic, train_cfg, total_updates=total_updates)
+    return build_train_backend(recipe.train.backend, critic, train_cfg, total_updates=total_updates)
 
 
 def old_values(critic: TorchTrainEngine, batch: dict[str, torch.Tensor], micro_batch_size: int) -> torch.Tensor:

@@ -51,6 +51,10 @@ class TrainConfig(Section):
         "when prompts are long next to responses. Off for critics and under gradient checkpointing.",
     )
     logprob_chunk_tokens: int = Field(1024, ge=16, description="Tokens per chunk when computing logprobs/entropy (bounds logits memory).")
+    zero_stage: Literal[1, 2, 3] = Field(
+        2, description="deepspeed backend: ZeRO stage (1 optimizer state, 2 + gradients, 3 + parameters sharded over ranks; 3 not yet supported)."
+    )
+    offload_optimizer: bool = Field(False, description="deepspeed backend: keep optimizer state on the CPU (ZeRO-Offload).")
 
     @model_validator(mode="after")
     def _one_micro_unit(self) -> "TrainConfig":

@@ -176,12 +176,12 @@ class TorchTrainEngine:
         denominators = self.all_reduce_denominators(denominators)
 
         self.model.train()
-        self.optimizer.zero_grad(set_to_none=True)
+        self._discard_grads()
         metric_sums: dict[str, float] = {}
         metric_counts: dict[str, float] = {}
         total_loss = 0.0
         rows_total = rows_trained = 0
-        for mb in micro_batches:
+        for index, mb in enumerate(micro_batches):
             rows_total += mb["input_ids"].shape[0]
             mb = self._rows_with_gradient(mb, loss_fn, ctx)
             if mb is None:
@@ -203,22 +203,18 @@ class TorchTrainEngine:
                 term = result.weights.get(part, 1.0) * value / denom
                 loss = term if loss is None else loss + term
             if loss is not None and loss.requires_grad:
-                loss.backward()
+                self._backward(loss, last=index == len(micro_batches) - 1)
                 total_loss += float(loss.detach())
             for name, (s, c) in result.metrics.items():
                 metric_sums[name] = metric_sums.get(name, 0.0) + float(s)
                 metric_counts[name] = metric_counts.get(name, 0.0) + float(c)
 
-        for p in self.params:
-            if p.grad is None:  # nothing ran backward: Adam still steps, as it would on zero grads
-                p.grad = torch.zeros_like(p)
-        max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
+        grad_norm = self._clip_gradients()
         metrics = {name: metric_sums[name] / metric_counts[name] for name in metric_sums if metric_counts[name] > 0}
         metrics["actor/rows_trained_frac"] = rows_trained / max(rows_total, 1)
         metrics.update({"actor/loss": total_loss, "actor/grad_norm": grad_norm, "actor/lr": self.scheduler.get_last_lr()[0]})
         if not (math.isfinite(total_loss) and math.isfinite(grad_norm)):
-            self.optimizer.zero_grad(set_to_none=True)
+            self._discard_grads()
             self.nonfinite_streak += 1
             self.skipped_updates += 1
             metrics["actor/skipped_updates"] = float(self.skipped_updates)
@@ -228,12 +224,34 @@ class TorchTrainEngine:
                     f"(loss={total_loss}, grad_norm={grad_norm}); lower train.lr or check the reward scale"
                 )
             return metrics
-        self.optimizer.step()
-        self.scheduler.step()
+        stepped_norm = self._optimizer_step()
+        if stepped_norm is not None:
+            metrics["actor/grad_norm"] = stepped_norm
         self.nonfinite_streak = 0
         self.updates += 1
         metrics["actor/skipped_updates"] = float(self.skipped_updates)
         return metrics
+
+    # Backend hooks: how gradients are made, clipped and applied (DeepSpeed overrides them).
+    def _backward(self, loss: torch.Tensor, last: bool) -> None:
+        loss.backward()
+
+    def _clip_gradients(self) -> float:
+        """Clip to train.grad_clip; return the pre-clip global norm."""
+        for p in self.params:
+            if p.grad is None:  # nothing ran backward: Adam still steps, as it would on zero grads
+                p.grad = torch.zeros_like(p)
+        max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
+        return float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
+
+    def _optimizer_step(self) -> float | None:
+        """Apply the update; return the grad norm when the backend only knows it now."""
+        self.optimizer.step()
+        self.scheduler.step()
+        return None
+
+    def _discard_grads(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
 
     def _rows_with_gradient(self, mb: Batch, loss_fn: LossFn, ctx: LossContext) -> Batch | None:
         """`mb` without the rows the loss says carry no gradient (None when no row is left), so

@@ -1,0 +1,59 @@
+"""One data-parallel rank of tests/test_deepspeed_engine.py: one optimizer step on this rank's
+share of a fixed mini-batch, then the updated weights are written by rank 0.
+
+    python tests/deepspeed_rank.py BACKEND ZERO_STAGE OUT.pt   (RANK/WORLD_SIZE/MASTER_* in the env)
+"""
+import os
+import sys
+
+import torch
+
+from llmrl.algorithms import LOSSES, AlgorithmConfig, resolve_algorithm
+from llmrl.algorithms.base import LossContext
+from llmrl.batch import select_rows, split_micro_batches
+from llmrl.models import ModelConfig, load_policy
+from llmrl.train.engine import TrainConfig
+
+ROWS, WIDTH, MICRO = 8, 12, 2
+
+
+def fixed_batch() -> dict:
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(6, WIDTH + 1, (ROWS,), generator=g)
+    ids = torch.randint(0, 1000, (ROWS, WIDTH), generator=g)
+    attn = (torch.arange(WIDTH)[None] < lengths[:, None]).long()
+    loss_mask = attn.float().clone()
+    loss_mask[:, :4] = 0
+    adv = torch.randn(ROWS, 1, generator=g) * loss_mask
+    return {
+        "input_ids": ids * attn, "attention_mask": attn, "position_ids": (attn.cumsum(-1) - 1).clamp(min=0),
+        "loss_mask": loss_mask, "advantages": adv, "rollout_logprobs": torch.zeros(ROWS, WIDTH),
+    }
+
+
+def main() -> None:
+    backend, stage, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    torch.manual_seed(0)
+    model = load_policy(ModelConfig(name="tiny"))
+    initial = {n: p.detach().clone() for n, p in model.named_parameters()}
+    cfg = TrainConfig(lr=1e-2, precision="fp32", grad_clip=1.0, zero_stage=stage)
+    if backend == "deepspeed":
+        from llmrl.train.deepspeed_engine import DeepSpeedTrainEngine
+
+        engine = DeepSpeedTrainEngine(model, cfg, total_updates=1)
+    else:
+        from llmrl.train.torch_engine import TorchTrainEngine
+
+        engine = TorchTrainEngine(model, cfg, total_updates=1)
+    share = ROWS // world
+    mine = select_rows(fixed_batch(), torch.arange(rank * share, (rank + 1) * share))
+    algo = resolve_algorithm(AlgorithmConfig(loss_agg_mode="token-mean"))
+    metrics = engine.step(split_micro_batches(mine, MICRO, None), LOSSES["ppo_clip"], LossContext(0, algo))
+    if rank == 0:
+        weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+        torch.save({"weights": weights, "initial": initial, "metrics": metrics}, out)
+
+
+if __name__ == "__main__":
+    main()
