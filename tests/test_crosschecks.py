@@ -227,6 +227,12 @@ def tensors(mask, adv, old, new) -> tuple[dict, dict]:
     return mb, {"logprobs": torch.tensor(new)}
 
 
+def nonempty_rows(mask: list[list[float]]) -> list[tuple[int, list[int]]]:
+    """(row, its policy positions) for every row with at least one policy token."""
+    rows = [(i, [t for t, m in enumerate(row) if m]) for i, row in enumerate(mask)]
+    return [(i, where) for i, where in rows if where]
+
+
 @pytest.mark.parametrize("seed", [0, 1])
 def test_gspo_matches_sequence_ratio_rederivation(seed):
     """GSPO (§9.1; verl gspo, TRL importance_sampling_level='sequence'): s_i = exp(mean_t(new - old)),
@@ -234,10 +240,7 @@ def test_gspo_matches_sequence_ratio_rederivation(seed):
     rng = random.Random(seed)
     mask, adv, old, new = random_policy_batch(rng, 9, 6)
     per_row = []
-    for i in range(len(mask)):
-        where = [t for t, m in enumerate(mask[i]) if m]
-        if not where:
-            continue
+    for i, where in nonempty_rows(mask):
         s = math.exp(sum(new[i][t] - old[i][t] for t in where) / len(where))
         per_row.append(max(-adv[i] * s, -adv[i] * min(max(s, 1 - 0.0003), 1 + 0.0004)))
     expected = sum(per_row) / len(per_row)
@@ -251,10 +254,7 @@ def test_rloo_sequence_loss_matches_trl_rederivation(seed):
     rng = random.Random(seed)
     mask, adv, old, new = random_policy_batch(rng, 9, 6)
     terms = []
-    for i in range(len(mask)):
-        where = [t for t, m in enumerate(mask[i]) if m]
-        if not where:
-            continue
+    for i, where in nonempty_rows(mask):
         r = math.exp(sum(new[i][t] for t in where) - sum(old[i][t] for t in where))
         terms.append(max(-adv[i] * r, -adv[i] * min(max(r, 0.8), 1.2)))
     got = loss_value("rloo_seq", *tensors(mask, adv, old, new), name="rloo", loss="rloo_seq")
