@@ -19,7 +19,7 @@ from llmrl.algorithms import ADVANTAGES, LOSSES, get_preset, needs_reference, re
 from llmrl.algorithms.advantages import mask_truncated
 from llmrl.algorithms.base import LossContext
 from llmrl.algorithms.dapo import GroupFilter, reward_config_with_overlong
-from llmrl.algorithms.kl import kl_penalty
+from llmrl.algorithms.kl import kl_in_reward
 from llmrl.algorithms.kl_controller import KLController, build_kl_controller, mean_sequence_kl
 from llmrl.batch import collate, iter_mini_batches, num_tokens, select_rows, split_micro_batches
 from llmrl.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -248,13 +248,14 @@ def add_reference_and_old_logprobs(
         batch["ref_logprobs"] = trainer.forward(batch, {"logprobs"}, reference=True, micro_batch_size=micro)["logprobs"]
     total = batch["input_ids"].shape[0]
     several_updates = algo.ppo_epochs > 1 or (recipe.train.mini_batch_size or total) < total
-    kl_in_reward = needs_reference(algo) and algo.kl_placement == "reward"
-    if several_updates or kl_in_reward:
+    reward_kl = needs_reference(algo) and algo.kl_placement == "reward"
+    if several_updates or reward_kl:
         batch["old_logprobs"] = trainer.forward(batch, {"logprobs"}, micro_batch_size=micro)["logprobs"]
-    if not kl_in_reward:
+    if not reward_kl:
         return {}
-    kl = kl_penalty(batch["old_logprobs"], batch["ref_logprobs"], algo.kl_estimator)
-    batch["token_rewards"] = batch["token_rewards"] - kl_control.value * kl * batch["loss_mask"]
+    batch["token_rewards"], kl = kl_in_reward(
+        batch["token_rewards"], batch["old_logprobs"], batch["ref_logprobs"], batch["loss_mask"], kl_control.value, algo.kl_estimator
+    )
     current_kl = mean_sequence_kl(kl, batch["loss_mask"])
     metrics = {"actor/reward_kl": current_kl, "actor/kl_coef": kl_control.value}
     kl_control.update(current_kl, batch["input_ids"].shape[0])

@@ -182,8 +182,6 @@ def check_recipe(recipe: Recipe, source: str) -> None:
     reason = requirement() if requirement else None
     if reason:
         raise RecipeError(f"train.backend: '{recipe.train.backend}': {reason} in {source}")
-    if recipe.train.backend == "deepspeed" and recipe.train.zero_stage == 3:
-        raise RecipeError(f"train.zero_stage: 3 is not supported yet by the deepspeed backend; use 1 or 2 in {source}")
     from llmrl.algorithms import resolve_algorithm
 
     algo = resolve_algorithm(recipe.algorithm)

@@ -253,9 +253,10 @@ def test_kl_in_reward_example():
     scores = torch.tensor([[0.0, 0.0, 1.0]])
     old = torch.tensor([[-1.0, -2.0, -0.5]])
     ref = old - torch.tensor([[0.1, -0.05, 0.2]])  # k1 = old - ref = [0.1, -0.05, 0.2]
-    r = kl_in_reward(scores, old, ref, torch.ones(1, 3), kl_coef=0.1, estimator="k1")
+    r, kl = kl_in_reward(scores, old, ref, torch.ones(1, 3), kl_coef=0.1, estimator="k1")
+    assert kl.tolist()[0] == pytest.approx([0.1, -0.05, 0.2], abs=1e-6)
     assert r.tolist()[0] == pytest.approx([-0.01, 0.005, 0.98], abs=1e-6)
-    r_masked = kl_in_reward(scores, old, ref, torch.tensor([[0.0, 1.0, 1.0]]), 0.1, "k1")
+    r_masked, _ = kl_in_reward(scores, old, ref, torch.tensor([[0.0, 1.0, 1.0]]), 0.1, "k1")
     assert r_masked[0, 0] == 0.0
 
 

@@ -16,8 +16,7 @@ from llmrl.algorithms import get_preset
 from llmrl.loop import train
 from llmrl.recipe import load_recipe
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
+from conftest import REPO, SHARED_DATA
 QUICKSTART = str(REPO / "recipes" / "quickstart.yaml")
 
 # Every metric the README documents as logged each step.

@@ -75,7 +75,8 @@ def kl_in_reward(
     loss_mask: torch.Tensor,
     kl_coef: float,
     estimator: str = "k1",
-) -> torch.Tensor:
-    """r_t = score_t - beta * KL_t * m_t (verl `apply_kl_penalty`, §3.1): KL from old vs reference."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """r_t = score_t - beta * KL_t * m_t (verl `apply_kl_penalty`, §3.1): KL from old vs reference.
+    Returns the penalised rewards and the per-token KL (an adaptive KL controller reads it)."""
     kl = kl_penalty(old_logprobs, ref_logprobs, estimator)
-    return token_rewards - kl_coef * kl * loss_mask
+    return token_rewards - kl_coef * kl * loss_mask, kl

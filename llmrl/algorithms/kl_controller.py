@@ -16,6 +16,8 @@ from typing import Any, Callable, Protocol
 
 import torch
 
+from llmrl.algorithms.aggregation import agg_denominator, agg_sum
+
 
 class KLController(Protocol):
     value: float
@@ -63,10 +65,7 @@ def build_kl_controller(cfg: Any) -> KLController:
 
 
 def mean_sequence_kl(kl: torch.Tensor, loss_mask: torch.Tensor) -> float:
-    """Mean over rows with policy tokens of the row's token-mean KL: the controller's input."""
-    tokens = loss_mask.sum(dim=1)
-    rows = tokens > 0
-    if not bool(rows.any()):
-        return 0.0
-    per_row = (kl * loss_mask).sum(dim=1)[rows] / tokens[rows]
-    return float(per_row.mean())
+    """Mean over rows with policy tokens of the row's token-mean KL: the controller's input
+    (the seq-mean-token-mean aggregation, which skips empty rows)."""
+    rows = agg_denominator(loss_mask, "seq-mean-token-mean")
+    return float(agg_sum(kl, loss_mask, "seq-mean-token-mean")) / rows if rows else 0.0

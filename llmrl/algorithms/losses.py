@@ -18,6 +18,7 @@ Micro-batch keys read:
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import Any, Callable
 
 import torch
@@ -149,7 +150,7 @@ def ppo_clip_token_terms(
     return terms, dual
 
 
-class _PolicyLoss:
+class _PolicyLoss(ABC):
     """Common shape: a policy-gradient part "pg" plus the optional "kl" and "entropy" parts."""
 
     def pg_denominator(self, mb: Batch, cfg: Any) -> float:
@@ -158,8 +159,9 @@ class _PolicyLoss:
     def denominators(self, mb: Batch, ctx: LossContext) -> dict[str, float]:
         return {"pg": self.pg_denominator(mb, ctx.cfg), **regulariser_denominators(mb, ctx.cfg)}
 
+    @abstractmethod
     def policy_part(self, mb: Batch, out: Batch, ctx: LossContext) -> tuple[torch.Tensor, Metrics]:
-        raise NotImplementedError
+        """The "pg" sum for this micro-batch and its metrics."""
 
     def rows_with_gradient(self, mb: Batch, ctx: LossContext) -> torch.Tensor | None:
         """[B] bool: rows whose loss can have a non-zero gradient, or None for "all of them".

@@ -67,24 +67,14 @@ def init_process_group() -> None:
 
 
 class DeepSpeedTrainEngine(TorchTrainEngine):
-    def __init__(
-        self,
-        model: torch.nn.Module,
-        cfg: TrainConfig,
-        total_updates: int,
-        temperature: float = 1.0,
-        reference: torch.nn.Module | None = None,
-    ) -> None:
-        if cfg.zero_stage == 3:
-            # The chunked logprob path reads the lm_head weight outside a module forward, which
-            # ZeRO-3 keeps partitioned; gathering it per chunk is not built yet.
-            raise ValueError("train.zero_stage: 3 is not supported yet by the deepspeed backend; use 1 or 2")
+    def __init__(self, model: torch.nn.Module, cfg: TrainConfig, total_updates: int, **options: Any) -> None:
+        """`options` as TorchTrainEngine's (temperature, reference)."""
         init_process_group()
         import deepspeed
         import torch.distributed as dist
 
         cfg = cfg.model_copy(update={"skip_zero_advantage_rows": False})
-        super().__init__(model, cfg, total_updates, temperature, reference)
+        super().__init__(model, cfg, total_updates, **options)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model,
             model_parameters=self.params,
@@ -97,6 +87,7 @@ class DeepSpeedTrainEngine(TorchTrainEngine):
     def all_reduce_denominators(self, denominators: dict[str, float]) -> dict[str, float]:
         import torch.distributed as dist
 
+        # A rank may lack a part another has (no expert rows in its share): agree on the names first.
         names = sorted(denominators)
         gathered: list[list[str]] = [[] for _ in range(self.world_size)]
         dist.all_gather_object(gathered, names)

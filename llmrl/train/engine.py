@@ -51,8 +51,10 @@ class TrainConfig(Section):
         "when prompts are long next to responses. Off for critics and under gradient checkpointing.",
     )
     logprob_chunk_tokens: int = Field(1024, ge=16, description="Tokens per chunk when computing logprobs/entropy (bounds logits memory).")
-    zero_stage: Literal[1, 2, 3] = Field(
-        2, description="deepspeed backend: ZeRO stage (1 optimizer state, 2 + gradients, 3 + parameters sharded over ranks; 3 not yet supported)."
+    zero_stage: Literal[1, 2] = Field(
+        2,
+        description="deepspeed backend: ZeRO stage (1 shards optimizer state over ranks, 2 also gradients). Stage 3 is not "
+        "built yet: the chunked logprob path reads the lm_head weight outside a module forward, which ZeRO-3 keeps partitioned.",
     )
     offload_optimizer: bool = Field(False, description="deepspeed backend: keep optimizer state on the CPU (ZeRO-Offload).")
 
