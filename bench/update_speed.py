@@ -23,7 +23,6 @@ import torch
 
 from llmrl.algorithms import LOSSES, AlgorithmConfig, resolve_algorithm
 from llmrl.algorithms.base import LossContext
-from llmrl.batch import split_micro_batches
 from llmrl.data import build_tasks
 from llmrl.data.config import DataConfig
 from llmrl.models import ModelConfig, load_policy, load_tokenizer
@@ -77,7 +76,6 @@ def main() -> None:
     args = parser.parse_args()
 
     batch = step_batch(args.model, args.prompts, args.n, args.max_response, args.zero_groups, seed=0)
-    micro = split_micro_batches(batch, args.micro_batch_size, None)
     algo = resolve_algorithm(AlgorithmConfig(name="grpo"))
     tokens = int(batch["attention_mask"].sum())
     print(f"model {args.model}: {batch['input_ids'].shape[0]} rows, {tokens} tokens, "
@@ -93,7 +91,7 @@ def main() -> None:
             cfg = TrainConfig(lr=1e-5, precision="fp32", micro_batch_size=args.micro_batch_size, **flags)
             engine = TorchTrainEngine(model, cfg, total_updates=1)
             start = time.perf_counter()
-            metrics = engine.step(micro, LOSSES["ppo_clip"], LossContext(step=0, cfg=algo))
+            metrics = engine.step(batch, LOSSES["ppo_clip"], LossContext(step=0, cfg=algo))
             times.append(time.perf_counter() - start)
         grads = {k: v.grad.detach().clone() for k, v in model.named_parameters() if v.grad is not None}
         if reference is None:

@@ -10,17 +10,16 @@ from typing import Iterator
 
 import torch
 
-from llmrl.algorithms.base import Batch
-from llmrl.types import Trajectory
+from llmrl.algorithms.base import REWARD_PREFIX, Batch
+from llmrl.types import OUTCOME, Trajectory
 
-ROW_KEYS = ("group_ids", "expert_mask", "response_lengths", "truncated")
+ROW_KEYS = ("group_ids", "expert_mask", "truncated")
 
 
 def collate(trajectories: list[Trajectory], pad_id: int) -> Batch:
-    """Pad to the longest trajectory. The scalar reward sits at the last policy token.
-
-    A row with no policy token (an empty response) keeps its reward on its last token, so
-    outcome-level advantages (row sums) still see it while its loss mask stays all zero.
+    """Pad to the longest trajectory. Each reward channel becomes `rewards/<channel>` [B,T] with
+    the trajectory's entries at their token positions (`rewards/outcome` is always present).
+    `loss_mask` carries the policy spans' loss weights; `expert_mask` marks expert rows.
     """
     B = len(trajectories)
     T = max(len(t.token_ids) for t in trajectories)
@@ -28,7 +27,8 @@ def collate(trajectories: list[Trajectory], pad_id: int) -> Batch:
     attention = torch.zeros((B, T), dtype=torch.long)
     loss_mask = torch.zeros((B, T), dtype=torch.float32)
     rollout_logprobs = torch.zeros((B, T), dtype=torch.float32)
-    token_rewards = torch.zeros((B, T), dtype=torch.float32)
+    channels = {OUTCOME} | {e.channel for t in trajectories for e in t.rewards}
+    rewards = {c: torch.zeros((B, T), dtype=torch.float32) for c in sorted(channels)}
     turn_ids = torch.zeros((B, T), dtype=torch.long)
     for i, traj in enumerate(trajectories):
         n = len(traj.token_ids)
@@ -37,9 +37,8 @@ def collate(trajectories: list[Trajectory], pad_id: int) -> Batch:
         mask = torch.tensor(traj.policy_mask, dtype=torch.float32)
         loss_mask[i, :n] = mask
         rollout_logprobs[i, :n] = torch.tensor(traj.rollout_logprobs, dtype=torch.float32)
-        policy_positions = mask.nonzero().flatten()
-        last = int(policy_positions[-1]) if len(policy_positions) else n - 1
-        token_rewards[i, last] = traj.reward
+        for entry in traj.rewards:
+            rewards[entry.channel][i, entry.position] += entry.value
         turn = 0
         ends = sorted(traj.turn_ends)
         for pos in range(n):
@@ -52,11 +51,10 @@ def collate(trajectories: list[Trajectory], pad_id: int) -> Batch:
         "position_ids": (attention.cumsum(-1) - 1).clamp(min=0),
         "loss_mask": loss_mask,
         "rollout_logprobs": rollout_logprobs,
-        "token_rewards": token_rewards,
+        **{REWARD_PREFIX + c: r for c, r in rewards.items()},
         "turn_ids": turn_ids,
         "group_ids": torch.tensor([t.group_id for t in trajectories], dtype=torch.long),
         "expert_mask": torch.tensor([t.expert for t in trajectories], dtype=torch.bool),
-        "response_lengths": torch.tensor([t.num_policy_tokens for t in trajectories], dtype=torch.long),
         "truncated": torch.tensor([t.finish_reason == "length" for t in trajectories], dtype=torch.bool),
     }
 

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from llmrl.models import is_lora, merged_state_dict
+from llmrl.train.engine import TrainEngine
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
 
@@ -38,16 +38,6 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return found[-1][1] if found else None
 
 
-def save_policy(model: torch.nn.Module, tokenizer: Any, directory: Path) -> None:
-    """An HF directory `from_pretrained` loads; LoRA deltas merged in, the adapter saved beside."""
-    directory.mkdir(parents=True, exist_ok=True)
-    base = model.get_base_model() if is_lora(model) else model
-    base.save_pretrained(str(directory), state_dict=merged_state_dict(model), safe_serialization=True)
-    if is_lora(model):
-        model.save_pretrained(str(directory / "adapter"))
-    tokenizer.save_pretrained(str(directory))
-
-
 def rng_state() -> dict[str, Any]:
     return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
 
@@ -61,12 +51,12 @@ def restore_rng(state: dict[str, Any]) -> None:
 def save_checkpoint(
     run_dir: Path,
     step: int,
-    engine: Any,
+    engine: TrainEngine,
     tokenizer: Any,
     loop_state: dict[str, Any],
     keep_last: int,
     with_optimizer: bool = True,
-    companions: dict[str, Any] | None = None,
+    companions: dict[str, TrainEngine] | None = None,
 ) -> Path:
     """`companions` are further train engines (the PPO critic) saved under their names for resume."""
     root = checkpoints_root(run_dir)
@@ -75,7 +65,8 @@ def save_checkpoint(
     tmp = root / f".step_{step}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_policy(engine.model, tokenizer, tmp / "policy")
+    engine.save_policy(tmp / "policy")
+    tokenizer.save_pretrained(str(tmp / "policy"))
     if with_optimizer:
         engine.save(tmp)
         for name, companion in (companions or {}).items():
@@ -91,7 +82,7 @@ def save_checkpoint(
     return final
 
 
-def load_checkpoint(directory: Path, engine: Any, companions: dict[str, Any] | None = None) -> dict[str, Any]:
+def load_checkpoint(directory: Path, engine: TrainEngine, companions: dict[str, TrainEngine] | None = None) -> dict[str, Any]:
     """Restore engine, companion engines and RNG state; return the loop state (step, sampler position...)."""
     if not (directory / "trainer_state.pt").exists():
         raise ValueError(f"checkpoint {directory} has no trainer state (saved with checkpoint.save_optimizer=false); cannot resume")

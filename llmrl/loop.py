@@ -1,6 +1,11 @@
 """The RL loop. Every algorithm is this loop with different registry entries plugged in:
 
-    tasks -> workflow -> trajectories -> rewards -> batch -> advantages -> update -> weight sync
+    tasks -> workflow -> groups of trajectories -> batch -> [stages] -> advantages -> update -> weight sync
+
+What varies by algorithm lives behind seams, never in `if` branches here: the workflow (how
+tasks become scored groups), the stages (dynamic sampling, KL in the reward, the PPO critic...),
+the advantage estimator and the loss (registries), the train engine (torch, deepspeed) and the
+weight sync. docs/architecture.md draws the seams.
 """
 from __future__ import annotations
 
@@ -15,113 +20,106 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from llmrl.algorithms import ADVANTAGES, LOSSES, get_preset, needs_reference, resolve_algorithm
-from llmrl.algorithms.advantages import mask_truncated
-from llmrl.algorithms.base import LossContext
-from llmrl.algorithms.dapo import GroupFilter, reward_config_with_overlong
-from llmrl.algorithms.kl import kl_in_reward
-from llmrl.algorithms.kl_controller import KLController, build_kl_controller, mean_sequence_kl
-from llmrl.batch import collate, iter_mini_batches, num_tokens, select_rows, split_micro_batches
+from llmrl.algorithms import ADVANTAGES, LOSSES, get_preset, needs_reference
+from llmrl.algorithms.advantages import compute_advantages
+from llmrl.algorithms.base import AdvantageInputs
+from llmrl.algorithms.dapo import reward_config_with_overlong
+from llmrl.batch import collate, num_tokens
 from llmrl.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from llmrl.data import PromptSampler, build_tasks
-from llmrl.distributed.weight_sync import sync_weights
+from llmrl.distributed.weight_sync import build_weight_sync
 from llmrl.eval.harness import evaluate_during_training, should_evaluate
 from llmrl.models import load_causal_lm, load_policy, load_tokenizer
-from llmrl.recipe import Recipe, dump_recipe
+from llmrl.recipe import Recipe, dump_recipe, resolve_recipe, trajectories_per_step
 from llmrl.reward import RewardComputer
 from llmrl.rollout.base import SamplingParams, build_rollout_engine
-from llmrl.rollout.workflows import WORKFLOWS
+from llmrl.rollout.workflows import Workflow, WorkflowContext, build_workflow
+from llmrl.stages import Stage, StageSetup, build_stages
 from llmrl.tracking import Tracker, truncate_metrics
 from llmrl.train.backends import build_train_backend
-from llmrl.train.critic import build_critic_engine, old_values, value_targets
-from llmrl.train.torch_engine import TorchTrainEngine
-from llmrl.types import Trajectory
+from llmrl.train.engine import TrainEngine
+from llmrl.train.updates import add_policy_logprobs, run_updates, updates_per_run
+from llmrl.types import Group, GroupIds, Trajectory
 
 
 def train(recipe: Recipe) -> Path:
     """Run the recipe; return the run directory (its last checkpoint holds the trained policy)."""
+    recipe = resolve_recipe(recipe)
     run_dir = Path(recipe.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "recipe.yaml").write_text(dump_recipe(recipe))
     seed_everything(recipe.seed)
-    algo = resolve_algorithm(recipe.algorithm)
-    if algo.loss_scale_factor is None:
-        algo = algo.model_copy(update={"loss_scale_factor": recipe.rollout.max_new_tokens})
-    preset = get_preset(algo.name)
+    algo = recipe.algorithm
 
     # Parts: data, rewards (their worker pool starts before the model is loaded, so forked
-    # workers stay small), the policy and its train engine, the rollout engine.
+    # workers stay small), the policy's train engine, the algorithm's stages, the rollout engine.
     tokenizer = load_tokenizer(recipe.model.name, recipe.model.revision)
     taskset = build_tasks(recipe.data, tokenizer, split="train")
     sampler = PromptSampler(taskset.tasks, recipe.train.prompts_per_step, seed=recipe.seed, shuffle=recipe.data.shuffle)
-    reward_cfg = reward_config_with_overlong(recipe.reward, algo, recipe.rollout.max_new_tokens, taskset.kind)
-    rewards = RewardComputer(reward_cfg, default_kind=taskset.kind)
-    trainer = build_train_engine(recipe, algo)
-    critic = build_critic_engine(recipe, algo, updates_per_run(recipe, algo)) if preset.needs_critic else None
-    kl_control = build_kl_controller(algo)
+    rewards = RewardComputer(reward_config_with_overlong(recipe.reward, algo, recipe.rollout.max_new_tokens, taskset.kind), default_kind=taskset.kind)
+    total_updates = updates_per_run(recipe.train.steps, trajectories_per_step(recipe), algo, recipe.train.mini_batch_size)
+    trainer = build_train_engine(recipe, total_updates)
+    stages = build_stages(StageSetup(recipe, algo, trainer, total_updates), get_preset(algo.name).stages)
     rollout = build_rollout_engine(recipe.rollout, recipe.model, tokenizer, seed=recipe.seed)
-    workflow = WORKFLOWS[preset.workflow]
+    workflow = build_workflow(recipe.rollout.workflow)
+    weight_sync = build_weight_sync(recipe.rollout.weight_sync, trainer, [rollout])
     advantage_fn = ADVANTAGES[algo.advantage]
     loss_fn = LOSSES[algo.loss]
+    group_ids = GroupIds()
 
-    companions = {"critic": critic} if critic is not None else {}
-    start_step = resume_if_asked(recipe, run_dir, trainer, sampler, companions, kl_control)
+    weight_sync.setup()
+    start_step = resume_if_asked(recipe, run_dir, trainer, sampler, stages, group_ids)
     if start_step:
-        sync_weights(trainer, rollout)
+        weight_sync.sync(start_step)
     tracker = Tracker(run_dir, recipe.logging, recipe.model_dump(mode="json"))
     stop = GracefulStop()
     progress = make_progress(recipe, start_step)
-    loop_state: dict[str, Any] = {}
     try:
         for step in range(start_step + 1, recipe.train.steps + 1):
             timer = StepTimer()
 
-            # 1-3. tasks -> workflow -> trajectories -> rewards (DAPO's dynamic sampling may take
-            # several rounds to collect groups whose reward varies)
-            trajectories, sampling_metrics = sample_and_score(recipe, algo, step, sampler, workflow, rollout, rewards, tokenizer, timer)
+            # 1-3. tasks -> workflow -> scored groups (a stage may ask for more rounds: DAPO)
+            context = WorkflowContext(rollout, rewards, sampling_for(recipe, step), tokenizer, group_ids, step, recipe.rollout.n, timer)
+            groups = gather_groups(workflow, sampler, stages, context, recipe)
+            trajectories = [t for g in groups for t in g.trajectories]
 
             # 4. batch, with the logprobs the update needs before it changes the policy
             batch = collate(trajectories, tokenizer.pad_token_id)
-            if algo.mask_truncated_completions:
-                truncated = torch.tensor([t.finish_reason == "length" for t in trajectories])
-                batch["loss_mask"] = mask_truncated(batch["loss_mask"], truncated)
+            for stage in stages:
+                stage.prepare_batch(batch)
             with timer("logprobs"):
-                kl_metrics = add_reference_and_old_logprobs(batch, trainer, algo, recipe, kl_control)
-            if critic is not None:
-                with timer("values"):
-                    batch["old_values"] = old_values(critic, batch, recipe.train.micro_batch_size or 8)
+                add_policy_logprobs(batch, trainer, algo, recipe.train, need_old=any(s.needs_old_logprobs for s in stages))
+            stage_metrics: dict[str, float] = {}
+            for stage in stages:
+                stage_metrics.update(stage.before_advantages(batch, timer))
 
-            # 5. advantages (with a critic, also the returns it is fit to)
-            advantages, adv_metrics = advantage_fn(
-                batch["token_rewards"], batch["loss_mask"], batch["group_ids"], batch["turn_ids"], batch.get("old_values"), algo
-            )
-            batch["advantages"] = advantages
-            if critic is not None:
-                batch["returns"] = value_targets(batch, algo)
-            for i, traj in enumerate(trajectories):
-                traj.advantage = float(advantages[i][batch["loss_mask"][i] > 0].mean()) if traj.num_policy_tokens else 0.0
+            # 5. advantages (expert rows kept out of the statistics)
+            batch["advantages"], adv_metrics = compute_advantages(advantage_fn, AdvantageInputs.from_batch(batch, algo))
+            for stage in stages:
+                stage.after_advantages(batch)
+            note_advantages(trajectories, batch)
 
-            # 6. update: the critic, then the policy once the critic's warm-up is over
+            # 6. update: the stages' own (a critic), then the policy unless a stage holds it back
             update_metrics: dict[str, float] = {}
-            if critic is not None:
-                with timer("critic_update"):
-                    update_metrics.update(run_updates(critic, batch, LOSSES["value"], algo, recipe, step, prefix="critic"))
-            if step > algo.critic_warmup_steps or critic is None:
+            for stage in stages:
+                update_metrics.update(stage.update(batch, step, timer))
+            if all(stage.policy_learns(step) for stage in stages):
                 with timer("update"):
-                    update_metrics.update(run_updates(trainer, batch, loss_fn, algo, recipe, step, prefix="actor"))
+                    update_metrics.update(run_updates(trainer, batch, loss_fn, algo, recipe.train, recipe.seed, step, prefix="actor"))
 
             # 7. weight sync: the rollout engine samples the next step from the new policy
             with timer("sync"):
-                sync_weights(trainer, rollout)
+                synced = weight_sync.sync(step)
 
             metrics = {
                 **reward_metrics(trajectories, rewards.metrics()),
-                **sampling_metrics,
+                **{k: v for stage in stages for k, v in stage.metrics().items()},
                 **response_metrics(trajectories),
                 **adv_metrics,
-                **kl_metrics,
+                **stage_metrics,
                 **update_metrics,
                 **timer.metrics(),
+                "sync/bytes": float(synced.bytes),
                 "perf/tokens_per_s": num_tokens(batch) / max(timer.total, 1e-9),
                 "perf/gen_tokens_per_s": sum(t.num_policy_tokens for t in trajectories) / max(timer.seconds["generate"], 1e-9),
             }
@@ -137,12 +135,11 @@ def train(recipe: Recipe) -> Path:
             tracker.log_rollouts(step, trajectories)
             progress.update(step, metrics)
 
-            loop_state = {"sampler": sampler.state_dict(), "kl_controller": kl_control.state_dict()}
             due = recipe.checkpoint.every and step % recipe.checkpoint.every == 0
             if due or step == recipe.train.steps or stop.requested:
                 save_checkpoint(
-                    run_dir, step, trainer, tokenizer, loop_state, recipe.checkpoint.keep_last, recipe.checkpoint.save_optimizer,
-                    companions,
+                    run_dir, step, trainer, tokenizer, loop_state(sampler, stages, group_ids), recipe.checkpoint.keep_last,
+                    recipe.checkpoint.save_optimizer, stage_engines(stages),
                 )
             if stop.requested:
                 print(f"\nstopped by {stop.signal_name} after step {step}; checkpoint saved, resume with resume=auto", file=sys.stderr)
@@ -164,63 +161,33 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_train_engine(recipe: Recipe, algo: Any) -> TorchTrainEngine:
+def build_train_engine(recipe: Recipe, total_updates: int) -> TrainEngine:
     policy = load_policy(recipe.model)
     reference = None
-    if needs_reference(algo) and not recipe.model.lora.enabled:
+    if needs_reference(recipe.algorithm) and not recipe.model.lora.enabled:
         reference = load_causal_lm(recipe.model).eval().requires_grad_(False)
     return build_train_backend(
-        recipe.train.backend, policy, recipe.train, total_updates=updates_per_run(recipe, algo),
+        recipe.train.backend, policy, recipe.train, total_updates=total_updates,
         temperature=recipe.rollout.temperature, reference=reference,
     )
 
 
-def updates_per_run(recipe: Recipe, algo: Any) -> int:
-    """Optimizer steps over the run (the lr schedule's length): epochs x mini-batches x steps."""
-    trajectories = recipe.train.prompts_per_step * recipe.rollout.n
-    return recipe.train.steps * algo.ppo_epochs * (trajectories // (recipe.train.mini_batch_size or trajectories))
-
-
-def resume_if_asked(
-    recipe: Recipe, run_dir: Path, trainer: TorchTrainEngine, sampler: PromptSampler, companions: dict[str, Any], kl_control: KLController
-) -> int:
-    if recipe.resume == "never":
-        return 0
-    ckpt = latest_checkpoint(run_dir) if recipe.resume == "auto" else Path(recipe.resume)
-    if ckpt is None:
-        return 0  # resume=auto on a fresh run directory starts from scratch
-    if not ckpt.exists():
-        raise ValueError(f"resume: checkpoint directory {ckpt} does not exist")
-    state = load_checkpoint(ckpt, trainer, companions)
-    sampler.load_state_dict(state["sampler"])
-    if "kl_controller" in state:
-        kl_control.load_state_dict(state["kl_controller"])
-    truncate_metrics(run_dir / "metrics.jsonl", state["step"])
-    print(f"resumed from {ckpt} (step {state['step']})", file=sys.stderr)
-    return int(state["step"])
-
-
-def sample_and_score(
-    recipe: Recipe, algo: Any, step: int, sampler: PromptSampler, workflow: Any, rollout: Any, rewards: RewardComputer,
-    tokenizer: Any, timer: "StepTimer",
-) -> tuple[list[Trajectory], dict[str, float]]:
-    """One step's scored trajectories, and the dynamic-sampling metrics when it is on."""
-    groups = GroupFilter(recipe.train.prompts_per_step, algo.dynamic_sampling_metric)
+def gather_groups(workflow: Workflow, sampler: PromptSampler, stages: list[Stage], context: WorkflowContext, recipe: Recipe) -> list[Group]:
+    """Generation rounds until every stage accepts the groups it has (one round unless a stage,
+    like DAPO's dynamic sampling, holds out for more). Each round samples with its own seed."""
+    round_index = 0
     while True:
-        with timer("generate"):
+        context.sampling = sampling_for(recipe, context.step, round_index)
+        with context.timer("generate"):
             tasks = sampler.next_batch()
-            # group ids stay unique over the run: round r of step s starts at (s - 1 + r * steps) * prompts
-            first_group = (step - 1 + groups.rounds * recipe.train.steps) * recipe.train.prompts_per_step
-            sampling = sampling_for(recipe, step, groups.rounds)
-            trajectories = workflow(tasks, rollout, sampling, recipe.rollout.n, tokenizer, first_group)
-        with timer("reward"):
-            for traj, result in zip(trajectories, rewards.score(trajectories)):
-                traj.reward, traj.reward_parts = result.score, result.parts
-        if not algo.dynamic_sampling:
-            return trajectories, {}
-        groups.add(trajectories)
-        if groups.full or groups.rounds >= max_rounds(algo):
-            return groups.result()
+        groups: list[Group] | None = workflow.run(tasks, context)
+        for stage in stages:
+            groups = stage.gather(groups)
+            if groups is None:
+                break
+        if groups is not None:
+            return groups
+        round_index += 1
 
 
 def sampling_for(recipe: Recipe, step: int, round_index: int = 0) -> SamplingParams:
@@ -230,68 +197,40 @@ def sampling_for(recipe: Recipe, step: int, round_index: int = 0) -> SamplingPar
     return SamplingParams(r.temperature, r.top_p, r.top_k, r.max_new_tokens, list(r.stop), seed=seed)
 
 
-def max_rounds(algo: Any) -> int:
-    """Generation rounds one step may take: 1 without dynamic sampling; <= 0 means no cap."""
-    if not algo.dynamic_sampling:
-        return 1
-    return algo.max_num_gen_batches if algo.max_num_gen_batches > 0 else 1_000_000
+def note_advantages(trajectories: list[Trajectory], batch: dict[str, torch.Tensor]) -> None:
+    """Each trajectory's mean advantage over its policy tokens, for the rollout logs."""
+    for i, traj in enumerate(trajectories):
+        traj.advantage = float(batch["advantages"][i][batch["loss_mask"][i] > 0].mean()) if traj.num_policy_tokens else 0.0
 
 
-def add_reference_and_old_logprobs(
-    batch: dict[str, torch.Tensor], trainer: TorchTrainEngine, algo: Any, recipe: Recipe, kl_control: KLController
-) -> dict[str, float]:
-    """Reference logprobs when a KL term needs them; old logprobs only when the update cannot
-    take them from its own first forward (several epochs or mini-batches, or KL in the reward).
-    A KL in the reward is subtracted here with the controller's current weight, which then adapts."""
-    micro = recipe.train.micro_batch_size or 8
-    if needs_reference(algo):
-        batch["ref_logprobs"] = trainer.forward(batch, {"logprobs"}, reference=True, micro_batch_size=micro)["logprobs"]
-    total = batch["input_ids"].shape[0]
-    several_updates = algo.ppo_epochs > 1 or (recipe.train.mini_batch_size or total) < total
-    reward_kl = needs_reference(algo) and algo.kl_placement == "reward"
-    if several_updates or reward_kl:
-        batch["old_logprobs"] = trainer.forward(batch, {"logprobs"}, micro_batch_size=micro)["logprobs"]
-    if not reward_kl:
-        return {}
-    batch["token_rewards"], kl = kl_in_reward(
-        batch["token_rewards"], batch["old_logprobs"], batch["ref_logprobs"], batch["loss_mask"], kl_control.value, algo.kl_estimator
-    )
-    current_kl = mean_sequence_kl(kl, batch["loss_mask"])
-    metrics = {"actor/reward_kl": current_kl, "actor/kl_coef": kl_control.value}
-    kl_control.update(current_kl, batch["input_ids"].shape[0])
-    return metrics
+def loop_state(sampler: PromptSampler, stages: list[Stage], group_ids: GroupIds) -> dict[str, Any]:
+    """What a checkpoint needs besides the engines to resume exactly."""
+    return {"sampler": sampler.state_dict(), "group_ids": group_ids.state_dict(), "stages": {s.name: s.state_dict() for s in stages}}
 
 
-def run_updates(
-    engine: TorchTrainEngine, batch: dict[str, torch.Tensor], loss_fn: Any, algo: Any, recipe: Recipe, step: int, prefix: str
-) -> dict[str, float]:
-    """ppo_epochs passes of mini-batch optimizer steps; the engine's actor/* metrics are renamed to `prefix`/*."""
-    rows = batch["input_ids"].shape[0]
-    mini = recipe.train.mini_batch_size or rows
-    shuffle = torch.Generator().manual_seed(recipe.seed * 7919 + step) if mini < rows else None
-    ctx = LossContext(step=step - 1, cfg=algo, generator=torch.Generator().manual_seed(recipe.seed * 104729 + step))
-    sums: dict[str, float] = {}
-    count = 0
-    first = True
-    for _ in range(algo.ppo_epochs):
-        for mini_rows in iter_mini_batches(rows, mini, shuffle):
-            micro = split_micro_batches(select_rows(batch, mini_rows), recipe.train.micro_batch_size, recipe.train.micro_batch_tokens)
-            metrics = engine.step(micro, loss_fn, ctx, want=loss_outputs(loss_fn), track_rollout_diff=first)
-            first = False
-            for k, v in metrics.items():
-                sums[k] = sums.get(k, 0.0) + v
-            count += 1
-    averaged = {k: v / count for k, v in sums.items() if not k.startswith("rollout/")}
-    averaged.update({k: v for k, v in sums.items() if k.startswith("rollout/")})
-    averaged["actor/updates"] = float(count)
-    if prefix != "actor":
-        averaged = {f"{prefix}/{k[len('actor/'):]}" if k.startswith("actor/") else k: v for k, v in averaged.items()}
-    return averaged
+def stage_engines(stages: list[Stage]) -> dict[str, TrainEngine]:
+    return {name: engine for stage in stages for name, engine in stage.engines().items()}
 
 
-def loss_outputs(loss_fn: Any) -> set[str]:
-    """What the model must output for a loss: values for a value loss, else logprobs and entropy."""
-    return set(getattr(loss_fn, "outputs", {"logprobs", "entropy"}))
+def resume_if_asked(
+    recipe: Recipe, run_dir: Path, trainer: TrainEngine, sampler: PromptSampler, stages: list[Stage], group_ids: GroupIds
+) -> int:
+    if recipe.resume == "never":
+        return 0
+    ckpt = latest_checkpoint(run_dir) if recipe.resume == "auto" else Path(recipe.resume)
+    if ckpt is None:
+        return 0  # resume=auto on a fresh run directory starts from scratch
+    if not ckpt.exists():
+        raise ValueError(f"resume: checkpoint directory {ckpt} does not exist")
+    state = load_checkpoint(ckpt, trainer, stage_engines(stages))
+    sampler.load_state_dict(state["sampler"])
+    group_ids.load_state_dict(state.get("group_ids", {"next_id": 0}))
+    for stage in stages:
+        if stage.name in state.get("stages", {}):
+            stage.load_state_dict(state["stages"][stage.name])
+    truncate_metrics(run_dir / "metrics.jsonl", state["step"])
+    print(f"resumed from {ckpt} (step {state['step']})", file=sys.stderr)
+    return int(state["step"])
 
 
 # ------------------------------------------------------------------------------ metrics

@@ -242,3 +242,12 @@ def merged_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
         key = f"{name}.weight"
         merged[key] = merged[key] + delta.detach().to(merged[key].dtype)
     return merged
+
+
+def export_policy(model: torch.nn.Module, directory: Path) -> None:
+    """An HF directory `from_pretrained` loads; LoRA deltas merged in, the adapter saved beside."""
+    directory.mkdir(parents=True, exist_ok=True)
+    base = model.get_base_model() if is_lora(model) else model
+    base.save_pretrained(str(directory), state_dict=merged_state_dict(model), safe_serialization=True)
+    if is_lora(model):
+        model.save_pretrained(str(directory / "adapter"))

@@ -145,7 +145,26 @@ def load_recipe(path: str | None, overrides: list[str] | None = None) -> Recipe:
     except ValidationError as err:
         raise RecipeError(format_validation_error(err, source)) from None
     check_recipe(recipe, source)
-    return recipe
+    return resolve_recipe(recipe)
+
+
+def resolve_recipe(recipe: Recipe) -> Recipe:
+    """The recipe that runs, with every choice the algorithm preset makes written in: the preset's
+    defaults in each `algorithm` field the user left unset, `advantage` and `loss`, the
+    `loss_scale_factor` (rollout.max_new_tokens), and `rollout.workflow.name`. The one place
+    algorithms are resolved; idempotent, so a run re-started from its saved recipe.yaml resolves
+    to the same settings."""
+    from llmrl.algorithms import get_preset, resolve_algorithm
+    from llmrl.rollout.base import WorkflowConfig
+
+    algo = resolve_algorithm(recipe.algorithm)
+    if algo.loss_scale_factor is None:
+        algo = algo.model_copy(update={"loss_scale_factor": recipe.rollout.max_new_tokens})
+    workflow = recipe.rollout.workflow
+    if workflow.name is None:
+        workflow = WorkflowConfig(name=get_preset(algo.name).workflow, **workflow.options())
+    rollout = recipe.rollout.model_copy(update={"workflow": workflow})
+    return recipe.model_copy(update={"algorithm": algo, "rollout": rollout})
 
 
 def trajectories_per_step(recipe: Recipe) -> int:
@@ -154,7 +173,6 @@ def trajectories_per_step(recipe: Recipe) -> int:
 
 def check_recipe(recipe: Recipe, source: str) -> None:
     """Cross-section checks: batch sizes divide, and referenced names and files exist."""
-    from llmrl.algorithms.presets import get_preset
     from llmrl.reward import RewardConfigError, resolve_reward
 
     total = trajectories_per_step(recipe)
@@ -167,21 +185,15 @@ def check_recipe(recipe: Recipe, source: str) -> None:
     micro = recipe.train.micro_batch_size
     if recipe.train.micro_batch_tokens is None and micro and mini % micro:
         raise RecipeError(f"train.micro_batch_size={micro} must divide train.mini_batch_size={mini} in {source}")
-    try:
-        get_preset(recipe.algorithm.name)
-    except (KeyError, ValueError) as err:
-        raise RecipeError(f"algorithm.name: {err} in {source}") from None
-    from llmrl.rollout.base import engine_unavailable
+    from llmrl.rollout.base import ROLLOUT_ENGINES
+    from llmrl.train.backends import TRAIN_BACKENDS
 
-    reason = engine_unavailable(recipe.rollout.engine)
-    if reason:
-        raise RecipeError(f"rollout.engine: '{recipe.rollout.engine}': {reason} in {source}")
-    from llmrl.train.backends import BACKEND_REQUIREMENTS
-
-    requirement = BACKEND_REQUIREMENTS.get(recipe.train.backend)
-    reason = requirement() if requirement else None
-    if reason:
-        raise RecipeError(f"train.backend: '{recipe.train.backend}': {reason} in {source}")
+    for key, registry, name in (
+        ("rollout.engine", ROLLOUT_ENGINES, recipe.rollout.engine), ("train.backend", TRAIN_BACKENDS, recipe.train.backend)
+    ):
+        reason = registry.unavailable(name)
+        if reason:
+            raise RecipeError(f"{key}: '{name}': {reason} in {source}")
     from llmrl.algorithms import resolve_algorithm
 
     algo = resolve_algorithm(recipe.algorithm)

@@ -7,7 +7,8 @@ Use it from a recipe by path (relative to where `llmrl train` runs):
         - gsm8k
         - {fn: rewards/example_plugin.py:brevity, weight: 0.2, kwargs: {target_chars: 300}}
 
-or, since it ships inside the installed `rewards` package, as `rewards.example_plugin:brevity`.
+`rewards/` is not an installed package, so the file is loaded by path only (an importable module
+would be named as `package.module:fn`). The built-in rewards live in `llmrl/reward/builtin/`.
 """
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""One data-parallel rank of tests/test_deepspeed_engine.py: one optimizer step on this rank's
-share of a fixed mini-batch, then the updated weights are written by rank 0.
+"""One data-parallel rank of tests/test_deepspeed_engine.py: one optimizer step on a fixed
+mini-batch, of which the engine takes this rank's share, then rank 0 writes the updated weights.
 
     python tests/deepspeed_rank.py BACKEND ZERO_STAGE OUT.pt   (RANK/WORLD_SIZE/MASTER_* in the env)
 """
@@ -10,7 +10,6 @@ import torch
 
 from llmrl.algorithms import LOSSES, AlgorithmConfig, resolve_algorithm
 from llmrl.algorithms.base import LossContext
-from llmrl.batch import select_rows, split_micro_batches
 from llmrl.models import ModelConfig, load_policy
 from llmrl.train.engine import TrainConfig
 
@@ -37,7 +36,7 @@ def main() -> None:
     torch.manual_seed(0)
     model = load_policy(ModelConfig(name="tiny"))
     initial = {n: p.detach().clone() for n, p in model.named_parameters()}
-    cfg = TrainConfig(lr=1e-2, precision="fp32", grad_clip=1.0, zero_stage=stage)
+    cfg = TrainConfig(lr=1e-2, precision="fp32", grad_clip=1.0, zero_stage=stage, micro_batch_size=MICRO)
     if backend == "deepspeed":
         from llmrl.train.deepspeed_engine import DeepSpeedTrainEngine
 
@@ -46,10 +45,8 @@ def main() -> None:
         from llmrl.train.torch_engine import TorchTrainEngine
 
         engine = TorchTrainEngine(model, cfg, total_updates=1)
-    share = ROWS // world
-    mine = select_rows(fixed_batch(), torch.arange(rank * share, (rank + 1) * share))
     algo = resolve_algorithm(AlgorithmConfig(loss_agg_mode="token-mean"))
-    metrics = engine.step(split_micro_batches(mine, MICRO, None), LOSSES["ppo_clip"], LossContext(0, algo))
+    metrics = engine.step(fixed_batch(), LOSSES["ppo_clip"], LossContext(0, algo))
     if rank == 0:
         weights = {n: p.detach().clone() for n, p in model.named_parameters()}
         torch.save({"weights": weights, "initial": initial, "metrics": metrics}, out)

@@ -16,7 +16,8 @@ from llmrl.algorithms.advantages import (
     mask_truncated,
     masked_whiten,
 )
-from llmrl.algorithms.kl import kl_in_reward
+from llmrl.algorithms.base import AdvantageInputs, total_token_rewards
+from llmrl.algorithms.kl import kl_reward_channel
 
 
 def cfg(**kw) -> AlgorithmConfig:
@@ -41,7 +42,7 @@ def run(name, scores, groups, lengths=None, values=None, **kw):
     lengths = lengths or [3] * len(scores)
     rewards, mask = outcome_batch(scores, lengths)
     turn_ids = torch.zeros_like(mask, dtype=torch.long)
-    adv, metrics = ADVANTAGES[name](rewards, mask, torch.tensor(groups), turn_ids, values, cfg(**kw))
+    adv, metrics = ADVANTAGES[name](AdvantageInputs.outcome(rewards, mask, torch.tensor(groups), cfg(**kw), turn_ids=turn_ids, values=values))
     return adv, mask, metrics
 
 
@@ -198,9 +199,9 @@ def test_reinforce_pp_discounted_returns():
     rewards_obs = torch.tensor([[0.0, 0.0, 7.0, 1.0, 0.0]])  # reward on a masked token is ignored
     assert discounted_returns(rewards_obs, mask_obs, 0.5).tolist() == [[0.25, 0.5, 0.0, 1.0, 0.0]]
 
-    adv, _ = ADVANTAGES["reinforce_pp"](rewards, mask, torch.tensor([0]), torch.zeros_like(mask).long(), None, cfg(gamma=0.5, whiten_advantages=False))
+    adv, _ = ADVANTAGES["reinforce_pp"](AdvantageInputs.outcome(rewards, mask, torch.tensor([0]), cfg(gamma=0.5, whiten_advantages=False)))
     assert adv.tolist() == [[0.0, 0.25, 0.5, 1.0, 0.0]]
-    adv, _ = ADVANTAGES["reinforce_pp"](rewards, mask, torch.tensor([0]), torch.zeros_like(mask).long(), None, cfg(gamma=0.5))
+    adv, _ = ADVANTAGES["reinforce_pp"](AdvantageInputs.outcome(rewards, mask, torch.tensor([0]), cfg(gamma=0.5)))
     # whitened [0.25, 0.5, 1.0]: mean 7/12, unbiased var = 7/48
     s = math.sqrt(7 / 48 + 1e-8)
     assert adv[0, 1:4].tolist() == pytest.approx([(0.25 - 7 / 12) / s, (0.5 - 7 / 12) / s, (1 - 7 / 12) / s], abs=1e-6)
@@ -221,7 +222,7 @@ def test_gae_example():
     assert white.tolist()[0] == pytest.approx([0.991344, 0.017092, -1.008436], abs=1e-6)
     assert torch.equal(returns, returns2)  # returns come from the un-whitened advantages
 
-    adv, metrics = ADVANTAGES["gae"](rewards, mask, torch.tensor([0]), torch.zeros(1, 3).long(), values, cfg(name="ppo", lam=0.95))
+    adv, metrics = ADVANTAGES["gae"](AdvantageInputs.outcome(rewards, mask, torch.tensor([0]), cfg(name="ppo", lam=0.95), values=values))
     assert adv.tolist()[0] == pytest.approx([0.991344, 0.017092, -1.008436], abs=1e-6)
     assert metrics["critic/returns_mean"] == pytest.approx((0.96575 + 0.985 + 1.0) / 3, abs=1e-6)
 
@@ -239,7 +240,7 @@ def test_gae_skips_observation_and_prompt_tokens():
 def test_gae_needs_values():
     rewards, mask = outcome_batch([1.0], [2])
     with pytest.raises(ValueError, match="critic values"):
-        ADVANTAGES["gae"](rewards, mask, torch.tensor([0]), torch.zeros_like(mask).long(), None, cfg(name="ppo"))
+        ADVANTAGES["gae"](AdvantageInputs.outcome(rewards, mask, torch.tensor([0]), cfg(name="ppo")))
 
 
 def test_masked_whiten_edge_cases():
@@ -253,10 +254,12 @@ def test_kl_in_reward_example():
     scores = torch.tensor([[0.0, 0.0, 1.0]])
     old = torch.tensor([[-1.0, -2.0, -0.5]])
     ref = old - torch.tensor([[0.1, -0.05, 0.2]])  # k1 = old - ref = [0.1, -0.05, 0.2]
-    r, kl = kl_in_reward(scores, old, ref, torch.ones(1, 3), kl_coef=0.1, estimator="k1")
+    penalty, kl = kl_reward_channel(old, ref, torch.ones(1, 3), kl_coef=0.1, estimator="k1")
+    r = total_token_rewards({"outcome": scores, "kl": penalty})
     assert kl.tolist()[0] == pytest.approx([0.1, -0.05, 0.2], abs=1e-6)
     assert r.tolist()[0] == pytest.approx([-0.01, 0.005, 0.98], abs=1e-6)
-    r_masked, _ = kl_in_reward(scores, old, ref, torch.tensor([[0.0, 1.0, 1.0]]), 0.1, "k1")
+    penalty_masked, _ = kl_reward_channel(old, ref, torch.tensor([[0.0, 1.0, 1.0]]), 0.1, "k1")
+    r_masked = total_token_rewards({"outcome": scores, "kl": penalty_masked})
     assert r_masked[0, 0] == 0.0
 
 

@@ -14,6 +14,7 @@ import random
 import pytest
 import torch
 
+from llmrl.algorithms.base import AdvantageInputs
 from llmrl.algorithms import ADVANTAGES, KL_ESTIMATORS, LOSSES, AlgorithmConfig, resolve_algorithm
 from llmrl.algorithms.base import LossContext
 
@@ -57,10 +58,9 @@ def whiten(values_by_row: list[list[float]], mask: list[list[float]]) -> list[li
 
 def advantages(estimator: str, token_rewards, mask, groups, values=None, **kw) -> torch.Tensor:
     mask_t = torch.tensor(mask)
-    adv, _ = ADVANTAGES[estimator](
-        torch.tensor(token_rewards, dtype=torch.float32), mask_t, torch.tensor(groups), torch.zeros_like(mask_t, dtype=torch.long),
-        None if values is None else torch.tensor(values, dtype=torch.float32), cfg(**kw),
-    )
+    values_t = None if values is None else torch.tensor(values, dtype=torch.float32)
+    inputs = AdvantageInputs.outcome(torch.tensor(token_rewards, dtype=torch.float32), mask_t, torch.tensor(groups), cfg(**kw), values=values_t)
+    adv, _ = ADVANTAGES[estimator](inputs)
     return adv
 
 

@@ -9,7 +9,7 @@ from llmrl.algorithms.dapo import GroupFilter, reward_config_with_overlong
 from llmrl.loop import train
 from llmrl.recipe import load_recipe
 from llmrl.reward import RewardConfig
-from llmrl.types import Span, Task, Trajectory
+from llmrl.types import Group, Span, Task, Trajectory
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = str(REPO / "recipes" / "quickstart.yaml")
@@ -28,7 +28,7 @@ def scored(group_id, rewards, acc=None):
         t.reward = r
         t.reward_parts = {} if acc is None else {"acc": acc[i]}
         out.append(t)
-    return out
+    return [Group(group_id, task, out)]
 
 
 def test_group_filter_keeps_varied_groups_up_to_the_wanted_count():
@@ -37,7 +37,8 @@ def test_group_filter_keeps_varied_groups_up_to_the_wanted_count():
     assert not f.full and f.kept_groups == 1
     f.add(scored(2, [0, 0.3]) + scored(3, [1, 0]))  # no acc part: falls back to the score; both vary
     assert f.full
-    trajectories, metrics = f.result()
+    groups, metrics = f.result()
+    trajectories = [t for g in groups for t in g.trajectories]
     assert sorted({t.group_id for t in trajectories}) == [1, 2]  # the surplus group 3 is trimmed
     assert metrics == {"sampling/rounds": 2.0, "sampling/groups_generated": 4.0, "sampling/groups_dropped": 1.0, "sampling/groups_trained": 2.0}
 
@@ -46,7 +47,8 @@ def test_group_filter_with_nothing_kept_returns_the_last_round():
     f = GroupFilter(wanted_groups=1, metric="acc")
     f.add(scored(0, [0, 0]))
     f.add(scored(1, [0, 0]))
-    trajectories, metrics = f.result()
+    groups, metrics = f.result()
+    trajectories = [t for g in groups for t in g.trajectories]
     assert {t.group_id for t in trajectories} == {1} and metrics["sampling/groups_trained"] == 0.0
 
 

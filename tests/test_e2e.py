@@ -174,7 +174,7 @@ def test_every_recipe_runs_two_steps_with_tiny_model(tmp_path, recipe_file):
     rows = read_metrics(train(recipe))
     assert [r["step"] for r in rows] == [1, 2]
     assert all(math.isfinite(r["reward/mean"]) for r in rows)
-    critic = get_preset(recipe.algorithm.name).needs_critic
+    critic = "critic" in get_preset(recipe.algorithm.name).stages
     for r in rows:
         policy_learns = not critic or r["step"] > recipe.algorithm.critic_warmup_steps
         assert r.get("actor/updates", 0) == (2 if policy_learns else 0), r["step"]

@@ -212,7 +212,7 @@ def test_tiny_model_end_to_end_then_resume(tiny_path, tmp_path, capsys):
     [
         (["--bench", "gsm8k", "--n", "4", "--temperature", "0"], "--temperature", "n=4"),
         (["--bench", "gsm8k,gsm9k"], "--bench", "'gsm9k'"),
-        (["--bench", "gsm8k", "--engine", "nosuch"], "--engine nosuch", "available: hf"),
+        (["--bench", "gsm8k", "--engine", "nosuch"], "--engine nosuch", "known: hf, vllm"),
         (["--bench", "my_items.jsonl"], "--bench my_items.jsonl", "--reward"),
         (["--bench", "gsm8k", "--data-option", "gsm8k"], "--data-option", "BENCH.KEY=VALUE"),
         (["--bench", "arithmetic", "--data-option", "arithmetic.difficulty=9"], "--data-option arithmetic.difficulty", "8"),

@@ -69,7 +69,7 @@ def test_value_targets_are_the_gae_returns_of_the_worked_example():
     """§3.4: rewards [0,0,1], values [.5,.6,.7], gamma 1, lambda .95 -> returns [.96575, .985, 1.0],
     computed from the un-whitened advantages even though PPO whitens the advantages."""
     batch = {
-        "token_rewards": torch.tensor([[0.0, 0.0, 0.0, 1.0, 0.0]]),
+        "rewards/outcome": torch.tensor([[0.0, 0.0, 0.0, 1.0, 0.0]]),
         "old_values": torch.tensor([[0.0, 0.5, 0.6, 0.7, 0.0]]),
         "loss_mask": torch.tensor([[0.0, 1.0, 1.0, 1.0, 0.0]]),  # a prompt token, three policy tokens, padding
     }

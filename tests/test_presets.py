@@ -39,8 +39,8 @@ def test_preset_contents():
     assert resolve_algorithm(AlgorithmConfig(name="reinforce_pp_baseline")).kl_placement == "reward"
     assert resolve_algorithm(AlgorithmConfig(name="lite_ppo")).advantage == "lite"
     ppo = resolve_algorithm(AlgorithmConfig(name="ppo"))
-    assert ppo.advantage == "gae" and get_preset("ppo").needs_critic
-    assert [n for n in BUILT_IN if get_preset(n).needs_critic] == ["ppo"]
+    assert ppo.advantage == "gae" and "critic" in get_preset("ppo").stages
+    assert [n for n in BUILT_IN if "critic" in get_preset(n).stages] == ["ppo"]
 
 
 def test_defaults_are_grpo_verl():
@@ -116,7 +116,7 @@ def test_registry_is_open():
         with pytest.raises(ValueError, match="already registered"):
             register_preset(name, AlgorithmPreset("single_turn", "grpo", "ppo_clip"))
     finally:
-        PRESETS.pop(name, None)
+        PRESETS.unregister(name)
 
 
 def test_recipe_wiring():

@@ -18,8 +18,8 @@ from llmrl.reward import (
     known_reward_names,
     resolve_reward,
 )
+from llmrl.reward.builtin.gsm8k import gsm8k
 from llmrl.types import Span, Task, Trajectory
-from rewards.gsm8k import gsm8k
 
 PLUGIN_SOURCE = textwrap.dedent(
     """
@@ -137,7 +137,7 @@ def test_resolve_missing_function_in_file_suggests(plugin: str) -> None:
 
 
 def test_resolve_module_function(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    assert resolve_reward("rewards.gsm8k:gsm8k") is gsm8k
+    assert resolve_reward("llmrl.reward.builtin.gsm8k:gsm8k") is gsm8k
     (tmp_path / "my_reward_module.py").write_text("def half(completion, task):\n    return 0.5\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     assert resolve_reward("my_reward_module:half")("", None) == 0.5

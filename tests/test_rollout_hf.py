@@ -6,7 +6,8 @@ from llmrl.batch import collate
 from llmrl.models import ModelConfig
 from llmrl.rollout.base import RolloutConfig, SamplingParams
 from llmrl.rollout.hf import HFRolloutEngine, filter_logits
-from llmrl.rollout.workflows import single_turn
+from llmrl.rollout.workflows import SingleTurn, WorkflowContext
+from llmrl.types import GroupIds
 from llmrl.types import Task
 
 
@@ -83,8 +84,10 @@ def test_sampled_eos_is_in_the_loss_mask_although_pad_is_eos(engine, tokenizer):
     fresh = [t for i, t in enumerate(first.token_ids) if i > 0 and t not in first.token_ids[:i]]
     engine.eos_ids = torch.tensor(fresh[:1])  # a token the greedy reply reaches after >= 1 other token
     try:
-        trajs = single_turn([task], engine, seeded, 1, tokenizer, 0)
-        trajs += single_turn([task], engine, SamplingParams(temperature=0.0, max_new_tokens=1), 1, tokenizer, 1)
+        group_ids = GroupIds()
+        for sampling in (seeded, SamplingParams(temperature=0.0, max_new_tokens=1)):
+            context = WorkflowContext(engine, None, sampling, tokenizer, group_ids, step=1, n=1)
+            trajs = (trajs if sampling is not seeded else []) + SingleTurn().sample([task], context)[0].trajectories
     finally:
         engine.eos_ids = saved
     # Make the first row end in the real EOS id, as SmolLM2's would.
@@ -98,7 +101,8 @@ def test_sampled_eos_is_in_the_loss_mask_although_pad_is_eos(engine, tokenizer):
     pad = n0 - 1
     assert batch["input_ids"][1, p + 1 :].tolist() == [tokenizer.pad_token_id] * pad  # padding, same id...
     assert batch["loss_mask"][1].tolist() == [0.0] * p + [1.0] + [0.0] * pad  # ...but not in the loss
-    assert batch["token_rewards"].shape == batch["loss_mask"].shape
+    assert batch["rewards/outcome"].shape == batch["loss_mask"].shape
+    assert [t.group_id for t in trajs] == [0, 1]
 
 
 def test_load_weights_changes_outputs(engine, tokenizer, tiny_path):

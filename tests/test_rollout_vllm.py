@@ -12,7 +12,7 @@ from llmrl.rollout.base import RolloutConfig, SamplingParams, build_rollout_engi
 from llmrl.train.engine import TrainConfig  # noqa: E402
 from llmrl.train.logprobs import sequence_logprobs  # noqa: E402
 from llmrl.train.torch_engine import TorchTrainEngine  # noqa: E402
-from llmrl.distributed.weight_sync import sync_weights  # noqa: E402
+from llmrl.distributed.weight_sync import InProcessWeightSync  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -88,7 +88,8 @@ def test_weight_sync_moves_engine_onto_trainer_weights(engine, tokenizer):
     policy.eval()
     want = torch.cat([trainer_logprobs(policy, p, c, 1.0) for p, c in zip(ps, conts)])
     before = torch.cat([torch.tensor(r) for r in engine.score(ps, conts)])
-    sync_weights(trainer, engine, bucket_bytes=64 << 20)  # several buckets, one reload
+    stats = InProcessWeightSync(trainer, [engine], bucket_bytes=64 << 20).sync(step=1)  # several buckets, one reload
+    assert stats.bytes > 64 << 20 and stats.seconds > 0
     after = torch.cat([torch.tensor(r) for r in engine.score(ps, conts)])
     gap_before, gap_after = (before - want).abs().mean(), (after - want).abs().mean()
     assert gap_after <= 0.02, gap_after

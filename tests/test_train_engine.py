@@ -49,7 +49,7 @@ def grads_after_step(tiny_path, micro_size):
     cfg = TrainConfig(lr=0.0, grad_clip=0.0, precision="fp32", micro_batch_size=micro_size)
     engine = TorchTrainEngine(model, cfg, total_updates=1)
     batch = random_batch()
-    engine.step(split_micro_batches(batch, micro_size, None), TokenMeanPG(), LossContext(step=0, cfg=None))
+    engine.step(batch, TokenMeanPG(), LossContext(step=0, cfg=None))
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
@@ -117,6 +117,8 @@ def test_value_head_trains_through_engine(tiny_path):
     batch["returns"] = (torch.arange(4.0)[:, None] - 1.5).expand_as(batch["loss_mask"]) * batch["loss_mask"]
 
     class MSE:
+        outputs = ("values",)  # the engine's forward produces what the loss declares
+
         def denominators(self, mb, ctx):
             return {"vf": float(mb["loss_mask"].sum())}
 
@@ -124,7 +126,7 @@ def test_value_head_trains_through_engine(tiny_path):
             err = (out["values"] - mb["returns"]) ** 2 * mb["loss_mask"]
             return LossOutput(sums={"vf": err.sum()}, metrics={"vf": (float(err.sum()), float(mb["loss_mask"].sum()))})
 
-    losses = [engine.step([batch], MSE(), LossContext(0, None), want={"values"})["vf"] for _ in range(60)]
+    losses = [engine.step(batch, MSE(), LossContext(0, None))["vf"] for _ in range(60)]
     assert losses[-1] < 0.2 * losses[0], losses[:: 10]
     values = engine.forward(batch, {"values"})["values"]
     assert values.shape == batch["loss_mask"].shape
@@ -140,12 +142,12 @@ def test_nonfinite_update_is_skipped_then_aborts(tiny_path):
             return LossOutput(sums={"pg": (out["logprobs"] * mb["loss_mask"]).sum() * float("nan")})
 
     batch = random_batch(n_rows=2)
-    metrics = engine.step([batch], NaNLoss(), LossContext(0, None))
+    metrics = engine.step(batch, NaNLoss(), LossContext(0, None))
     assert metrics["actor/skipped_updates"] == 1
     for n, p in model.named_parameters():
         assert torch.equal(p, before[n]), n
     with pytest.raises(NonFiniteUpdateError, match="2 consecutive"):
-        engine.step([batch], NaNLoss(), LossContext(0, None))
+        engine.step(batch, NaNLoss(), LossContext(0, None))
 
 
 def test_pure_bf16_parameters_are_refused(tiny_path):
@@ -164,7 +166,7 @@ def test_lora_reference_is_base_model_with_adapter_disabled(tiny_path):
     base = load_causal_lm(ModelConfig(name=tiny_path))
     ref_before = engine.forward(batch, {"logprobs"}, reference=True)["logprobs"]
     for _ in range(3):
-        engine.step([batch], TokenMeanPG(), LossContext(0, None))
+        engine.step(batch, TokenMeanPG(), LossContext(0, None))
     ref_after = engine.forward(batch, {"logprobs"}, reference=True)["logprobs"]
     policy_after = engine.forward(batch, {"logprobs"})["logprobs"]
     base_engine = TorchTrainEngine(base, TrainConfig(precision="fp32"), total_updates=1)
@@ -195,7 +197,7 @@ def params_after_two_updates(tiny_path, skip, batches, algo_cfg):
     cfg = TrainConfig(lr=1e-3, grad_clip=0.0, precision="fp32", micro_batch_size=4, skip_zero_advantage_rows=skip)
     engine = TorchTrainEngine(model, cfg, total_updates=2)
     metrics = [
-        engine.step(split_micro_batches(b, 4, None), LOSSES["ppo_clip"], LossContext(step=0, cfg=algo_cfg)) for b in batches
+        engine.step(b, LOSSES["ppo_clip"], LossContext(step=0, cfg=algo_cfg)) for b in batches
     ]
     return {n: p.detach().clone() for n, p in model.named_parameters()}, metrics
 

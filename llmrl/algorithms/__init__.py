@@ -17,7 +17,7 @@ from llmrl.algorithms.advantages import (
 from llmrl.algorithms.aggregation import AGG_MODES, agg_denominator, agg_sum, aggregate, register_agg_mode
 from llmrl.algorithms.config import AlgorithmConfig, needs_reference, resolve_algorithm
 from llmrl.algorithms.entropy import ENTROPY_CONTROLS, register_entropy_control
-from llmrl.algorithms.kl import KL_ESTIMATORS, kl_in_reward, kl_penalty, register_kl
+from llmrl.algorithms.kl import KL_ESTIMATORS, kl_penalty, kl_reward_channel, register_kl
 from llmrl.algorithms.losses import LOSSES, register_loss
 from llmrl.algorithms.presets import PRESETS, AlgorithmPreset, get_preset, register_preset
 
@@ -36,8 +36,8 @@ __all__ = [
     "dynamic_sampling_keep",
     "gae_advantages_and_returns",
     "get_preset",
-    "kl_in_reward",
     "kl_penalty",
+    "kl_reward_channel",
     "mask_truncated",
     "masked_whiten",
     "needs_reference",

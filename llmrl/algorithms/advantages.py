@@ -2,16 +2,16 @@
 
 Every function has the `AdvantageFn` signature of llmrl/algorithms/base.py:
 
-    fn(token_rewards[B,T], loss_mask[B,T], group_ids[B], turn_ids[B,T], values[B,T] | None, cfg)
-        -> (advantages[B,T], metrics)
+    fn(inputs: AdvantageInputs) -> (advantages[B,T], metrics)
 
-The scalar outcome reward of a row is `token_rewards.sum(-1)`: the batch writes the score at
-the row's last policy token (its last token when the response is empty), and a KL-in-reward
-penalty spreads over the policy tokens. Advantages are exactly 0 outside `loss_mask`.
-`cfg` is a resolved `AlgorithmConfig` (llmrl/algorithms/config.py).
+`inputs` holds the reward channels, loss mask, group ids, turn ids, critic values, expert mask
+and the resolved `AlgorithmConfig`. `inputs.token_rewards` is the sum of the reward channels: the
+outcome score sits at the row's last policy token (its last token when the response is empty),
+and a KL-in-reward penalty (channel `kl`) spreads over the policy tokens; the scalar outcome of a
+row is its row sum. Advantages are exactly 0 outside `loss_mask`. Call estimators through
+`compute_advantages`, which keeps expert rows out of every statistic.
 
-Formulas and test vectors: specs/algorithms.md §2.1 (GRPO / Dr. GRPO), §3.2 (GAE), §4.1 (RLOO),
-§9.2 (REINFORCE++), §9.3 (Lite PPO), §2.4.3 (DAPO dynamic sampling).
+Formulas, the reference each follows, and the worked examples the tests use: docs/formulas.md.
 """
 from __future__ import annotations
 
@@ -19,19 +19,29 @@ from typing import Any, Callable
 
 import torch
 
-from llmrl.algorithms.base import AdvantageFn
+from llmrl.algorithms.base import AdvantageFn, AdvantageInputs
+from llmrl.registry import Registry
 
-ADVANTAGES: dict[str, AdvantageFn] = {}
+ADVANTAGES: Registry[AdvantageFn] = Registry("advantage")
 
 
 def register_advantage(name: str) -> Callable[[AdvantageFn], AdvantageFn]:
-    def register(fn: AdvantageFn) -> AdvantageFn:
-        if name in ADVANTAGES:
-            raise ValueError(f"advantage '{name}' is already registered")
-        ADVANTAGES[name] = fn
-        return fn
+    return ADVANTAGES.register(name)
 
-    return register
+
+def compute_advantages(fn: AdvantageFn, inputs: AdvantageInputs) -> tuple[torch.Tensor, dict[str, float]]:
+    """`fn` over the RL rows only. Expert rows (CHORD's demonstrations) are kept out of every
+    group and batch statistic and get advantage 0: they feed their own loss part."""
+    expert = inputs.expert_mask
+    if expert is None or not bool(expert.any()):
+        return fn(inputs)
+    rl_rows = (~expert.bool()).nonzero().flatten()
+    full = torch.zeros_like(inputs.loss_mask, dtype=torch.float32)
+    if len(rl_rows) == 0:
+        return full, {}
+    adv, metrics = fn(inputs.select(rl_rows))
+    full[rl_rows] = adv.to(full.dtype)
+    return full, metrics
 
 
 # --------------------------------------------------------------------------- shared pieces
@@ -69,6 +79,11 @@ class GroupStats:
         self.size = size[inverse]
         self.equal = self.group_equal[inverse]
         self.singleton = self.size == 1
+
+    def zero_all_equal(self, seq: torch.Tensor) -> torch.Tensor:
+        """`seq` with 0 for every row of a group of two or more whose members all scored the same
+        (exactly 0: no float residue of a mean subtraction), whatever the estimator computed."""
+        return torch.where(self.equal & ~self.singleton, torch.zeros_like(seq), seq)
 
     def metrics(self) -> dict[str, float]:
         n = max(len(self.group_size), 1)
@@ -136,91 +151,66 @@ def grpo_sequence_advantages(scores: torch.Tensor, group_ids: torch.Tensor, cfg:
     if norm:
         std = torch.where(stats.singleton & raw, torch.ones_like(stats.std), stats.std)
         centred = centred / (std + cfg.adv_eps)
-    adv = torch.where(stats.equal & ~stats.singleton, torch.zeros_like(centred), centred)
+    adv = stats.zero_all_equal(centred)
     if not raw:
         adv = torch.where(stats.singleton, torch.zeros_like(adv), adv)
     return adv.to(scores.dtype), stats
 
 
+def _row_advantages(seq: torch.Tensor, stats: GroupStats, inputs: AdvantageInputs) -> tuple[torch.Tensor, dict[str, float]]:
+    """A per-row advantage broadcast over the row's policy tokens, with the group metrics."""
+    adv = broadcast(seq.to(inputs.loss_mask.dtype), inputs.loss_mask)
+    return adv, {**token_metrics(adv, inputs.loss_mask), **stats.metrics()}
+
+
 @register_advantage("grpo")
-def grpo(
-    token_rewards: torch.Tensor,
-    loss_mask: torch.Tensor,
-    group_ids: torch.Tensor,
-    turn_ids: torch.Tensor,
-    values: torch.Tensor | None,
-    cfg: Any,
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """Group-relative outcome advantage (§2.1); std division per cfg.norm_adv_by_std."""
-    seq, stats = grpo_sequence_advantages(scalar_rewards(token_rewards), group_ids, cfg)
-    adv = broadcast(seq, loss_mask)
-    return adv, {**token_metrics(adv, loss_mask), **stats.metrics()}
+def grpo(inputs: AdvantageInputs) -> tuple[torch.Tensor, dict[str, float]]:
+    """Group-relative outcome advantage (GRPO); std division per cfg.norm_adv_by_std."""
+    seq, stats = grpo_sequence_advantages(scalar_rewards(inputs.token_rewards), inputs.group_ids, inputs.cfg)
+    return _row_advantages(seq, stats, inputs)
 
 
 @register_advantage("dr_grpo")
-def dr_grpo(
-    token_rewards: torch.Tensor,
-    loss_mask: torch.Tensor,
-    group_ids: torch.Tensor,
-    turn_ids: torch.Tensor,
-    values: torch.Tensor | None,
-    cfg: Any,
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """Dr. GRPO (Liu et al. 2025, arXiv 2503.20783, §2.3): GRPO without the std division, whatever
+def dr_grpo(inputs: AdvantageInputs) -> tuple[torch.Tensor, dict[str, float]]:
+    """Dr. GRPO (Liu et al. 2025, arXiv 2503.20783): GRPO without the std division, whatever
     cfg.norm_adv_by_std says (the `dr_grpo` preset uses `grpo` with norm_adv_by_std=False)."""
-    seq, stats = grpo_sequence_advantages(scalar_rewards(token_rewards), group_ids, cfg, norm_by_std=False)
-    adv = broadcast(seq, loss_mask)
-    return adv, {**token_metrics(adv, loss_mask), **stats.metrics()}
+    seq, stats = grpo_sequence_advantages(scalar_rewards(inputs.token_rewards), inputs.group_ids, inputs.cfg, norm_by_std=False)
+    return _row_advantages(seq, stats, inputs)
 
 
 @register_advantage("rloo")
-def rloo(
-    token_rewards: torch.Tensor,
-    loss_mask: torch.Tensor,
-    group_ids: torch.Tensor,
-    turn_ids: torch.Tensor,
-    values: torch.Tensor | None,
-    cfg: Any,
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """RLOO (Kool et al. 2019; Ahmadian et al. 2024, arXiv 2402.14740; §4.1):
+def rloo(inputs: AdvantageInputs) -> tuple[torch.Tensor, dict[str, float]]:
+    """RLOO (Kool et al. 2019; Ahmadian et al. 2024, arXiv 2402.14740):
     A_i = r_i - mean_{j != i} r_j = k/(k-1) (r_i - mean). No std division.
     A group of one: 'zero' -> 0 (verl `rloo_vectorized`, TRL), 'raw' -> r_i (verl `rloo`).
     cfg.rloo_batch_normalize: then (A - mean_batch) / (std_batch + adv_eps) over rows (TRL
     `normalize_advantages`). A KL penalty in the reward (kl_placement='reward', k1) becomes
     TRL's  r - beta * sum_t k1  because the row reward is the row sum.
     """
-    stats = GroupStats(scalar_rewards(token_rewards), group_ids)
+    cfg = inputs.cfg
+    stats = GroupStats(scalar_rewards(inputs.token_rewards), inputs.group_ids)
     k = stats.size
     others = (stats.mean * k - stats.scores) / (k - 1).clamp(min=1)
     seq = stats.scores - others
     seq = torch.where(stats.singleton, stats.scores if cfg.singleton_group == "raw" else torch.zeros_like(seq), seq)
-    seq = torch.where(stats.equal & ~stats.singleton, torch.zeros_like(seq), seq)
+    seq = stats.zero_all_equal(seq)
     if cfg.rloo_batch_normalize and seq.numel() > 1:
         seq = (seq - seq.mean()) / (seq.std() + cfg.adv_eps)
-    adv = broadcast(seq.to(token_rewards.dtype), loss_mask)
-    return adv, {**token_metrics(adv, loss_mask), **stats.metrics()}
+    return _row_advantages(seq, stats, inputs)
 
 
 @register_advantage("lite")
-def lite(
-    token_rewards: torch.Tensor,
-    loss_mask: torch.Tensor,
-    group_ids: torch.Tensor,
-    turn_ids: torch.Tensor,
-    values: torch.Tensor | None,
-    cfg: Any,
-) -> tuple[torch.Tensor, dict[str, float]]:
+def lite(inputs: AdvantageInputs) -> tuple[torch.Tensor, dict[str, float]]:
     """Lite PPO (Liu et al. 2025, "Tricks or Traps", arXiv 2508.08221; ROLL `reward_norm` with
-    norm_mean_type=group, norm_std_type=batch; §9.3): A_i = (r_i - mean_group) / (std_batch + eps),
+    norm_mean_type=group, norm_std_type=batch): A_i = (r_i - mean_group) / (std_batch + eps),
     std_batch the unbiased std over every row of the batch."""
-    stats = GroupStats(scalar_rewards(token_rewards), group_ids)
+    cfg = inputs.cfg
+    stats = GroupStats(scalar_rewards(inputs.token_rewards), inputs.group_ids)
     seq = stats.scores - _group_mean_baseline(stats, cfg.singleton_group)
     if cfg.norm_adv_by_std:
         batch_std = stats.scores.std() if stats.scores.numel() > 1 else stats.scores.new_zeros(())
         seq = seq / (batch_std + cfg.adv_eps)
-    seq = torch.where(stats.equal & ~stats.singleton, torch.zeros_like(seq), seq)
-    adv = broadcast(seq.to(token_rewards.dtype), loss_mask)
-    return adv, {**token_metrics(adv, loss_mask), **stats.metrics()}
+    return _row_advantages(stats.zero_all_equal(seq), stats, inputs)
 
 
 # --------------------------------------------------------------------------- token-level returns
@@ -245,37 +235,24 @@ def discounted_returns(token_rewards: torch.Tensor, loss_mask: torch.Tensor, gam
 
 
 @register_advantage("reinforce_pp")
-def reinforce_pp(
-    token_rewards: torch.Tensor,
-    loss_mask: torch.Tensor,
-    group_ids: torch.Tensor,
-    turn_ids: torch.Tensor,
-    values: torch.Tensor | None,
-    cfg: Any,
-) -> tuple[torch.Tensor, dict[str, float]]:
+def reinforce_pp(inputs: AdvantageInputs) -> tuple[torch.Tensor, dict[str, float]]:
     """REINFORCE++ (Hu 2025, arXiv 2501.03262; verl `reinforce_plus_plus`, §9.2): per-token
     discounted return (cfg.gamma), then masked whitening over every valid token of the batch."""
-    returns = discounted_returns(token_rewards, loss_mask, cfg.gamma)
+    cfg, loss_mask = inputs.cfg, inputs.loss_mask
+    returns = discounted_returns(inputs.token_rewards, loss_mask, cfg.gamma)
     adv = masked_whiten(returns, loss_mask) if cfg.whiten_advantages else returns
     return adv, token_metrics(adv, loss_mask)
 
 
 @register_advantage("reinforce_pp_baseline")
-def reinforce_pp_baseline(
-    token_rewards: torch.Tensor,
-    loss_mask: torch.Tensor,
-    group_ids: torch.Tensor,
-    turn_ids: torch.Tensor,
-    values: torch.Tensor | None,
-    cfg: Any,
-) -> tuple[torch.Tensor, dict[str, float]]:
+def reinforce_pp_baseline(inputs: AdvantageInputs) -> tuple[torch.Tensor, dict[str, float]]:
     """REINFORCE++-baseline (verl `reinforce_plus_plus_baseline`, §9.2): row score minus the group
     mean (no std), broadcast over tokens, then masked whitening over all valid tokens of the batch
     (so the std is token-weighted). A group of one: per cfg.singleton_group ('raw' = verl)."""
-    stats = GroupStats(scalar_rewards(token_rewards), group_ids)
-    seq = stats.scores - _group_mean_baseline(stats, cfg.singleton_group)
-    seq = torch.where(stats.equal & ~stats.singleton, torch.zeros_like(seq), seq)
-    adv = broadcast(seq.to(token_rewards.dtype), loss_mask)
+    cfg, loss_mask = inputs.cfg, inputs.loss_mask
+    stats = GroupStats(scalar_rewards(inputs.token_rewards), inputs.group_ids)
+    seq = stats.zero_all_equal(stats.scores - _group_mean_baseline(stats, cfg.singleton_group))
+    adv = broadcast(seq.to(loss_mask.dtype), loss_mask)
     if cfg.whiten_advantages:
         adv = masked_whiten(adv, loss_mask)
     return adv, {**token_metrics(adv, loss_mask), **stats.metrics()}
@@ -319,18 +296,12 @@ def gae_advantages_and_returns(
 
 
 @register_advantage("gae")
-def gae(
-    token_rewards: torch.Tensor,
-    loss_mask: torch.Tensor,
-    group_ids: torch.Tensor,
-    turn_ids: torch.Tensor,
-    values: torch.Tensor | None,
-    cfg: Any,
-) -> tuple[torch.Tensor, dict[str, float]]:
+def gae(inputs: AdvantageInputs) -> tuple[torch.Tensor, dict[str, float]]:
     """GAE advantages for PPO with a critic; call `gae_advantages_and_returns` for the returns."""
+    cfg, loss_mask, values = inputs.cfg, inputs.loss_mask, inputs.values
     if values is None:
-        raise ValueError("advantage 'gae' needs critic values (batch['values']); use a preset with needs_critic")
-    adv, returns = gae_advantages_and_returns(token_rewards, values, loss_mask, cfg.gamma, cfg.lam, cfg.whiten_advantages)
+        raise ValueError("advantage 'gae' needs critic values (batch['old_values']); use a preset with the critic stage")
+    adv, returns = gae_advantages_and_returns(inputs.token_rewards, values, loss_mask, cfg.gamma, cfg.lam, cfg.whiten_advantages)
     metrics = token_metrics(adv, loss_mask)
     valid = loss_mask > 0
     if valid.any():

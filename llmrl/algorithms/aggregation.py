@@ -28,6 +28,8 @@ from typing import Callable, Protocol
 
 import torch
 
+from llmrl.registry import Registry
+
 
 class AggMode(Protocol):
     def sum(self, values: torch.Tensor, mask: torch.Tensor, scale_factor: float | None) -> torch.Tensor: ...
@@ -35,12 +37,14 @@ class AggMode(Protocol):
     def denominator(self, mask: torch.Tensor) -> float: ...
 
 
-AGG_MODES: dict[str, AggMode] = {}
+AGG_MODES: Registry[AggMode] = Registry("loss_agg_mode")
 
 
 def register_agg_mode(name: str) -> Callable[[type], type]:
+    """Class decorator: registers one instance of the class under `name`."""
+
     def register(cls: type) -> type:
-        AGG_MODES[name] = cls()
+        AGG_MODES.register(name, cls())
         return cls
 
     return register
@@ -102,13 +106,6 @@ class SeqMeanTokenSumNorm:
         return float(mask.shape[0])
 
 
-def get_agg_mode(mode: str) -> AggMode:
-    try:
-        return AGG_MODES[mode]
-    except KeyError:
-        raise ValueError(f"unknown loss_agg_mode '{mode}'; known: {sorted(AGG_MODES)}") from None
-
-
 def _row_mask(mask: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
     return mask if rows is None else mask[rows.bool()]
 
@@ -127,12 +124,12 @@ def agg_sum(
     """
     if rows is not None:
         values, mask = values[rows.bool()], mask[rows.bool()]
-    return get_agg_mode(mode).sum(values, mask, scale_factor)
+    return AGG_MODES[mode].sum(values, mask, scale_factor)
 
 
 def agg_denominator(mask: torch.Tensor, mode: str, rows: torch.Tensor | None = None) -> float:
     """This micro-batch's share of `mode`'s denominator, from the mask alone."""
-    return get_agg_mode(mode).denominator(_row_mask(mask, rows))
+    return AGG_MODES[mode].denominator(_row_mask(mask, rows))
 
 
 def aggregate(

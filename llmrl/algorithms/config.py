@@ -9,19 +9,23 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 
 from llmrl.algorithms.advantages import ADVANTAGES
+from llmrl.algorithms.aggregation import AGG_MODES
+from llmrl.algorithms.entropy import ENTROPY_CONTROLS
+from llmrl.algorithms.kl import KL_ESTIMATORS
+from llmrl.algorithms.kl_controller import KL_CONTROLLERS
 from llmrl.algorithms.losses import LOSSES
-from llmrl.algorithms.presets import PRESETS, get_preset, unknown_name_message
+from llmrl.algorithms.presets import PRESETS, get_preset
 from llmrl.config_base import Section
+from llmrl.registry import registered_name
 
-LossAggMode = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
 
 
 class AlgorithmConfig(Section):
     # ---------------------------------------------------------------- what runs
-    name: str = Field(
+    name: registered_name(PRESETS) = Field(
         "grpo",
         description=(
             "Algorithm preset: picks the workflow, advantage, loss and default options "
@@ -29,10 +33,10 @@ class AlgorithmConfig(Section):
             "Any key set here overrides the preset's default for it."
         ),
     )
-    advantage: str | None = Field(
+    advantage: registered_name(ADVANTAGES) | None = Field(
         None, description="Advantage estimator by registered name (grpo, dr_grpo, rloo, lite, reinforce_pp, reinforce_pp_baseline, gae); None = the preset's."
     )
-    loss: str | None = Field(None, description="Policy loss by registered name (ppo_clip, gspo, rloo_seq, sft); None = the preset's.")
+    loss: registered_name(LOSSES) | None = Field(None, description="Policy loss by registered name (ppo_clip, gspo, rloo_seq, sft); None = the preset's.")
 
     # ---------------------------------------------------------------- advantages
     norm_adv_by_std: bool = Field(
@@ -72,7 +76,7 @@ class AlgorithmConfig(Section):
         gt=1,
         description="Dual clip for A < 0: the per-token loss is capped at -A*c (verl clip_ratio_c 3; DAPO scripts 10). None = off. ppo_clip only.",
     )
-    loss_agg_mode: LossAggMode = Field(
+    loss_agg_mode: registered_name(AGG_MODES) = Field(
         "token-mean",
         description=(
             "How per-token losses become one number over the mini-batch: token-mean (sum/valid tokens), "
@@ -96,7 +100,7 @@ class AlgorithmConfig(Section):
     kl_coef: float = Field(
         0.0, ge=0, description="Weight beta of the KL to the frozen reference. 0 = no reference model is loaded."
     )
-    kl_estimator: Literal["k1", "k2", "k3", "abs"] = Field(
+    kl_estimator: registered_name(KL_ESTIMATORS) = Field(
         "k3",
         description="Per-token KL estimator: k1 = logp-ref, k2 = 0.5(logp-ref)^2 (verl mse), k3 = exp(ref-logp)-(ref-logp)-1 (verl low_var_kl), abs.",
     )
@@ -104,7 +108,7 @@ class AlgorithmConfig(Section):
         "loss",
         description="'loss': kl_coef * KL(current, ref) is a loss part, aggregated like the policy loss. 'reward': r_t -= kl_coef * KL(old, ref) on policy tokens before advantages.",
     )
-    kl_controller: Literal["fixed", "adaptive"] = Field(
+    kl_controller: registered_name(KL_CONTROLLERS) = Field(
         "fixed",
         description="'fixed': kl_coef stays put. 'adaptive' (Ziegler et al. 2019; kl_placement='reward' only): after each "
         "step kl_coef *= 1 + clip(KL/kl_target - 1, -0.2, 0.2) * trajectories/kl_horizon, KL the batch mean of per-row token-mean KL.",
@@ -147,7 +151,7 @@ class AlgorithmConfig(Section):
     )
 
     # ---------------------------------------------------------------- entropy control (Cui et al. 2025)
-    entropy_control: Literal["none", "clip_cov", "kl_cov"] = Field(
+    entropy_control: registered_name(ENTROPY_CONTROLS) = Field(
         "none",
         description="Restrain high-covariance tokens in the ppo_clip loss: clip_cov drops a random few from the gradient, kl_cov adds kl_cov_coef*|logp - old| to the top few.",
     )
@@ -166,27 +170,6 @@ class AlgorithmConfig(Section):
     kl_cov_coef: float = Field(0.1, ge=0, description="KL-Cov: the penalty weight kappa (verl actor.yaml 0.1; PRIME-RL scripts 1).")
 
     # ---------------------------------------------------------------- checks
-    @field_validator("name")
-    @classmethod
-    def _known_preset(cls, value: str) -> str:
-        if value not in PRESETS:
-            raise ValueError(unknown_name_message("algorithm", value, list(PRESETS)))
-        return value
-
-    @field_validator("advantage")
-    @classmethod
-    def _known_advantage(cls, value: str | None) -> str | None:
-        if value is not None and value not in ADVANTAGES:
-            raise ValueError(unknown_name_message("advantage", value, list(ADVANTAGES)))
-        return value
-
-    @field_validator("loss")
-    @classmethod
-    def _known_loss(cls, value: str | None) -> str | None:
-        if value is not None and value not in LOSSES:
-            raise ValueError(unknown_name_message("loss", value, list(LOSSES)))
-        return value
-
     @model_validator(mode="after")
     def _consistent(self) -> "AlgorithmConfig":
         if self.clip_cov_lb >= self.clip_cov_ub:

@@ -1,4 +1,4 @@
-"""DAPO's batch-level options, as the loop applies them to any algorithm (specs §2.4).
+"""DAPO's batch-level options, as the loop applies them to any algorithm (docs/formulas.md, DAPO).
 
 Yu et al. 2025, arXiv 2503.14476:
 - dynamic sampling: groups whose samples all scored the same carry no learning signal, so they
@@ -15,7 +15,7 @@ import torch
 
 from llmrl.algorithms.advantages import dynamic_sampling_keep
 from llmrl.reward import RewardConfig, RewardFunctionSpec, default_reward_for_kind
-from llmrl.types import Trajectory
+from llmrl.types import Group
 
 
 def reward_config_with_overlong(reward: RewardConfig, algo: Any, max_new_tokens: int, data_kind: str | None) -> RewardConfig:
@@ -49,46 +49,45 @@ class GroupFilter:
 
     wanted_groups: int
     metric: str
-    kept: list[Trajectory] = field(default_factory=list)
-    last_round: list[Trajectory] = field(default_factory=list)
+    kept: list[Group] = field(default_factory=list)
+    last_round: list[Group] = field(default_factory=list)
     rounds: int = 0
     generated_groups: int = 0
     dropped_groups: int = 0
 
     @property
     def kept_groups(self) -> int:
-        return len({t.group_id for t in self.kept})
+        return len(self.kept)
 
     @property
     def full(self) -> bool:
         return self.kept_groups >= self.wanted_groups
 
-    def add(self, trajectories: list[Trajectory]) -> None:
+    def add(self, groups: list[Group]) -> None:
         """Keep the groups of one round whose metric varies (or that have a single sample)."""
         self.rounds += 1
-        self.last_round = trajectories
+        self.last_round = groups
+        trajectories = [t for g in groups for t in g.trajectories]
         group_ids = torch.tensor([t.group_id for t in trajectories])
         values = torch.tensor([float(t.reward_parts.get(self.metric, t.reward)) for t in trajectories])
         keep = dynamic_sampling_keep(group_ids, values).tolist()
-        groups = {t.group_id for t in trajectories}
         kept_now = {t.group_id for t, k in zip(trajectories, keep) if k}
         self.generated_groups += len(groups)
         self.dropped_groups += len(groups) - len(kept_now)
         room = self.wanted_groups - self.kept_groups
-        accepted = sorted(kept_now)[: max(room, 0)]  # verl also trims the surplus of the last round
-        self.kept.extend(t for t in trajectories if t.group_id in set(accepted))
+        accepted = set(sorted(kept_now)[: max(room, 0)])  # verl also trims the surplus of the last round
+        self.kept.extend(g for g in groups if g.group_id in accepted)
 
-    def result(self) -> tuple[list[Trajectory], dict[str, float]]:
-        """The step's trajectories and the sampling metrics.
+    def result(self) -> tuple[list[Group], dict[str, float]]:
+        """The step's groups and the sampling metrics.
 
         If the round cap came first with no group kept, the last round is trained as it is: its
         advantages are all zero, so the step changes nothing but stays a normal step.
         """
-        trajectories = self.kept or self.last_round
         metrics = {
             "sampling/rounds": float(self.rounds),
             "sampling/groups_generated": float(self.generated_groups),
             "sampling/groups_dropped": float(self.dropped_groups),
             "sampling/groups_trained": float(self.kept_groups),
         }
-        return trajectories, metrics
+        return self.kept or self.last_round, metrics

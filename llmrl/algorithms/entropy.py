@@ -21,6 +21,8 @@ from typing import Any, Callable
 
 import torch
 
+from llmrl.registry import Registry
+
 Metrics = dict[str, tuple[float, float]]
 
 
@@ -40,17 +42,11 @@ class PolicyTokenTerms:
 
 EntropyControl = Callable[[PolicyTokenTerms, Any, "torch.Generator | None"], tuple[torch.Tensor, Metrics]]
 
-ENTROPY_CONTROLS: dict[str, EntropyControl] = {}
+ENTROPY_CONTROLS: Registry[EntropyControl] = Registry("entropy control")
 
 
 def register_entropy_control(name: str) -> Callable[[EntropyControl], EntropyControl]:
-    def register(fn: EntropyControl) -> EntropyControl:
-        if name in ENTROPY_CONTROLS:
-            raise ValueError(f"entropy control '{name}' is already registered")
-        ENTROPY_CONTROLS[name] = fn
-        return fn
-
-    return register
+    return ENTROPY_CONTROLS.register(name)
 
 
 def token_covariance(advantages: torch.Tensor, logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -12,9 +12,11 @@ from typing import Callable
 
 import torch
 
+from llmrl.registry import Registry
+
 KLEstimator = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
-KL_ESTIMATORS: dict[str, KLEstimator] = {}
+KL_ESTIMATORS: Registry[KLEstimator] = Registry("KL estimator")
 
 
 def register_kl(*names: str) -> Callable[[KLEstimator], KLEstimator]:
@@ -22,9 +24,7 @@ def register_kl(*names: str) -> Callable[[KLEstimator], KLEstimator]:
 
     def register(fn: KLEstimator) -> KLEstimator:
         for name in names:
-            if name in KL_ESTIMATORS:
-                raise ValueError(f"KL estimator '{name}' is already registered")
-            KL_ESTIMATORS[name] = fn
+            KL_ESTIMATORS.register(name, fn)
         return fn
 
     return register
@@ -61,22 +61,18 @@ def kl_k3(logp: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
 
 def kl_penalty(logp: torch.Tensor, ref: torch.Tensor, estimator: str) -> torch.Tensor:
     """Per-token KL estimate by registered name (k1, k2, k3, abs, or verl's aliases)."""
-    try:
-        fn = KL_ESTIMATORS[estimator]
-    except KeyError:
-        raise ValueError(f"unknown KL estimator '{estimator}'; known: {sorted(KL_ESTIMATORS)}") from None
-    return fn(logp, ref)
+    return KL_ESTIMATORS[estimator](logp, ref)
 
 
-def kl_in_reward(
-    token_rewards: torch.Tensor,
+def kl_reward_channel(
     old_logprobs: torch.Tensor,
     ref_logprobs: torch.Tensor,
     loss_mask: torch.Tensor,
     kl_coef: float,
     estimator: str = "k1",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """r_t = score_t - beta * KL_t * m_t (verl `apply_kl_penalty`, §3.1): KL from old vs reference.
-    Returns the penalised rewards and the per-token KL (an adaptive KL controller reads it)."""
+    """The reward channel `kl` = -beta * KL_t * m_t, so the token reward r_t = score_t - beta KL_t m_t
+    (verl `apply_kl_penalty`; Ouyang et al. 2022), with KL of the old policy against the
+    reference. Returns the channel and the per-token KL (an adaptive KL controller reads it)."""
     kl = kl_penalty(old_logprobs, ref_logprobs, estimator)
-    return token_rewards - kl_coef * kl * loss_mask, kl
+    return -(kl_coef * kl * loss_mask), kl

@@ -17,6 +17,7 @@ from typing import Any, Callable, Protocol
 import torch
 
 from llmrl.algorithms.aggregation import agg_denominator, agg_sum
+from llmrl.registry import Registry
 
 
 class KLController(Protocol):
@@ -54,10 +55,9 @@ class AdaptiveKLController(FixedKLController):
         self.value *= 1.0 + error * n_trajectories / self.horizon
 
 
-KL_CONTROLLERS: dict[str, Callable[[Any], KLController]] = {
-    "fixed": FixedKLController,
-    "adaptive": AdaptiveKLController,
-}
+KL_CONTROLLERS: Registry[Callable[[Any], KLController]] = Registry("KL controller")
+KL_CONTROLLERS.register("fixed", FixedKLController)
+KL_CONTROLLERS.register("adaptive", AdaptiveKLController)
 
 
 def build_kl_controller(cfg: Any) -> KLController:

@@ -27,8 +27,9 @@ from llmrl.algorithms.aggregation import agg_denominator, agg_sum
 from llmrl.algorithms.base import Batch, LossContext, LossFn, LossOutput
 from llmrl.algorithms.entropy import ENTROPY_CONTROLS, PolicyTokenTerms
 from llmrl.algorithms.kl import kl_k3, kl_penalty
+from llmrl.registry import Registry
 
-LOSSES: dict[str, LossFn] = {}
+LOSSES: Registry[LossFn] = Registry("loss")
 
 LOG_RATIO_CLAMP = 20.0  # verl / Trinity clamp log(pi/pi_old) to +-20 before exp (§1.3)
 GSPO_LOG_RATIO_MAX = 10.0  # verl `gspo` clamps the sequence log-ratio from above at 10 (§9.1)
@@ -40,9 +41,7 @@ def register_loss(name: str) -> Callable[[type], type]:
     """Class decorator: registers one instance of the class under `name`."""
 
     def register(cls: type) -> type:
-        if name in LOSSES:
-            raise ValueError(f"loss '{name}' is already registered")
-        LOSSES[name] = cls()
+        LOSSES.register(name, cls())
         return cls
 
     return register

@@ -6,11 +6,12 @@ preset's default for that key (see `config.resolve_algorithm`). Adding an algori
 """
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass, field
 from typing import Any
 
-PRESETS: dict[str, "AlgorithmPreset"] = {}
+from llmrl.registry import Registry
+
+PRESETS: Registry["AlgorithmPreset"] = Registry("algorithm")
 
 
 @dataclass(frozen=True)
@@ -19,29 +20,19 @@ class AlgorithmPreset:
     advantage: str  # key of llmrl.algorithms.advantages.ADVANTAGES
     loss: str  # key of llmrl.algorithms.losses.LOSSES
     defaults: dict[str, Any] = field(default_factory=dict)  # AlgorithmConfig field -> value
-    needs_critic: bool = False  # the loop must build a value model and fit it (loss `value`)
+    # Stages (llmrl/stages.py) the algorithm always runs, beyond those its options switch on:
+    # PPO's `critic` builds a value model and fits it.
+    stages: tuple[str, ...] = ()
     description: str = ""
 
 
 def register_preset(name: str, preset: AlgorithmPreset) -> AlgorithmPreset:
     """Register `preset` under `name`. Later packages (POPE, IGPO, CHORD) add theirs the same way."""
-    if name in PRESETS:
-        raise ValueError(f"algorithm preset '{name}' is already registered")
-    PRESETS[name] = preset
-    return preset
-
-
-def unknown_name_message(kind: str, name: str, known: list[str]) -> str:
-    close = difflib.get_close_matches(name, known, n=1)
-    hint = f"; did you mean '{close[0]}'?" if close else ""
-    return f"unknown {kind} '{name}' (known: {', '.join(sorted(known))}){hint}"
+    return PRESETS.register(name, preset)
 
 
 def get_preset(name: str) -> AlgorithmPreset:
-    try:
-        return PRESETS[name]
-    except KeyError:
-        raise ValueError(unknown_name_message("algorithm", name, list(PRESETS))) from None
+    return PRESETS[name]
 
 
 # --------------------------------------------------------------------------- built-in presets
@@ -128,7 +119,7 @@ register_preset(
     AlgorithmPreset(
         "single_turn", "gae", "ppo_clip",
         {"kl_placement": "reward", "kl_estimator": "k1"},
-        needs_critic=True,
+        stages=("critic",),
         description="PPO with a critic (Ouyang et al. 2022 style): GAE, whitened advantages, clipped value loss.",
     ),
 )

@@ -19,10 +19,10 @@ from pydantic import ValidationError
 
 from llmrl.data import DataConfig, build_tasks, get_task_type, tokenize_prompt
 from llmrl.data.sources import FILE_BUILDERS
+from llmrl.reward.builtin.arithmetic import arithmetic_answer
+from llmrl.reward.builtin.gsm8k import canonical_number, gsm8k_extract
+from llmrl.reward.builtin.math import extract_last_boxed
 from llmrl.types import Task
-from rewards.arithmetic import arithmetic_answer
-from rewards.gsm8k import canonical_number, gsm8k_extract
-from rewards.math import extract_last_boxed
 
 
 class EvalError(ValueError):

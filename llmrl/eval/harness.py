@@ -1,7 +1,7 @@
 """Run an evaluation: generate with a rollout engine, grade with the training rewards, score.
 
 `evaluate_bench` is the one function both `llmrl eval` and evaluation during training call, so
-their numbers agree. It generates through the `single_turn` workflow, grades through
+their numbers agree. It generates through the `single_turn` workflow (`SingleTurn.sample`), grades through
 `RewardComputer`, appends every graded batch to samples.jsonl (flushed, so Ctrl-C keeps it),
 and computes the metrics from that file, so a resumed run scores old and new samples alike.
 """
@@ -30,8 +30,8 @@ from llmrl.eval.report import (
 )
 from llmrl.reward import RewardComputer, RewardConfig, RewardResult, resolve_reward
 from llmrl.rollout.base import RolloutEngine, SamplingParams
-from llmrl.rollout.workflows import single_turn
-from llmrl.types import Task, Trajectory
+from llmrl.rollout.workflows import SingleTurn, WorkflowContext
+from llmrl.types import GroupIds, Task, Trajectory
 
 
 def prepare_benches(cfg: EvalConfig, tokenizer: Any) -> list[BenchTasks]:
@@ -89,7 +89,8 @@ def evaluate_bench(
                 units = todo[first : first + cfg.batch_size]
                 # A seed per batch position: a fresh run draws the same samples every time.
                 batch_sampling = replace(sampling, seed=cfg.seed * 1_000_003 + first)
-                trajectories = single_turn([t for t, _ in units], engine, batch_sampling, 1, tokenizer, 0)
+                context = WorkflowContext(engine, rewards, batch_sampling, tokenizer, GroupIds(), step=0, n=1)
+                trajectories = [t for g in SingleTurn().sample([t for t, _ in units], context) for t in g.trajectories]
                 graded = rewards.score(trajectories)
                 failures += int(rewards.metrics().get("reward/failures", 0))
                 rows = [_sample_row(u, traj, res, reader, tokenizer) for u, traj, res in zip(units, trajectories, graded)]

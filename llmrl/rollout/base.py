@@ -6,14 +6,44 @@ guided workflows can extend a sequence without re-tokenising it.
 """
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Literal, Protocol
 
 import torch
-from pydantic import Field
+from pydantic import ConfigDict, Field, model_validator
 
 from llmrl.config_base import Section
+from llmrl.distributed.weight_sync import WEIGHT_SYNCS
+from llmrl.registry import Registry, registered_name
 from llmrl.types import Completion
+
+
+def _import_builtin_engines() -> None:
+    importlib.import_module("llmrl.rollout.hf")
+    importlib.import_module("llmrl.rollout.vllm_engine")  # registers "vllm"; imports vLLM only when built
+
+
+ROLLOUT_ENGINES: Registry[Callable[..., "RolloutEngine"]] = Registry("rollout engine", loader=_import_builtin_engines)
+WORKFLOWS: Registry[Any] = Registry("workflow", loader=lambda: importlib.import_module("llmrl.rollout.workflows"))
+
+
+class WorkflowConfig(Section):
+    """The recipe's `rollout.workflow`: a workflow name plus that workflow's own options."""
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
+
+    name: str | None = Field(None, description="Workflow by registered name (single_turn, ...); None = the algorithm preset's.")
+
+    @model_validator(mode="after")
+    def _options_match_the_workflow(self) -> "WorkflowConfig":
+        if self.name is not None:
+            WORKFLOWS[self.name].Options.model_validate(self.options())
+        return self
+
+    def options(self) -> dict[str, Any]:
+        """The workflow's own keys (everything but `name`)."""
+        return dict(self.model_extra or {})
 
 
 @dataclass
@@ -31,7 +61,14 @@ class SamplingParams:
 
 
 class RolloutConfig(Section):
-    engine: Literal["hf", "vllm"] = Field("hf", description="Rollout engine: hf (transformers, embedded default) or vllm.")
+    engine: registered_name(ROLLOUT_ENGINES) = Field("hf", description="Rollout engine by registered name: hf (transformers, embedded default) or vllm.")
+    workflow: WorkflowConfig = Field(
+        default_factory=WorkflowConfig,
+        description="How tasks become trajectories: `name` (single_turn, ...; default: the algorithm preset's) plus that workflow's options.",
+    )
+    weight_sync: registered_name(WEIGHT_SYNCS) = Field(
+        "inprocess", description="How trained weights reach the rollout engine after each update, by registered name (inprocess)."
+    )
     n: int = Field(8, ge=1, description="Samples per prompt (the GRPO group size).")
     temperature: float = Field(1.0, ge=0, description="Sampling temperature; 0 is greedy. Logprobs are of logits / temperature.")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling; RL keeps 1.0 so rollout and trainer distributions match.")
@@ -58,46 +95,39 @@ class RolloutConfig(Section):
 
 
 class RolloutEngine(Protocol):
+    """What generates. Weight updates are bracketed: `begin_weight_update()`, one `load_weights`
+    per bucket, then `finish_weight_update()`, which must leave the new weights in effect (an
+    engine may stage the buckets and apply them all there)."""
+
     def generate(self, prompt_ids: list[list[int]], sampling: SamplingParams) -> list[Completion]:
         """One completion per prompt (repeat a prompt n times for a group)."""
 
     def score(self, prefix_ids: list[list[int]], continuation_ids: list[list[int]], temperature: float = 1.0) -> list[list[float]]:
         """Teacher-forced logprob of every continuation token given its prefix."""
 
+    def begin_weight_update(self) -> None: ...
+
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Replace the engine's weights with the trainer's (full names, merged LoRA). An engine
-        may stage the buckets and apply them in an optional `finish_weight_update()`, which
-        `sync_weights` calls after the last bucket."""
+        """One bucket of the trainer's weights (full names, merged LoRA)."""
 
-
-ROLLOUT_ENGINES: dict[str, Callable[..., RolloutEngine]] = {}
-
-
-# Per engine, a check that returns why it cannot run in this install (None when it can).
-ENGINE_REQUIREMENTS: dict[str, Callable[[], str | None]] = {}
+    def finish_weight_update(self) -> None: ...
 
 
 def register_rollout_engine(
     name: str, requirement: Callable[[], str | None] | None = None
 ) -> Callable[[Callable[..., RolloutEngine]], Callable[..., RolloutEngine]]:
+    """Decorator for an engine factory `(rollout_cfg, model_cfg, tokenizer, seed=0) -> engine`;
+    `requirement` says why it cannot run in this install (None when it can)."""
+
     def register(factory: Callable[..., RolloutEngine]) -> Callable[..., RolloutEngine]:
-        ROLLOUT_ENGINES[name] = factory
-        if requirement is not None:
-            ENGINE_REQUIREMENTS[name] = requirement
-        return factory
+        return ROLLOUT_ENGINES.register(name, factory, requirement=requirement)
 
     return register
 
 
 def engine_unavailable(name: str) -> str | None:
     """Why rollout engine `name` cannot be built here, in one line; None when it can."""
-    import llmrl.rollout.hf  # noqa: F401  (registers "hf")
-    import llmrl.rollout.vllm_engine  # noqa: F401  (registers "vllm"; imports vLLM only when built)
-
-    if name not in ROLLOUT_ENGINES:
-        return f"unknown rollout engine (available: {', '.join(sorted(ROLLOUT_ENGINES))})"
-    requirement = ENGINE_REQUIREMENTS.get(name)
-    return requirement() if requirement else None
+    return ROLLOUT_ENGINES.unavailable(name)
 
 
 def build_rollout_engine(cfg: RolloutConfig, model_cfg: Any, tokenizer: Any, seed: int = 0) -> RolloutEngine:

@@ -158,6 +158,12 @@ class HFRolloutEngine:
         return results
 
     # ------------------------------------------------------------------ weights
+    def begin_weight_update(self) -> None:
+        pass  # weights are copied in place bucket by bucket; nothing to prepare
+
+    def finish_weight_update(self) -> None:
+        pass  # every bucket is in effect as soon as it is copied
+
     @torch.no_grad()
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         params = dict(self.model.named_parameters())

@@ -7,7 +7,7 @@ reads, are always of the raw distribution, so `score` at a temperature other tha
 the full distribution per token and renormalises logp / T.
 
 Weights arrive in buckets (`load_weights`) and are staged; `finish_weight_update` (called by
-`sync_weights`, or else by the next `generate` or `score`) hands them to the workers in one
+the weight sync, or else by the next `generate` or `score`) hands them to the workers in one
 safetensors file under /dev/shm through the worker extension (llmrl/rollout/vllm_worker.py),
 so a weight sync costs one reload however it was bucketed.
 """
@@ -121,6 +121,9 @@ class VLLMRolloutEngine:
         return results
 
     # ------------------------------------------------------------------ weights
+    def begin_weight_update(self) -> None:
+        self._staged = {}  # a sync replaces every weight; nothing staged before it survives
+
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         for name, tensor in named_tensors:
             if name == "lm_head.weight" and self.tie_word_embeddings:

@@ -1,23 +1,16 @@
-"""Train backends by `train.backend` name: what builds a TrainEngine around a model."""
+"""Train backends by `train.backend` name: what builds a TrainEngine around a model.
+
+Each factory takes (model, train_config, total_updates, temperature=..., reference=...) and
+returns an engine implementing llmrl.train.engine.TrainEngine. The heavy import happens when the
+backend is built, so the registry itself costs nothing.
+"""
 from __future__ import annotations
 
 from typing import Any, Callable
 
+from llmrl.registry import Registry
 
-def _torch(*args: Any, **kwargs: Any) -> Any:
-    from llmrl.train.torch_engine import TorchTrainEngine
-
-    return TorchTrainEngine(*args, **kwargs)
-
-
-def _deepspeed(*args: Any, **kwargs: Any) -> Any:
-    from llmrl.train.deepspeed_engine import DeepSpeedTrainEngine
-
-    return DeepSpeedTrainEngine(*args, **kwargs)
-
-
-# Each takes (model, train_config, total_updates, temperature=..., reference=...).
-TRAIN_BACKENDS: dict[str, Callable[..., Any]] = {"torch": _torch, "deepspeed": _deepspeed}
+TRAIN_BACKENDS: Registry[Callable[..., Any]] = Registry("train backend")
 
 
 def deepspeed_missing() -> str | None:
@@ -28,7 +21,18 @@ def deepspeed_missing() -> str | None:
     return None
 
 
-BACKEND_REQUIREMENTS: dict[str, Callable[[], str | None]] = {"deepspeed": deepspeed_missing}
+@TRAIN_BACKENDS.register("torch")
+def _torch(*args: Any, **kwargs: Any) -> Any:
+    from llmrl.train.torch_engine import TorchTrainEngine
+
+    return TorchTrainEngine(*args, **kwargs)
+
+
+@TRAIN_BACKENDS.register("deepspeed", requirement=deepspeed_missing)
+def _deepspeed(*args: Any, **kwargs: Any) -> Any:
+    from llmrl.train.deepspeed_engine import DeepSpeedTrainEngine
+
+    return DeepSpeedTrainEngine(*args, **kwargs)
 
 
 def build_train_backend(name: str, *args: Any, **kwargs: Any) -> Any:

@@ -6,6 +6,7 @@ micro-batches. Normalisation stays global: the loss denominators are all-reduced
 first backward, so every rank divides by the token count of the whole mini-batch, and the
 loss is multiplied by the world size because DeepSpeed averages gradients over ranks. So N
 ranks make the same update as one rank on the same mini-batch (tests/test_deepspeed_engine.py).
+Every rank is handed the whole mini-batch and takes its contiguous share in `local_rows`.
 
 Ranks must run the same number of micro-batches (each backward takes part in collectives), so
 zero-advantage row skipping is off here. Process-group setup is the caller's (environment
@@ -19,6 +20,8 @@ from typing import Any
 
 import torch
 
+from llmrl.algorithms.base import Batch
+from llmrl.batch import select_rows
 from llmrl.precision import resolve_precision
 from llmrl.train.engine import TrainConfig
 from llmrl.train.torch_engine import TRAINER_STATE, TorchTrainEngine, lr_lambda
@@ -83,6 +86,16 @@ class DeepSpeedTrainEngine(TorchTrainEngine):
         )
         self.world_size = dist.get_world_size()
         self._boundary_reached = False
+
+    def local_rows(self, mini_batch: Batch) -> Batch:
+        import torch.distributed as dist
+
+        rows = mini_batch["input_ids"].shape[0]
+        if rows % self.world_size:
+            raise ValueError(f"a mini-batch of {rows} rows does not split over {self.world_size} data-parallel ranks")
+        share = rows // self.world_size
+        rank = dist.get_rank()
+        return select_rows(mini_batch, torch.arange(rank * share, (rank + 1) * share))
 
     def all_reduce_denominators(self, denominators: dict[str, float]) -> dict[str, float]:
         import torch.distributed as dist

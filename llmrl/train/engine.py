@@ -9,10 +9,14 @@ from pydantic import Field, model_validator
 
 from llmrl.algorithms.base import Batch, LossContext, LossFn
 from llmrl.config_base import Section
+from llmrl.registry import registered_name
+from llmrl.train.backends import TRAIN_BACKENDS
 
 
 class TrainConfig(Section):
-    backend: Literal["torch", "deepspeed"] = Field("torch", description="Train engine: torch (one process) or deepspeed (ZeRO).")
+    backend: registered_name(TRAIN_BACKENDS) = Field(
+        "torch", description="Train engine by registered name: torch (one process) or deepspeed (ZeRO)."
+    )
     steps: int = Field(20, ge=1, description="Number of RL steps (rollout + update rounds).")
     prompts_per_step: int = Field(8, ge=1, description="Prompts sampled per RL step; trajectories per step = prompts_per_step x rollout.n.")
     mini_batch_size: int | None = Field(
@@ -70,15 +74,25 @@ class NonFiniteUpdateError(RuntimeError):
 
 
 class TrainEngine(Protocol):
-    def forward(self, batch: Batch, want: set[str], reference: bool = False) -> dict[str, torch.Tensor]:
+    """What owns a model and its optimizer: the policy's engine, the PPO critic's, and (with Ray)
+    a proxy driving a group of data-parallel ranks all implement this."""
+
+    def forward(
+        self, batch: Batch, want: set[str], reference: bool = False, micro_batch_size: int | None = None
+    ) -> dict[str, torch.Tensor]:
         """No-grad outputs (logprobs, entropy, values) for every row, token-aligned."""
 
-    def step(self, micro_batches: list[Batch], loss_fn: LossFn, ctx: LossContext) -> dict[str, float]:
-        """One optimizer step over a mini-batch given as micro-batches."""
+    def step(self, mini_batch: Batch, loss_fn: LossFn, ctx: LossContext) -> dict[str, float]:
+        """One optimizer step over a mini-batch; the engine splits it into micro-batches (and,
+        data-parallel, into its ranks' shares) with mini-batch-global loss normalisation."""
 
     def named_weights(self, bucket_bytes: int = 256 << 20) -> Iterator[list[tuple[str, torch.Tensor]]]:
         """Full (merged) weights in size-bounded buckets, for weight sync and export."""
 
-    def save(self, directory: Path) -> None: ...
+    def save_policy(self, directory: Path) -> None:
+        """The trained model as an HF directory (the checkpoint's `policy/`)."""
+
+    def save(self, directory: Path) -> None:
+        """Everything needed to resume exactly: weights, optimizer, scheduler, counters."""
 
     def load(self, directory: Path) -> None: ...

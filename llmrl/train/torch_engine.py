@@ -9,8 +9,8 @@ from typing import Any, Iterator
 import torch
 
 from llmrl.algorithms.base import Batch, LossContext, LossFn
-from llmrl.batch import select_rows
-from llmrl.models import is_lora, merged_state_dict
+from llmrl.batch import select_rows, split_micro_batches
+from llmrl.models import export_policy, is_lora, merged_state_dict
 from llmrl.precision import resolve_precision
 from llmrl.train.engine import NonFiniteUpdateError, TrainConfig
 from llmrl.train.logprobs import decoder_and_head, token_logprobs
@@ -124,11 +124,13 @@ class TorchTrainEngine:
         return out
 
     @torch.no_grad()
-    def forward(self, batch: Batch, want: set[str], reference: bool = False, micro_batch_size: int = 8) -> dict[str, torch.Tensor]:
-        """No-grad outputs for all rows; `reference=True` uses the frozen reference policy.
+    def forward(self, batch: Batch, want: set[str], reference: bool = False, micro_batch_size: int | None = None) -> dict[str, torch.Tensor]:
+        """No-grad outputs for all rows, `micro_batch_size` rows at a time (default
+        train.micro_batch_size, else 8); `reference=True` uses the frozen reference policy.
 
         With LoRA the reference is the base model with the adapter disabled, not a second copy.
         """
+        micro_batch_size = micro_batch_size or self.cfg.micro_batch_size or 8
         model = self.model
         ctx: Any = contextlib.nullcontext()
         if reference:
@@ -157,18 +159,20 @@ class TorchTrainEngine:
         """Data-parallel hook: one process has nothing to reduce."""
         return denominators
 
-    def step(
-        self,
-        micro_batches: list[Batch],
-        loss_fn: LossFn,
-        ctx: LossContext,
-        want: set[str] | None = None,
-        track_rollout_diff: bool = False,
-    ) -> dict[str, float]:
-        """One optimizer step. Without `old_logprobs` in a micro-batch the update is on-policy
-        and takes them from its own forward (detached), saving a separate forward pass.
-        `track_rollout_diff` logs mean |rollout logprob - trainer logprob| on policy tokens."""
-        want = want or {"logprobs", "entropy"}
+    def local_rows(self, mini_batch: Batch) -> Batch:
+        """The rows of a mini-batch this engine computes: all of them in one process; a
+        data-parallel engine takes its rank's share here."""
+        return mini_batch
+
+    def step(self, mini_batch: Batch, loss_fn: LossFn, ctx: LossContext) -> dict[str, float]:
+        """One optimizer step over a mini-batch, split here into micro-batches by
+        train.micro_batch_size or train.micro_batch_tokens. Without `old_logprobs` the update
+        is on-policy and takes them from its own forward (detached), saving a separate forward
+        pass. `ctx.measure_rollout_gap` logs mean |rollout logprob - trainer logprob| on policy
+        tokens."""
+        micro_batches = split_micro_batches(self.local_rows(mini_batch), self.cfg.micro_batch_size, self.cfg.micro_batch_tokens)
+        want = set(getattr(loss_fn, "outputs", ("logprobs", "entropy")))
+        track_rollout_diff = ctx.measure_rollout_gap
         denominators: dict[str, float] = {}
         for mb in micro_batches:
             for part, d in loss_fn.denominators(mb, ctx).items():
@@ -280,6 +284,10 @@ class TorchTrainEngine:
             yield bucket
 
     # ------------------------------------------------------------------ persistence
+    def save_policy(self, directory: Path) -> None:
+        """The policy as an HF directory `from_pretrained` loads (LoRA merged, adapter beside it)."""
+        export_policy(self.model, Path(directory))
+
     def save(self, directory: Path) -> None:
         """Optimizer, scheduler and counters, plus the trainable weights (exact fp32)."""
         trainable = {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}

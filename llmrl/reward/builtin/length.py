@@ -6,7 +6,7 @@ from llmrl.types import Task, Trajectory
 
 
 def overlong_penalty(length: int, max_len: int, buffer_len: int, penalty_factor: float = 1.0) -> float:
-    """DAPO overlong shaping (specs/algorithms.md §2.4 item 4; verl reward_manager/dapo.py).
+    """DAPO overlong shaping (Yu et al. 2025, arXiv 2503.14476; verl reward_manager/dapo.py).
 
     `min(-(L - (max_len - buffer_len)) / buffer_len * factor, 0)`: 0 up to the start of the
     buffer, then linear down to -factor at max_len (and further below past it).

@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 from llmrl.reward import register_reward
+from llmrl.reward.builtin.gsm8k import gold_answer, last_marked_number, last_number, numbers_match
 from llmrl.types import Task
-from rewards.gsm8k import gold_answer, last_marked_number, last_number, numbers_match
 
 
 def arithmetic_answer(text: str) -> str | None:

@@ -1,10 +1,10 @@
 """MATH-style rewards: the last `\\boxed{}` answer, checked for equivalence with math-verify.
 
 Extraction is ours, not math-verify's: math-verify reads several boxes as one set (so
-`\\boxed{2}, then \\boxed{3}` fails against 3, specs/algorithms.md §10.4), while a grader should
-take the model's last word as its answer, as verl `math_reward.py` / lm-eval do (§10.2). An
-answer that is not boxed scores 0. Equivalence is math-verify's (sympy): `\\frac{2}{4}`, `0.5`
-and `\\frac12` all equal 1/2.
+`\\boxed{2}, then \\boxed{3}` fails against 3; see docs/rewards.md, `math`), while a grader should
+take the model's last word as its answer, as verl `math_reward.py` / lm-eval do (MATH: Hendrycks
+et al. 2021, arXiv 2103.03874). An answer that is not boxed scores 0. Equivalence is
+math-verify's (sympy): `\\frac{2}{4}`, `0.5` and `\\frac12` all equal 1/2.
 """
 from __future__ import annotations
 
@@ -14,11 +14,11 @@ import threading
 from math_verify import parse, verify
 
 from llmrl.reward import register_reward
+from llmrl.reward.builtin.gsm8k import gold_answer
 from llmrl.types import Task
-from rewards.gsm8k import gold_answer
 
 # Per-expression parse and per-comparison verify limits. math-verify enforces them with
-# signal.alarm, which works only in the main thread (specs §10.5 item 5); pool workers run
+# signal.alarm, which works only in the main thread (Python's `signal` docs); pool workers run
 # rewards there. Kept below the reward computer's default 10 s so sympy blow-ups end here
 # without costing a worker restart.
 MATH_VERIFY_TIMEOUT_S = 5
@@ -89,7 +89,7 @@ def math_equal(pred_text: str, gold: str) -> bool:
     pred_parsed = _parse_answer(pred_text)
     if not gold_parsed or not pred_parsed:
         return False
-    # Gold first: math-verify's comparison is not symmetric (§10.4).
+    # Gold first: math-verify's comparison is not symmetric (docs/rewards.md, `math`).
     return bool(verify(gold_parsed, pred_parsed, timeout_seconds=_timeout_s()))
 
 

@@ -1,9 +1,10 @@
 """GSM8K answer extraction and rewards.
 
-Follows verl's `gsm8k.py` (specs/algorithms.md §10.1) where it is sound: only the last 300
-characters are searched, the strict mode reads the number after `####` and the last match wins.
-It departs from verl where verl's string compare rejects a correct answer: numbers are compared
-by value, so `#### 1,234`, `#### $42` and `#### 42.0` all match gold `1234` / `42`.
+Follows verl's `gsm8k.py` reward function (verl/utils/reward_score/gsm8k.py; GSM8K: Cobbe et
+al. 2021, arXiv 2110.14168) where it is sound: only the last 300 characters are searched, the
+strict mode reads the number after `####` and the last match wins. It departs from verl where
+verl's string compare rejects a correct answer: numbers are compared by value, so `#### 1,234`,
+`#### $42` and `#### 42.0` all match gold `1234` / `42`.
 """
 from __future__ import annotations
 

@@ -1,0 +1,130 @@
+"""Metrics regression check: re-run every shipped recipe and compare each logged metric with a
+recorded baseline, so a refactor that claims "behaviour unchanged" is shown to be.
+
+    python bench/regression_metrics.py --record            # write the baseline (before a change)
+    python bench/regression_metrics.py --check             # re-run and compare (after it)
+    python bench/regression_metrics.py --check --only tiny # the tiny-model runs only
+
+Runs (each in-process, hf engine, torch backend, fixed seed):
+  - every recipes/*.yaml with the tiny model for 2 steps, in the small batch shape the recipe
+    tests use (2 prompts x 4 samples, mini-batches of 4: two optimizer steps per RL step);
+  - the quickstart on the built-in SmolLM2-135M for 2 steps, without its final evaluation.
+Time and throughput metrics are excluded; every other key of the baseline must be logged again
+and match within 1e-6 (relative to the value when it is larger than 1). Keys a newer version adds
+are reported, not failed. tests/test_regression_metrics.py runs the same comparison in CI.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+BASELINE = REPO / "tests" / "regression" / "metrics_baseline.json"
+SHARED_DATA = REPO.parent / "shared" / "data"
+TOLERANCE = 1e-6
+# Wall-clock figures differ on every run; everything else is a function of the seed.
+VOLATILE_PREFIXES = ("time/", "perf/")
+VOLATILE_KEYS = {"reward/time_s"}
+
+TINY = [
+    "model.name=tiny", "rollout.n=4", "train.prompts_per_step=2", "train.micro_batch_size=4", "rollout.max_new_tokens=8",
+    "train.mini_batch_size=4", "train.steps=2", "logging.progress=false", "logging.tensorboard=false", "eval.benches=[]",
+    "checkpoint.every=0",
+]
+QUICKSTART_SMOLLM2 = ["train.steps=2", "eval.at_end=false", "logging.progress=false", "logging.tensorboard=false", "checkpoint.every=0"]
+
+
+def runs() -> dict[str, tuple[str, list[str]]]:
+    """Run name -> (recipe path, overrides)."""
+    import yaml
+
+    out: dict[str, tuple[str, list[str]]] = {}
+    for path in sorted((REPO / "recipes").glob("*.yaml")):
+        data_type = (yaml.safe_load(path.read_text()).get("data") or {}).get("type", "arithmetic")
+        # No hub here: recipes on a benchmark's data read the local copy.
+        local = [] if data_type == "arithmetic" else [f"data.path={SHARED_DATA}"]
+        out[f"tiny/{path.stem}"] = (str(path), TINY + local)
+    out["smollm2/quickstart"] = (str(REPO / "recipes" / "quickstart.yaml"), QUICKSTART_SMOLLM2)
+    return out
+
+
+def run_metrics(recipe_path: str, overrides: list[str], output_dir: Path) -> list[dict[str, float]]:
+    from llmrl.loop import train
+    from llmrl.recipe import load_recipe
+
+    run_dir = train(load_recipe(recipe_path, overrides + [f"output_dir={output_dir}"]))
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in row.items() if not is_volatile(k)} for row in rows]
+
+
+def is_volatile(key: str) -> bool:
+    return key.startswith(VOLATILE_PREFIXES) or key in VOLATILE_KEYS
+
+
+def compare(name: str, expected: list[dict[str, float]], got: list[dict[str, float]]) -> tuple[list[str], list[str]]:
+    """(mismatches, keys added) between two runs' metric rows."""
+    problems: list[str] = []
+    added: list[str] = []
+    if len(expected) != len(got):
+        return [f"{name}: {len(got)} logged steps, baseline has {len(expected)}"], added
+    for want, have in zip(expected, got):
+        step = want.get("step")
+        for key, value in want.items():
+            if key not in have:
+                problems.append(f"{name} step {step}: {key} missing (baseline {value})")
+            elif not close(value, have[key]):
+                problems.append(f"{name} step {step}: {key} = {have[key]!r}, baseline {value!r}")
+        added.extend(sorted(set(have) - set(want)))
+    return problems, sorted(set(added))
+
+
+def close(a: float, b: float) -> bool:
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+        return True
+    return abs(a - b) <= TOLERANCE * max(1.0, abs(a))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    mode = parser.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--record", action="store_true", help="run everything and write the baseline")
+    mode.add_argument("--check", action="store_true", help="run everything and compare with the baseline")
+    parser.add_argument("--only", default="", help="run names starting with this (e.g. tiny, smollm2/quickstart)")
+    args = parser.parse_args()
+
+    selected = {k: v for k, v in runs().items() if k.startswith(args.only)}
+    baseline = json.loads(BASELINE.read_text()) if BASELINE.exists() else {}
+    results: dict[str, list[dict[str, float]]] = {}
+    failures = 0
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, (path, overrides) in selected.items():
+            print(f"== {name}", flush=True)
+            results[name] = run_metrics(path, overrides, Path(tmp) / name.replace("/", "_"))
+            if args.check:
+                if name not in baseline:
+                    print(f"   no baseline for {name}")
+                    failures += 1
+                    continue
+                problems, added = compare(name, baseline[name], results[name])
+                failures += bool(problems)
+                keys = len(baseline[name][0]) if baseline[name] else 0
+                print(f"   {'MISMATCH' if problems else 'ok'}: {keys} keys x {len(baseline[name])} steps compared")
+                for line in problems:
+                    print(f"   {line}")
+                if added:
+                    print(f"   keys added since the baseline: {', '.join(added)}")
+    if args.record:
+        BASELINE.parent.mkdir(parents=True, exist_ok=True)
+        BASELINE.write_text(json.dumps({**baseline, **results}, indent=1, sort_keys=True) + "\n")
+        print(f"wrote {BASELINE} ({len(results)} runs)")
+        return 0
+    print(f"{len(selected) - failures}/{len(selected)} runs match the baseline")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

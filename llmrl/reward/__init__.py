@@ -1,0 +1,46 @@
+"""Reward API: how reward functions are named, configured, called and kept from hurting the run.
+
+A reward is a plain function `fn(completion: str, task: Task, **kw) -> float | dict`. It is named
+in a recipe as a registered name (`gsm8k`), a file (`path/to/file.py:fn`), a module function
+(`package.module:fn`) or an entry point in the group `llmrl.rewards`. `RewardComputer` runs the
+configured functions over a batch of trajectories in worker processes with a per-call timeout,
+combines them by weight, and turns every failure of user code (exception, hang, crash, NaN, wrong
+type) into the configured fallback score plus a counter, so a bad reward never ends a run.
+
+Modules: `registry` (names, plugin resolution), `config` (the recipe section), `pool` (worker
+processes and timeouts), `computer` (RewardComputer), `builtin` (the built-in rewards).
+"""
+from llmrl.reward.computer import ACC_KEY, RewardComputer, RewardResult, response_text
+from llmrl.reward.config import OPTIONAL_KWARGS, RewardConfig, RewardFunctionSpec
+from llmrl.reward.registry import (
+    BUILTIN_REWARD_MODULES,
+    ENTRY_POINT_GROUP,
+    REWARDS,
+    RewardConfigError,
+    RewardFn,
+    default_reward_for_kind,
+    known_reward_names,
+    register_reward,
+    registered_rewards,
+    resolve_reward,
+)
+
+__all__ = [
+    "ACC_KEY",
+    "BUILTIN_REWARD_MODULES",
+    "ENTRY_POINT_GROUP",
+    "OPTIONAL_KWARGS",
+    "REWARDS",
+    "RewardComputer",
+    "RewardConfig",
+    "RewardConfigError",
+    "RewardFn",
+    "RewardFunctionSpec",
+    "RewardResult",
+    "default_reward_for_kind",
+    "known_reward_names",
+    "register_reward",
+    "registered_rewards",
+    "resolve_reward",
+    "response_text",
+]

@@ -1,0 +1,239 @@
+"""RewardComputer: scores a batch of trajectories with the configured reward functions, in worker
+processes or in-process, combines them by weight, and records failure counters as metrics."""
+from __future__ import annotations
+
+import inspect
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from llmrl.reward.config import OPTIONAL_KWARGS, RewardConfig, RewardFunctionSpec
+from llmrl.reward.pool import _Call, _Outcome, _run_reward, _WorkerPool
+from llmrl.reward.registry import (
+    RewardConfigError,
+    RewardFn,
+    _canonical_spec,
+    default_reward_for_kind,
+    resolve_reward,
+)
+from llmrl.types import Trajectory
+
+logger = logging.getLogger("llmrl.reward")  # the name the reward module has always logged under
+
+# The accuracy part; the key DAPO's dynamic-sampling filter reads (DAPO: Yu et al. 2025,
+# arXiv 2503.14476).
+ACC_KEY = "acc"
+
+
+@dataclass
+class RewardResult:
+    score: float  # weighted sum of the components' scores
+    parts: dict[str, float] = field(default_factory=dict)  # per component, plus `acc` if given
+    failed: int = 0  # components that scored the fallback
+
+
+@dataclass(frozen=True)
+class _Component:
+    spec: str  # canonical: resolvable inside a worker process
+    log_name: str
+    weight: float
+    kwargs: dict[str, Any]
+    wanted: frozenset[str]  # which OPTIONAL_KWARGS the signature asks for
+
+
+def _signature_wants(fn: RewardFn) -> tuple[frozenset[str], inspect.Signature | None]:
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):  # some builtins and C callables have no signature
+        return frozenset(), None
+    parameters = signature.parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return frozenset(OPTIONAL_KWARGS), signature
+    return frozenset(name for name in OPTIONAL_KWARGS if name in signature.parameters), signature
+
+
+def _build_component(spec: RewardFunctionSpec) -> _Component:
+    fn = resolve_reward(spec.fn)
+    wanted, signature = _signature_wants(fn)
+    if signature is not None:
+        # Binding placeholders catches a bad signature or a missing required kwarg now, with the
+        # component's name, instead of as one fallback per trajectory later.
+        try:
+            signature.bind("", None, **{name: None for name in [*spec.kwargs, *wanted]})
+        except TypeError as exc:
+            raise RewardConfigError(
+                f"reward {spec.log_name!r} ({spec.fn}) cannot be called as "
+                f"fn(completion, task, **kwargs) with kwargs {sorted(spec.kwargs)}: {exc}"
+            ) from exc
+    return _Component(_canonical_spec(spec.fn), spec.log_name, spec.weight, dict(spec.kwargs), wanted)
+
+
+def _call_kwargs(component: _Component, trajectory: Trajectory) -> dict[str, Any]:
+    kwargs = dict(component.kwargs)
+    if "trajectory" in component.wanted:
+        kwargs["trajectory"] = trajectory
+    if "finish_reason" in component.wanted:
+        kwargs["finish_reason"] = trajectory.finish_reason
+    if "response" in component.wanted:
+        kwargs["response"] = response_text(trajectory)
+    return kwargs
+
+
+def response_text(trajectory: Trajectory) -> str:
+    """What the grader sees as the whole answer: POPE's guidance prefix plus the completion."""
+    guidance = trajectory.task.meta.get("guidance_text")
+    if trajectory.guided and guidance:
+        return str(guidance) + trajectory.completion_text
+    return trajectory.completion_text
+
+
+# ---------------------------------------------------------------- the computer
+
+
+class RewardComputer:
+    """Scores trajectories with the configured reward functions; never raises for user code."""
+
+    def __init__(self, cfg: RewardConfig, default_kind: str | None = None) -> None:
+        self.cfg = cfg
+        specs = cfg.function_specs()
+        if not specs:
+            if default_kind is None:
+                raise RewardConfigError(
+                    "reward.functions is empty and the data type is unknown; list a reward"
+                )
+            specs = [RewardFunctionSpec(fn=default_reward_for_kind(default_kind))]
+        self.components = [_build_component(spec) for spec in specs]
+        self._check_log_names()
+        # In-process mode calls the resolved functions directly; workers resolve from the spec.
+        self._functions = [resolve_reward(component.spec) for component in self.components]
+        self._pool: _WorkerPool | None = None
+        self._metrics: dict[str, float] = {}
+
+    @property
+    def names(self) -> list[str]:
+        return [component.log_name for component in self.components]
+
+    def score(self, trajectories: list[Trajectory]) -> list[RewardResult]:
+        start = time.perf_counter()
+        calls = [
+            _Call(
+                index * len(self.components) + position,
+                position,
+                trajectory.completion_text,
+                trajectory.task,
+                _call_kwargs(component, trajectory),
+            )
+            for index, trajectory in enumerate(trajectories)
+            for position, component in enumerate(self.components)
+        ]
+        restarts = 0
+        if self.cfg.num_workers == 0:
+            outcomes = {
+                call.call_id: _run_reward(self._functions[call.component], call.completion, call.task, call.kwargs)
+                for call in calls
+            }
+        else:
+            outcomes, restarts = self._run_in_pool(calls)
+        results = self._combine(len(trajectories), outcomes)
+        self._record_metrics(outcomes, restarts, time.perf_counter() - start)
+        return results
+
+    def metrics(self) -> dict[str, float]:
+        """Counters of the last `score` call, keyed for the run's metric log."""
+        return dict(self._metrics)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
+
+    def __enter__(self) -> RewardComputer:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown; nothing useful to do
+            pass
+
+    def _run_in_pool(self, calls: list[_Call]) -> tuple[dict[int, _Outcome], int]:
+        if self._pool is None:
+            self._pool = _WorkerPool([component.spec for component in self.components], self.cfg.num_workers)
+        try:
+            run = self._pool.run(calls, self.cfg.timeout_s, self.cfg.skip_after_timeouts)
+            return run.outcomes, run.restarts
+        except Exception:  # noqa: BLE001 - the pool itself broke (fd exhaustion, ...): start over
+            logger.exception("reward worker pool failed; scoring the batch with the fallback")
+            self.close()
+            return {call.call_id: _Outcome("error", message="reward pool failed") for call in calls}, 0
+
+    def _combine(self, count: int, outcomes: dict[int, _Outcome]) -> list[RewardResult]:
+        results = []
+        for index in range(count):
+            result = RewardResult(score=0.0)
+            for position, component in enumerate(self.components):
+                outcome = outcomes.get(index * len(self.components) + position, _Outcome("error"))
+                if outcome.status == "ok":
+                    score, extras = outcome.score, outcome.extras
+                else:
+                    score, extras = self.cfg.fallback, {}
+                    result.failed += 1
+                result.score += component.weight * score
+                result.parts[component.log_name] = score
+                for key, value in extras.items():
+                    if key == ACC_KEY:
+                        result.parts.setdefault(ACC_KEY, value)  # several give acc: the first wins
+                    else:
+                        result.parts[f"{component.log_name}/{key}"] = value
+            results.append(result)
+        # A failed grade is not a correct answer: keep `acc` on every row once any row has it, so
+        # group statistics over acc (DAPO filtering) never see a missing value.
+        if any(ACC_KEY in result.parts for result in results):
+            for result in results:
+                result.parts.setdefault(ACC_KEY, 0.0)
+        return results
+
+    def _record_metrics(self, outcomes: dict[int, _Outcome], restarts: int, seconds: float) -> None:
+        statuses = Counter(outcome.status for outcome in outcomes.values())
+        self._metrics = {
+            "reward/failures": float(sum(n for status, n in statuses.items() if status != "ok")),
+            "reward/timeouts": float(statuses["timeout"]),
+            "reward/errors": float(statuses["error"]),
+            "reward/invalid": float(statuses["invalid"]),
+            "reward/skipped": float(statuses["skipped"]),
+            "reward/worker_restarts": float(restarts),
+            "reward/time_s": seconds,
+        }
+        self._warn_failures(outcomes)
+
+    def _warn_failures(self, outcomes: dict[int, _Outcome]) -> None:
+        width = len(self.components)
+        for position, component in enumerate(self.components):
+            mine = [outcome for call_id, outcome in sorted(outcomes.items()) if call_id % width == position]
+            failed = [outcome for outcome in mine if outcome.status != "ok"]
+            if failed:
+                kinds = Counter(outcome.status for outcome in failed)
+                logger.warning(
+                    "reward %r: %d of %d calls scored the fallback %g (%s); first: %s",
+                    component.log_name,
+                    len(failed),
+                    len(mine),
+                    self.cfg.fallback,
+                    ", ".join(f"{kind} {n}" for kind, n in sorted(kinds.items())),
+                    failed[0].message,
+                )
+
+    def _check_log_names(self) -> None:
+        names = Counter(component.log_name for component in self.components)
+        duplicates = sorted(name for name, n in names.items() if n > 1)
+        if duplicates:
+            raise RewardConfigError(
+                f"reward functions {duplicates} appear more than once; give each a distinct `name`"
+            )
+        if ACC_KEY in names:
+            raise RewardConfigError(f"a reward component may not be named {ACC_KEY!r} (reserved)")
