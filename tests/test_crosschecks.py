@@ -1,5 +1,5 @@
 """Cross-checks of the estimators and losses that TRL or verl also implement, against plain-Python
-re-derivations written from the papers' formulas (specs/algorithms.md), on random inputs.
+re-derivations written from the papers' formulas (docs/formulas.md), on random inputs.
 
 The re-derivations take a different route from the library code where one exists: GAE and the
 REINFORCE++ returns are computed on each row *compressed* to its policy tokens (what "masked
@@ -49,7 +49,7 @@ def outcome_rewards(mask: list[list[float]], scores: list[float]) -> list[list[f
 
 
 def whiten(values_by_row: list[list[float]], mask: list[list[float]]) -> list[list[float]]:
-    """(x - mean) / sqrt(unbiased var + 1e-8) over every valid token of the batch (§3.2)."""
+    """(x - mean) / sqrt(unbiased var + 1e-8) over every valid token of the batch (docs/formulas.md#gae-and-returns)."""
     flat = [v for row, m in zip(values_by_row, mask) for v, k in zip(row, m) if k]
     mean = sum(flat) / len(flat)
     var = sum((v - mean) ** 2 for v in flat) / (len(flat) - 1)
@@ -103,7 +103,7 @@ def test_rloo_matches_leave_one_out_rederivation(seed):
 
 @pytest.mark.parametrize("seed", [0, 1])
 def test_lite_matches_group_mean_batch_std_rederivation(seed):
-    """Lite PPO (§9.3): (r - group mean) / (unbiased std over the batch's rows + eps)."""
+    """Lite PPO (docs/formulas.md#lite-ppo): (r - group mean) / (unbiased std over the batch's rows + eps)."""
     rng = random.Random(seed)
     B, T = 16, 6
     groups = [rng.randrange(4) for _ in range(B)]
@@ -133,7 +133,7 @@ def gae_on_valid_positions(rewards: list[float], values: list[float], gamma: flo
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_gae_matches_compressed_sequence_rederivation(seed):
-    """verl compute_gae_advantage_return, mask-aware (§3.2): masked positions inside a response
+    """verl compute_gae_advantage_return, mask-aware (docs/formulas.md#gae-and-returns): masked positions inside a response
     are skipped, so GAE on the row equals textbook GAE on the row's policy tokens alone."""
     rng = random.Random(seed)
     B, T = 9, 10
@@ -166,7 +166,7 @@ def test_gae_matches_compressed_sequence_rederivation(seed):
 
 @pytest.mark.parametrize("seed", [0, 1])
 def test_reinforce_pp_matches_discounted_return_rederivation(seed):
-    """verl reinforce_plus_plus (§9.2): G_t = sum_k gamma^(k-t) r_k over policy tokens, then
+    """verl reinforce_plus_plus (docs/formulas.md#reinforce-and-its-baseline-variant): G_t = sum_k gamma^(k-t) r_k over policy tokens, then
     whitened over the batch's policy tokens."""
     rng = random.Random(seed)
     B, T, gamma = 8, 9, 0.9
@@ -185,7 +185,7 @@ def test_reinforce_pp_matches_discounted_return_rederivation(seed):
 
 @pytest.mark.parametrize("seed", [0, 1])
 def test_reinforce_pp_baseline_matches_rederivation(seed):
-    """verl reinforce_plus_plus_baseline (§9.2): r - group mean broadcast to tokens, whitened over
+    """verl reinforce_plus_plus_baseline (docs/formulas.md#reinforce-and-its-baseline-variant): r - group mean broadcast to tokens, whitened over
     the batch's tokens (token-weighted); a singleton keeps its raw score (verl)."""
     rng = random.Random(seed)
     B, T = 12, 7
@@ -235,7 +235,7 @@ def nonempty_rows(mask: list[list[float]]) -> list[tuple[int, list[int]]]:
 
 @pytest.mark.parametrize("seed", [0, 1])
 def test_gspo_matches_sequence_ratio_rederivation(seed):
-    """GSPO (§9.1; verl gspo, TRL importance_sampling_level='sequence'): s_i = exp(mean_t(new - old)),
+    """GSPO (docs/formulas.md#gspo; verl gspo, TRL importance_sampling_level='sequence'): s_i = exp(mean_t(new - old)),
     token loss max(-A s, -A clip(s)), averaged per row then over non-empty rows."""
     rng = random.Random(seed)
     mask, adv, old, new = random_policy_batch(rng, 9, 6)
@@ -250,7 +250,7 @@ def test_gspo_matches_sequence_ratio_rederivation(seed):
 
 @pytest.mark.parametrize("seed", [0, 1])
 def test_rloo_sequence_loss_matches_trl_rederivation(seed):
-    """TRL RLOOTrainer (§4.2): r_i = exp(sum new - sum old), max(-A r, -A clip(r)), mean over rows."""
+    """TRL RLOOTrainer (docs/formulas.md#rloo-sequence-level-loss): r_i = exp(sum new - sum old), max(-A r, -A clip(r)), mean over rows."""
     rng = random.Random(seed)
     mask, adv, old, new = random_policy_batch(rng, 9, 6)
     terms = []
@@ -263,7 +263,7 @@ def test_rloo_sequence_loss_matches_trl_rederivation(seed):
 
 @pytest.mark.parametrize("seed", [0, 1])
 def test_value_loss_matches_clipped_rederivation(seed):
-    """verl compute_value_loss (§3.3): 0.5 * token-mean of max((V-R)^2, (clip(V, V_old +- c) - R)^2)."""
+    """verl compute_value_loss (docs/formulas.md#value-loss): 0.5 * token-mean of max((V-R)^2, (clip(V, V_old +- c) - R)^2)."""
     rng = random.Random(seed)
     B, T, c = 7, 6, 0.5
     mask = random_rows(rng, B, T)
@@ -281,7 +281,7 @@ def test_value_loss_matches_clipped_rederivation(seed):
 
 @pytest.mark.parametrize("seed", [0, 1])
 def test_kl_cov_matches_rederivation(seed):
-    """KL-Cov (§8.3; verl kl_cov): Cov = (A - mean A)(logp - mean logp) over valid tokens; the top
+    """KL-Cov (docs/formulas.md#kl-cov; verl kl_cov): Cov = (A - mean A)(logp - mean logp) over valid tokens; the top
     max(1, floor(N * ratio)) get -A r + kappa |logp - old|, the rest -A r; token-mean."""
     rng = random.Random(seed)
     mask, adv, old, new = random_policy_batch(rng, 8, 7)

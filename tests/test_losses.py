@@ -1,6 +1,6 @@
-"""Losses, aggregation, KL estimators and entropy control against specs/algorithms.md
-(§1.2, §1.3, §1.4, §2.6, §3.4, §7.5, §8.5, §9.1, §4.2), micro-batch invariance, edge cases and
-gradients."""
+"""Losses, aggregation, KL estimators and entropy control against the worked examples of
+docs/formulas.md (aggregation, PPO clip, KL, GRPO, PPO value loss, SFT, Clip-Cov / KL-Cov, GSPO,
+RLOO's sequence loss), micro-batch invariance, edge cases and gradients."""
 from __future__ import annotations
 
 import math
@@ -45,7 +45,7 @@ def engine_value(loss, micro_batches, outs, context):
     return total, results
 
 
-# --------------------------------------------------------------------------- aggregation §1.2
+# --------------------------------------------------------------------------- aggregation docs/formulas.md#loss-aggregation
 
 
 def example_12():
@@ -99,7 +99,7 @@ def test_aggregation_rows_subset():
     assert agg_denominator(mask, "seq-mean-token-sum", rows=rows) == 1.0
 
 
-# --------------------------------------------------------------------------- PPO clip §1.3
+# --------------------------------------------------------------------------- PPO clip docs/formulas.md#ppo-clip
 
 RATIOS = torch.tensor([[0.7, 1.0, 1.25, 1.5, 5.0]])
 
@@ -150,7 +150,7 @@ def test_ppo_log_ratio_clamp_keeps_finite():
 
 
 def test_grpo_token_mean_loss_example():
-    # §2.6: rho = 1, A = +0.866 (2 tokens) and -0.866 (4 tokens), token-mean -> +0.288675
+    # docs/formulas.md#grpo-worked-examples: rho = 1, A = +0.866 (2 tokens) and -0.866 (4 tokens), token-mean -> +0.288675
     a = math.sqrt(3) / 2
     mask = torch.tensor([[0, 1, 1, 0, 0], [0, 1, 1, 1, 1]], dtype=torch.float32)
     adv = torch.tensor([[a], [-a]]) * mask
@@ -200,7 +200,7 @@ def test_two_micro_batches_equal_one(mode, loss_name):
     assert torch.isfinite(one) and float(two) == pytest.approx(float(one), abs=1e-6)
 
 
-# --------------------------------------------------------------------------- KL §1.4
+# --------------------------------------------------------------------------- KL docs/formulas.md#kl-to-the-reference
 
 
 def test_kl_estimators_example():
@@ -255,7 +255,7 @@ def test_entropy_part_and_metric():
         LOSSES["ppo_clip"](mb, {"logprobs": torch.zeros(1, 3)}, ctx(entropy_coef=0.01))
 
 
-# --------------------------------------------------------------------------- Clip-Cov / KL-Cov §8.5
+# --------------------------------------------------------------------------- Clip-Cov / KL-Cov docs/formulas.md#clip-cov-and-kl-cov-worked-example
 
 A_85 = torch.tensor([[3.0, 3.0, 3.0, -1.0, -1.0, -1.0]])
 LOGP_85 = torch.tensor([[-0.1, -2.0, -1.0, -0.5, -1.5, -1.0]])
@@ -328,7 +328,7 @@ def test_kl_cov_has_no_ratio_clip():
     assert float(out.sums["pg"]) == pytest.approx(-1.5 + 1.0, abs=1e-6)
 
 
-# --------------------------------------------------------------------------- GSPO §9.1, RLOO seq §4.2
+# --------------------------------------------------------------------------- GSPO docs/formulas.md#gspo, RLOO seq docs/formulas.md#rloo-sequence-level-loss
 
 LOGP_91 = torch.tensor([[-1.0, -2.0, -0.5]])
 OLD_91 = torch.tensor([[-1.1, -1.9, -0.8]])
@@ -371,7 +371,7 @@ def test_rloo_seq_ratio():
     assert results[0].metrics["actor/clipfrac"] == (1.0, 2.0)
 
 
-# --------------------------------------------------------------------------- value §3.4, SFT §7.5
+# --------------------------------------------------------------------------- value docs/formulas.md#ppo-worked-example, SFT docs/formulas.md#sft-loss
 
 
 def value_mb(v, old, ret, clip):

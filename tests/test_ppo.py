@@ -66,7 +66,7 @@ def test_mean_sequence_kl_averages_row_token_means_and_skips_empty_rows():
 
 
 def test_value_targets_are_the_gae_returns_of_the_worked_example():
-    """§3.4: rewards [0,0,1], values [.5,.6,.7], gamma 1, lambda .95 -> returns [.96575, .985, 1.0],
+    """docs/formulas.md#ppo-worked-example: rewards [0,0,1], values [.5,.6,.7], gamma 1, lambda .95 -> returns [.96575, .985, 1.0],
     computed from the un-whitened advantages even though PPO whitens the advantages."""
     batch = {
         "rewards/outcome": torch.tensor([[0.0, 0.0, 0.0, 1.0, 0.0]]),

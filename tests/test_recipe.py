@@ -1,4 +1,5 @@
 """Recipes: overrides, defaults, and errors that name the key and the file (exit 2, no traceback)."""
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -6,7 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from llmrl.recipe import RecipeError, apply_overrides, load_recipe
+from llmrl.algorithms import PRESETS
+from llmrl.recipe import RecipeError, apply_overrides, dump_recipe, load_recipe, resolve_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -90,3 +92,45 @@ def test_cli_bad_key_exits_2_without_traceback(tmp_path):
         out = run_cli(command, path)
         assert out.returncode == 2
         assert "Traceback" not in out.stderr and "train.stepz" in out.stderr
+
+
+def test_validate_prints_the_preset_values_that_run():
+    """The DAPO preset's clip-higher and dynamic sampling, not the base defaults, and its stages."""
+    out = run_cli("validate", str(REPO / "recipes" / "arith_dapo.yaml"))
+    assert out.returncode == 0, out.stderr
+    algo = yaml.safe_load(out.stdout)["algorithm"]
+    assert algo["clip_eps_high"] == 0.28 and algo["dynamic_sampling"] is True and algo["overlong_shaping"] is True
+    assert (algo["advantage"], algo["loss"], algo["loss_scale_factor"]) == ("grpo", "ppo_clip", 32)
+    assert yaml.safe_load(out.stdout)["rollout"]["workflow"] == {"name": "single_turn"}
+    assert "# stages this algorithm runs (llmrl/stages.py): dynamic_sampling" in out.stdout
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_rerun_from_the_saved_recipe_resolves_to_the_same_algorithm(tmp_path, preset):
+    """A run's recipe.yaml lists every field; loading it again must not turn preset values into
+    base defaults or the reverse (Dr. GRPO's saved recipe once trained plain GRPO)."""
+    first = load_recipe(None, [f"algorithm.name={preset}", "rollout.max_new_tokens=48"])
+    saved = tmp_path / "recipe.yaml"
+    saved.write_text(dump_recipe(first))
+    again = load_recipe(str(saved))
+    assert again.algorithm == first.algorithm
+    assert again.algorithm == resolve_recipe(again).algorithm  # resolving twice changes nothing
+    assert again.rollout.workflow == first.rollout.workflow
+    preset_obj = PRESETS[preset]
+    for key, value in preset_obj.defaults.items():
+        assert getattr(again.algorithm, key) == value, key
+    assert (again.algorithm.advantage, again.algorithm.loss) == (preset_obj.advantage, preset_obj.loss)
+
+
+def test_registered_names_are_checked_against_the_registries():
+    for override, message in (
+        ("rollout.engine=vlm", "did you mean 'vllm'"),
+        ("train.backend=deepspeeed", "did you mean 'deepspeed'"),
+        ("algorithm.kl_estimator=k4", "unknown KL estimator 'k4'"),
+        ("algorithm.loss_agg_mode=token_mean", "did you mean 'token-mean'"),
+        ("rollout.workflow.name=multi", "unknown workflow 'multi'"),
+        ("rollout.workflow.turns=3", "turns"),
+        ("rollout.weight_sync=broadcast", "unknown weight sync 'broadcast' (known: inprocess)"),
+    ):
+        with pytest.raises(RecipeError, match=re.escape(message)):
+            load_recipe(None, [override, "rollout.workflow.name=single_turn"] if "turns" in override else [override])

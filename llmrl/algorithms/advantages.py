@@ -102,7 +102,7 @@ def broadcast(seq_adv: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
 
 def masked_whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     """(x - mu) / sqrt(var + eps) over the valid tokens of the whole batch, unbiased var (verl
-    `masked_whiten`, shift_mean=True; §3.2). Zero outside the mask; with < 2 valid tokens the
+    `masked_whiten`, shift_mean=True; docs/formulas.md#gae-and-returns). Zero outside the mask; with < 2 valid tokens the
     centred value (0) is returned."""
     valid = mask > 0
     n = valid.sum()
@@ -217,7 +217,7 @@ def lite(inputs: AdvantageInputs) -> tuple[torch.Tensor, dict[str, float]]:
 
 
 def discounted_returns(token_rewards: torch.Tensor, loss_mask: torch.Tensor, gamma: float) -> torch.Tensor:
-    """G_t = sum_{k >= t} gamma^(k-t) r_k over policy tokens (REINFORCE++, §9.2).
+    """G_t = sum_{k >= t} gamma^(k-t) r_k over policy tokens (REINFORCE++, docs/formulas.md#reinforce-and-its-baseline-variant).
 
     Mask-aware like verl's GAE: a position with mask 0 (prompt, padding, an observation span) is
     skipped, so credit flows across observation spans as if they were absent and a reward on a
@@ -236,7 +236,7 @@ def discounted_returns(token_rewards: torch.Tensor, loss_mask: torch.Tensor, gam
 
 @register_advantage("reinforce_pp")
 def reinforce_pp(inputs: AdvantageInputs) -> tuple[torch.Tensor, dict[str, float]]:
-    """REINFORCE++ (Hu 2025, arXiv 2501.03262; verl `reinforce_plus_plus`, §9.2): per-token
+    """REINFORCE++ (Hu 2025, arXiv 2501.03262; verl `reinforce_plus_plus`, docs/formulas.md#reinforce-and-its-baseline-variant): per-token
     discounted return (cfg.gamma), then masked whitening over every valid token of the batch."""
     cfg, loss_mask = inputs.cfg, inputs.loss_mask
     returns = discounted_returns(inputs.token_rewards, loss_mask, cfg.gamma)
@@ -246,7 +246,7 @@ def reinforce_pp(inputs: AdvantageInputs) -> tuple[torch.Tensor, dict[str, float
 
 @register_advantage("reinforce_pp_baseline")
 def reinforce_pp_baseline(inputs: AdvantageInputs) -> tuple[torch.Tensor, dict[str, float]]:
-    """REINFORCE++-baseline (verl `reinforce_plus_plus_baseline`, §9.2): row score minus the group
+    """REINFORCE++-baseline (verl `reinforce_plus_plus_baseline`, docs/formulas.md#reinforce-and-its-baseline-variant): row score minus the group
     mean (no std), broadcast over tokens, then masked whitening over all valid tokens of the batch
     (so the std is token-weighted). A group of one: per cfg.singleton_group ('raw' = verl)."""
     cfg, loss_mask = inputs.cfg, inputs.loss_mask
@@ -266,7 +266,7 @@ def gae_advantages_and_returns(
     lam: float,
     whiten: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """GAE (Schulman et al. 2016, arXiv 1506.02438; verl `compute_gae_advantage_return`, §3.2).
+    """GAE (Schulman et al. 2016, arXiv 1506.02438; verl `compute_gae_advantage_return`, docs/formulas.md#gae-and-returns).
 
     delta_t = r_t + gamma V_next - V_t,  A_t = delta_t + gamma lam A_next,  returns = A + V
     (from the un-whitened A), then A is whitened over the valid tokens of the batch when `whiten`.
@@ -314,7 +314,7 @@ def gae(inputs: AdvantageInputs) -> tuple[torch.Tensor, dict[str, float]]:
 
 
 def dynamic_sampling_keep(group_ids: torch.Tensor, metric: torch.Tensor) -> torch.Tensor:
-    """DAPO dynamic sampling (Yu et al. 2025, arXiv 2503.14476; verl DAPO recipe, §2.4.3).
+    """DAPO dynamic sampling (Yu et al. 2025, arXiv 2503.14476; verl DAPO recipe, docs/formulas.md#dapo-dynamic-sampling).
 
     Returns a [B] bool mask: True for every row of a group whose `metric` (e.g. `acc`) varies
     (population std > 0) or that has a single member. "Varies" is tested as max > min, which is
@@ -325,6 +325,6 @@ def dynamic_sampling_keep(group_ids: torch.Tensor, metric: torch.Tensor) -> torc
 
 
 def mask_truncated(loss_mask: torch.Tensor, truncated: torch.Tensor) -> torch.Tensor:
-    """Overlong filtering (DAPO paper; TRL `mask_truncated_completions`, §2.4.5): rows whose
+    """Overlong filtering (DAPO paper; TRL `mask_truncated_completions`, docs/formulas.md#dapo-overlong-filtering): rows whose
     response hit the length limit get an all-zero loss mask, so they add no loss."""
     return loss_mask * (~truncated.bool()).to(loss_mask.dtype)[:, None]

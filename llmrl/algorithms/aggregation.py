@@ -1,4 +1,4 @@
-"""Loss aggregation modes (specs/algorithms.md §1.2) split into a micro-batch SUM and DENOMINATOR.
+"""Loss aggregation modes (docs/formulas.md#loss-aggregation) split into a micro-batch SUM and DENOMINATOR.
 
 The train engine (llmrl/algorithms/base.py) minimises  sum_over_micro(sum) / sum_over_micro(denominator)
 for each loss part, with denominators summed over the whole mini-batch (and data-parallel ranks)

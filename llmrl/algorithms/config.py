@@ -3,7 +3,7 @@
 Defaults are GRPO as verl runs it. `name` picks a preset (llmrl/algorithms/presets.py) whose
 defaults fill every field the user did not set: `resolve_algorithm(cfg)` returns that resolved
 copy, which is what the loop, advantages and losses read. Formulas and the reference choices
-named in the descriptions: specs/algorithms.md and docs/algorithms.md.
+named in the descriptions: docs/formulas.md and docs/algorithms.md.
 """
 from __future__ import annotations
 

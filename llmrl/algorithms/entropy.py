@@ -1,4 +1,4 @@
-"""Entropy control for the policy loss: Clip-Cov and KL-Cov (specs/algorithms.md §8).
+"""Entropy control for the policy loss: Clip-Cov and KL-Cov (docs/formulas.md#clip-cov-and-kl-cov).
 
 Cui et al. 2025, "The Entropy Mechanism of Reinforcement Learning for Reasoning Language
 Models" (arXiv 2505.22617; reference code PRIME-RL/Entropy-Mechanism-of-RL, ported to verl).
@@ -50,7 +50,7 @@ def register_entropy_control(name: str) -> Callable[[EntropyControl], EntropyCon
 
 
 def token_covariance(advantages: torch.Tensor, logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Cov_{i,t} of §8.1 (detached); 0 outside the mask."""
+    """Cov_{i,t} of docs/formulas.md#token-covariance (detached); 0 outside the mask."""
     valid = mask.bool()
     a = advantages.detach().double()
     lp = logp.detach().double()
@@ -86,7 +86,7 @@ def clip_cov_selection(
     upper: float,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Clip-Cov token choice (§8.2): among valid tokens not already clipped by PPO whose Cov lies
+    """Clip-Cov token choice (docs/formulas.md#clip-cov): among valid tokens not already clipped by PPO whose Cov lies
     strictly inside (lower, upper), a uniform random n = max(floor(ratio * N_valid), 1) of them
     (fewer when there are fewer candidates). Returns a [B,T] bool mask of the chosen tokens."""
     chosen = torch.zeros_like(valid, dtype=torch.bool)
@@ -106,7 +106,7 @@ def clip_cov_selection(
 
 @register_entropy_control("clip_cov")
 def clip_cov(terms: PolicyTokenTerms, cfg: Any, generator: torch.Generator | None) -> tuple[torch.Tensor, Metrics]:
-    """Clip-Cov (§8.2): the chosen tokens' loss is set to 0, detaching them from the gradient.
+    """Clip-Cov (docs/formulas.md#clip-cov): the chosen tokens' loss is set to 0, detaching them from the gradient.
     Applied on top of the PPO clip loss (with dual clip when configured)."""
     cov = token_covariance(terms.advantages, terms.logp, terms.mask)
     chosen = clip_cov_selection(
@@ -117,7 +117,7 @@ def clip_cov(terms: PolicyTokenTerms, cfg: Any, generator: torch.Generator | Non
 
 
 def kl_cov_selection(cov: torch.Tensor, valid: torch.Tensor, ratio: float) -> torch.Tensor:
-    """KL-Cov token choice (§8.3): the top k = max(1, floor(N_valid * ratio)) valid tokens by Cov.
+    """KL-Cov token choice (docs/formulas.md#kl-cov): the top k = max(1, floor(N_valid * ratio)) valid tokens by Cov.
     `ratio` is a FRACTION (verl `kl_cov_ratio`), not PRIME-RL's percent `k_percent`."""
     chosen = torch.zeros_like(valid, dtype=torch.bool)
     n_valid = int(valid.sum())
@@ -132,7 +132,7 @@ def kl_cov_selection(cov: torch.Tensor, valid: torch.Tensor, ratio: float) -> to
 
 @register_entropy_control("kl_cov")
 def kl_cov(terms: PolicyTokenTerms, cfg: Any, generator: torch.Generator | None) -> tuple[torch.Tensor, Metrics]:
-    """KL-Cov (§8.3): every token uses the unclipped -A r (no PPO ratio clip, no dual clip); the
+    """KL-Cov (docs/formulas.md#kl-cov): every token uses the unclipped -A r (no PPO ratio clip, no dual clip); the
     chosen tokens add kappa * |logp - old_logp| with kappa = cfg.kl_cov_coef."""
     cov = token_covariance(terms.advantages, terms.logp, terms.mask)
     chosen = kl_cov_selection(cov, terms.mask, cfg.kl_cov_ratio)

@@ -1,4 +1,4 @@
-"""Per-token KL estimators between a policy and the frozen reference (specs/algorithms.md §1.4).
+"""Per-token KL estimators between a policy and the frozen reference (docs/formulas.md#kl-to-the-reference).
 
 Every estimator maps (logp, ref) -> a [B,T] tensor, where `logp` is the log-prob of the sampled
 token under the sampling-side policy (current policy for a loss term, old policy for a reward

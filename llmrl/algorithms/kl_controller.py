@@ -1,7 +1,7 @@
-"""Controllers for the weight beta of a KL penalty placed in the reward (specs/algorithms.md §1.4, §3.1).
+"""Controllers for the weight beta of a KL penalty placed in the reward (docs/formulas.md#kl-to-the-reference, docs/formulas.md#kl-in-the-reward).
 
 `fixed` keeps `algorithm.kl_coef`. `adaptive` is the proportional controller of Ziegler et al.
-2019, "Fine-Tuning Language Models from Human Preferences" (arXiv 1909.08593, §2.2), with the
+2019, "Fine-Tuning Language Models from Human Preferences" (arXiv 1909.08593, section 2.2), with the
 batch-size step that verl's `AdaptiveKLController` uses:
 
     e      = clip(KL / kl_target - 1, -0.2, 0.2)

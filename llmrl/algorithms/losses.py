@@ -31,8 +31,8 @@ from llmrl.registry import Registry
 
 LOSSES: Registry[LossFn] = Registry("loss")
 
-LOG_RATIO_CLAMP = 20.0  # verl / Trinity clamp log(pi/pi_old) to +-20 before exp (§1.3)
-GSPO_LOG_RATIO_MAX = 10.0  # verl `gspo` clamps the sequence log-ratio from above at 10 (§9.1)
+LOG_RATIO_CLAMP = 20.0  # verl / Trinity clamp log(pi/pi_old) to +-20 before exp (docs/formulas.md#ppo-clip)
+GSPO_LOG_RATIO_MAX = 10.0  # verl `gspo` clamps the sequence log-ratio from above at 10 (docs/formulas.md#gspo)
 
 Metrics = dict[str, tuple[float, float]]
 
@@ -112,6 +112,17 @@ def _ratio_metrics(old: torch.Tensor, logp: torch.Tensor, ratio: torch.Tensor, v
     }
 
 
+def clipped_surrogate(
+    ratio: torch.Tensor, adv: torch.Tensor, eps_low: float, eps_high: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """PPO's pessimistic surrogate (Schulman et al. 2017, arXiv 1707.06347) with decoupled clip
+    (DAPO): max(-A r, -A clip(r, 1 - eps_low, 1 + eps_high)). Returns the loss, the unclipped
+    branch, and a bool mask of where the clipped branch is strictly larger (the clip fraction)."""
+    unclipped = -adv * ratio
+    clipped_branch = -adv * ratio.clamp(1.0 - eps_low, 1.0 + eps_high)
+    return torch.maximum(unclipped, clipped_branch), unclipped, clipped_branch > unclipped
+
+
 def ppo_clip_token_terms(
     logp: torch.Tensor,
     old_logp: torch.Tensor,
@@ -121,7 +132,7 @@ def ppo_clip_token_terms(
     eps_high: float,
     dual_clip_c: float | None,
 ) -> tuple[PolicyTokenTerms, torch.Tensor]:
-    """Per-token PPO clipped surrogate with decoupled clip and dual clip (§1.3).
+    """Per-token PPO clipped surrogate with decoupled clip and dual clip (docs/formulas.md#ppo-clip).
 
     Schulman et al. 2017 (arXiv 1707.06347) clip; decoupled eps_low/eps_high from DAPO
     (arXiv 2503.14476); dual clip from Ye et al. 2020 (arXiv 1912.09729) as in verl `vanilla`:
@@ -133,10 +144,8 @@ def ppo_clip_token_terms(
     adv = _zero_outside(advantages, valid)
     log_ratio = _zero_outside((logp - old_logp).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP), valid)
     ratio = log_ratio.exp()
-    unclipped = -adv * ratio
-    clipped_branch = -adv * ratio.clamp(1.0 - eps_low, 1.0 + eps_high)
-    loss = torch.maximum(unclipped, clipped_branch)
-    clipped = (clipped_branch > unclipped) & valid
+    loss, unclipped, clipped = clipped_surrogate(ratio, adv, eps_low, eps_high)
+    clipped = clipped & valid
     dual = torch.zeros_like(valid)
     if dual_clip_c is not None:
         cap = -adv * dual_clip_c
@@ -196,7 +205,7 @@ def _no_entropy_control(cfg: Any, loss_name: str) -> None:
 @register_loss("ppo_clip")
 class PPOClipLoss(_PolicyLoss):
     """Token-level PPO clip (decoupled + dual clip), aggregated with cfg.loss_agg_mode; with
-    cfg.entropy_control 'clip_cov' / 'kl_cov' the per-token loss is reshaped first (§8)."""
+    cfg.entropy_control 'clip_cov' / 'kl_cov' the per-token loss is reshaped first (docs/formulas.md#clip-cov-and-kl-cov)."""
 
     def policy_part(self, mb: Batch, out: Batch, ctx: LossContext) -> tuple[torch.Tensor, Metrics]:
         cfg = ctx.cfg
@@ -233,7 +242,7 @@ def truncated_is_weights(old_logp: torch.Tensor, rollout_logp: torch.Tensor, cap
 
 @register_loss("gspo")
 class GSPOLoss(_PolicyLoss):
-    """GSPO (Zheng et al. 2025, arXiv 2507.18071; verl `gspo`, §9.1), GSPO-token form:
+    """GSPO (Zheng et al. 2025, arXiv 2507.18071; verl `gspo`, docs/formulas.md#gspo), GSPO-token form:
         log s_i   = (1/|o_i|) sum_t m (logp - old)                 (sequence ratio, detached)
         log s_i,t = sg[log s_i] + logp_t - sg[logp_t], clamped at <= 10
         L_i,t     = max(-A s_i,t, -A clip(s_i,t, 1 - eps_low, 1 + eps_high))
@@ -252,12 +261,10 @@ class GSPOLoss(_PolicyLoss):
         log_s = (seq_log[:, None] + logp - logp.detach()).clamp(max=GSPO_LOG_RATIO_MAX)
         log_s = _zero_outside(log_s, valid)
         s = log_s.exp()
-        unclipped = -adv * s
-        clipped_branch = -adv * s.clamp(1.0 - cfg.clip_eps_low, 1.0 + cfg.clip_eps_high)
-        loss = torch.maximum(unclipped, clipped_branch)
+        loss, _, clipped = clipped_surrogate(s, adv, cfg.clip_eps_low, cfg.clip_eps_high)
         n = float(valid.sum())
         metrics: Metrics = {
-            "actor/clipfrac": (float(((clipped_branch > unclipped) & valid).sum()), n),
+            "actor/clipfrac": (float((clipped & valid).sum()), n),
             **_ratio_metrics(old, logp, s, valid),
         }
         return agg_sum(loss, mb["loss_mask"], cfg.loss_agg_mode, cfg.loss_scale_factor), metrics
@@ -265,7 +272,7 @@ class GSPOLoss(_PolicyLoss):
 
 @register_loss("rloo_seq")
 class RLOOSequenceLoss(_PolicyLoss):
-    """TRL RLOOTrainer's sequence-level clipped loss (§4.2):
+    """TRL RLOOTrainer's sequence-level clipped loss (docs/formulas.md#rloo-sequence-level-loss):
         log r_i = sum_t m logp - sum_t m old  (clamped +-20),  A_i = the row's advantage,
         L_i = max(-A_i r_i, -A_i clip(r_i, 1 - eps_low, 1 + eps_high)),  pg = mean_i L_i
     over rows with at least one policy token (an empty row has no ratio and adds nothing).
@@ -284,12 +291,11 @@ class RLOOSequenceLoss(_PolicyLoss):
         log_r = _zero_outside(logp - old, valid).sum(-1).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
         r = log_r.exp()
         adv = _zero_outside(mb["advantages"], valid).sum(-1) / valid.sum(-1).clamp(min=1)
-        unclipped = -adv * r
-        clipped_branch = -adv * r.clamp(1.0 - cfg.clip_eps_low, 1.0 + cfg.clip_eps_high)
-        loss = _zero_outside(torch.maximum(unclipped, clipped_branch), rows)
+        surrogate, _, clipped = clipped_surrogate(r, adv, cfg.clip_eps_low, cfg.clip_eps_high)
+        loss = _zero_outside(surrogate, rows)
         n_rows = float(rows.sum())
         metrics: Metrics = {
-            "actor/clipfrac": (float(((clipped_branch > unclipped) & rows).sum()), n_rows),
+            "actor/clipfrac": (float((clipped & rows).sum()), n_rows),
             "actor/ratio_mean": (float(_zero_outside(r.detach(), rows).sum()), n_rows),
             "actor/approx_kl": _masked_mean_metric(kl_k3(old.detach(), logp.detach()), valid),  # per token, as ppo_clip
         }
@@ -301,7 +307,7 @@ class RLOOSequenceLoss(_PolicyLoss):
 
 @register_loss("value")
 class ValueLoss:
-    """Clipped value loss for a critic (§3.3; verl `compute_value_loss`, PPO2 baselines):
+    """Clipped value loss for a critic (docs/formulas.md#value-loss; verl `compute_value_loss`, PPO2 baselines):
         vf = 0.5 * agg( max((V - R)^2, (clip(V, V_old - c_v, V_old + c_v) - R)^2) )
     c_v = cfg.value_clip (None: no clipping), aggregated with cfg.loss_agg_mode, part "vf" with
     weight cfg.vf_coef. Reads out['values'], mb['old_values'], mb['returns'], mb['loss_mask'].
@@ -337,7 +343,7 @@ class ValueLoss:
 
 @register_loss("sft")
 class SFTLoss:
-    """Token-mean negative log-likelihood on loss_mask tokens, part "sft" (CHORD's L_SFT, §7.1)."""
+    """Token-mean negative log-likelihood on loss_mask tokens, part "sft" (CHORD's L_SFT, docs/formulas.md#sft-loss)."""
 
     def denominators(self, mb: Batch, ctx: LossContext) -> dict[str, float]:
         return {"sft": agg_denominator(mb["loss_mask"], "token-mean")}

@@ -15,6 +15,7 @@ from llmrl.data.arithmetic import arithmetic_split
 from llmrl.data.config import DataConfig, DataConfigError
 from llmrl.data.prompts import build_messages, tokenize_prompt
 from llmrl.data.sources import Row, load_rows
+from llmrl.registry import Registry
 from llmrl.types import Task
 
 ANSWER_MARKER = "####"
@@ -75,31 +76,28 @@ class TaskType:
         return None if answer is None else str(answer).strip()
 
 
-_REGISTRY: dict[str, TaskType] = {}
+TASK_TYPES: Registry[TaskType] = Registry("task type")
 
 
 def register_task_type(name: str) -> Callable[[type[TaskType]], type[TaskType]]:
+    """Class decorator: registers one instance of the task type under `name`."""
+
     def register(cls: type[TaskType]) -> type[TaskType]:
-        if name in _REGISTRY:
-            raise ValueError(f"task type {name!r} is already registered")
         cls.name = name
-        _REGISTRY[name] = cls()
+        TASK_TYPES.register(name, cls())
         return cls
 
     return register
 
 
 def get_task_type(name: str) -> TaskType:
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise DataConfigError(
-            f"data.type: unknown task type {name!r}; choose one of {', '.join(task_type_names())}"
-        ) from None
+    if name not in TASK_TYPES:
+        raise DataConfigError(f"data.type: unknown task type {name!r}; choose one of {', '.join(task_type_names())}")
+    return TASK_TYPES[name]
 
 
 def task_type_names() -> list[str]:
-    return sorted(_REGISTRY)
+    return TASK_TYPES.names()
 
 
 # ---------------------------------------------------------------- row helpers

@@ -19,6 +19,7 @@ from pydantic import ValidationError
 
 from llmrl.data import DataConfig, build_tasks, get_task_type, tokenize_prompt
 from llmrl.data.sources import FILE_BUILDERS
+from llmrl.registry import Registry
 from llmrl.reward.builtin.arithmetic import arithmetic_answer
 from llmrl.reward.builtin.gsm8k import canonical_number, gsm8k_extract
 from llmrl.reward.builtin.math import extract_last_boxed
@@ -41,11 +42,11 @@ class AnswerReader:
     vote_key: Callable[[str], str] = lambda answer: answer
 
 
-ANSWER_READERS: dict[str, AnswerReader] = {}  # by reward name
+ANSWER_READERS: Registry[AnswerReader] = Registry("answer reader")  # by reward name
 
 
 def register_answer_reader(reward_name: str, reader: AnswerReader) -> None:
-    ANSWER_READERS[reward_name] = reader
+    ANSWER_READERS.register(reward_name, reader)
 
 
 _LATEX_NOISE = re.compile(r"\\left|\\right|\\[!,;: ]|\$|\^\{?\\circ\}?|\s+")
@@ -102,14 +103,11 @@ class Benchmark:
     data_options: dict[str, Any] = field(default_factory=dict)  # extra DataConfig settings
 
 
-BENCHMARKS: dict[str, Benchmark] = {}
+BENCHMARKS: Registry[Benchmark] = Registry("benchmark")
 
 
 def register_benchmark(bench: Benchmark) -> Benchmark:
-    if bench.name in BENCHMARKS:
-        raise ValueError(f"benchmark {bench.name!r} is already registered")
-    BENCHMARKS[bench.name] = bench
-    return bench
+    return BENCHMARKS.register(bench.name, bench)
 
 
 register_benchmark(

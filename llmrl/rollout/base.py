@@ -19,6 +19,23 @@ from llmrl.registry import Registry, registered_name
 from llmrl.types import Completion
 
 
+def check_workflow_options(name: str, options: dict[str, Any]) -> None:
+    """A ValueError naming each bad option of workflow `name` (unknown key, wrong type)."""
+    from pydantic import ValidationError
+
+    options_cls = WORKFLOWS[name].Options
+    try:
+        options_cls.model_validate(options)
+    except ValidationError as err:
+        known = ", ".join(options_cls.model_fields) or "none"
+        problems = "; ".join(
+            f"unknown option '{'.'.join(map(str, e['loc']))}'" if e["type"] == "extra_forbidden"
+            else f"{'.'.join(map(str, e['loc']))}: {e['msg']}"
+            for e in err.errors()
+        )
+        raise ValueError(f"workflow '{name}': {problems} (its options: {known})") from None
+
+
 def _import_builtin_engines() -> None:
     importlib.import_module("llmrl.rollout.hf")
     importlib.import_module("llmrl.rollout.vllm_engine")  # registers "vllm"; imports vLLM only when built
@@ -38,7 +55,7 @@ class WorkflowConfig(Section):
     @model_validator(mode="after")
     def _options_match_the_workflow(self) -> "WorkflowConfig":
         if self.name is not None:
-            WORKFLOWS[self.name].Options.model_validate(self.options())
+            check_workflow_options(self.name, self.options())
         return self
 
     def options(self) -> dict[str, Any]:
