@@ -35,13 +35,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from llmrl.algorithms import get_preset
     from llmrl.recipe import dump_recipe, load_recipe
     from llmrl.stages import active_stage_names
 
     recipe = load_recipe(args.recipe, args.overrides)  # resolved: the preset's choices written in
     print(dump_recipe(recipe), end="")
-    stages = active_stage_names(recipe.algorithm, get_preset(recipe.algorithm.name).stages)
+    stages = active_stage_names(recipe.algorithm)
     print(f"# stages this algorithm runs (llmrl/stages.py): {', '.join(stages) or 'none'}")
     return 0
 

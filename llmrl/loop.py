@@ -20,7 +20,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from llmrl.algorithms import ADVANTAGES, LOSSES, get_preset, needs_reference
+from llmrl.algorithms import ADVANTAGES, LOSSES, needs_reference
 from llmrl.algorithms.advantages import compute_advantages
 from llmrl.algorithms.base import AdvantageInputs
 from llmrl.algorithms.dapo import reward_config_with_overlong
@@ -59,7 +59,7 @@ def train(recipe: Recipe) -> Path:
     rewards = RewardComputer(reward_config_with_overlong(recipe.reward, algo, recipe.rollout.max_new_tokens, taskset.kind), default_kind=taskset.kind)
     total_updates = updates_per_run(recipe.train.steps, trajectories_per_step(recipe), algo, recipe.train.mini_batch_size)
     trainer = build_train_engine(recipe, total_updates)
-    stages = build_stages(StageSetup(recipe, algo, trainer, total_updates), get_preset(algo.name).stages)
+    stages = build_stages(StageSetup(recipe, algo, trainer, total_updates))
     rollout = build_rollout_engine(recipe.rollout, recipe.model, tokenizer, seed=recipe.seed)
     workflow = build_workflow(recipe.rollout.workflow)
     weight_sync = build_weight_sync(recipe.rollout.weight_sync, trainer, [rollout])

@@ -144,11 +144,12 @@ def load_recipe(path: str | None, overrides: list[str] | None = None) -> Recipe:
         recipe = Recipe.model_validate(data)
     except ValidationError as err:
         raise RecipeError(format_validation_error(err, source)) from None
-    check_recipe(recipe, source)
     try:
-        return resolve_recipe(recipe)
+        recipe = resolve_recipe(recipe)
     except ValueError as err:
         raise RecipeError(f"{err} in {source}") from None
+    check_recipe(recipe, source)
+    return recipe
 
 
 def resolve_recipe(recipe: Recipe) -> Recipe:
@@ -180,7 +181,7 @@ def trajectories_per_step(recipe: Recipe) -> int:
 
 
 def check_recipe(recipe: Recipe, source: str) -> None:
-    """Cross-section checks: batch sizes divide, and referenced names and files exist."""
+    """Cross-section checks on the resolved recipe: batch sizes divide, and referenced names and files exist."""
     from llmrl.reward import RewardConfigError, resolve_reward
 
     total = trajectories_per_step(recipe)
@@ -202,9 +203,7 @@ def check_recipe(recipe: Recipe, source: str) -> None:
         reason = registry.unavailable(name)
         if reason:
             raise RecipeError(f"{key}: '{name}': {reason} in {source}")
-    from llmrl.algorithms import resolve_algorithm
-
-    algo = resolve_algorithm(recipe.algorithm)
+    algo = recipe.algorithm  # resolved: the preset's values are in
     if algo.kl_controller == "adaptive" and not (algo.kl_placement == "reward" and algo.kl_coef > 0):
         raise RecipeError(
             f"algorithm.kl_controller: 'adaptive' steers a KL penalty in the reward; it needs algorithm.kl_placement=reward "

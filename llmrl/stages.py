@@ -24,7 +24,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from llmrl.algorithms import LOSSES
+from llmrl.algorithms import LOSSES, get_preset
 from llmrl.algorithms.advantages import mask_truncated
 from llmrl.algorithms.base import REWARD_PREFIX, Batch
 from llmrl.algorithms.config import needs_reference
@@ -99,16 +99,17 @@ class Stage:
 STAGES: Registry[type[Stage]] = Registry("stage")
 
 
-def build_stages(setup: StageSetup, preset_stages: tuple[str, ...]) -> list[Stage]:
-    """The active stages in registry order (the order the hooks run in)."""
-    for name in preset_stages:
+def active_stage_names(algo: Any) -> list[str]:
+    """The stages a resolved algorithm runs, in registry order (the order the hooks run in): those
+    its preset lists and those its options switch on."""
+    listed = get_preset(algo.name).stages
+    for name in listed:
         STAGES.check(name)
-    return [cls(setup) for name, cls in STAGES.items() if name in preset_stages or cls.wanted(setup.algo)]
+    return [name for name, cls in STAGES.items() if name in listed or cls.wanted(algo)]
 
 
-def active_stage_names(algo: Any, preset_stages: tuple[str, ...]) -> list[str]:
-    """What `build_stages` would build, without building it (for `llmrl validate`)."""
-    return [name for name, cls in STAGES.items() if name in preset_stages or cls.wanted(algo)]
+def build_stages(setup: StageSetup) -> list[Stage]:
+    return [STAGES[name](setup) for name in active_stage_names(setup.algo)]
 
 
 # ------------------------------------------------------------------------------ built-in stages

@@ -5,7 +5,7 @@ import inspect
 import pytest
 import torch
 
-from llmrl.algorithms import ADVANTAGES, AlgorithmConfig, get_preset, resolve_algorithm
+from llmrl.algorithms import ADVANTAGES, AlgorithmConfig, resolve_algorithm
 from llmrl.algorithms.advantages import compute_advantages
 from llmrl.algorithms.base import AdvantageInputs, reward_channels, total_token_rewards
 from llmrl.batch import collate
@@ -153,7 +153,7 @@ def test_single_turn_workflow_returns_scored_groups_with_unique_ids(tiny_path, t
 def test_stages_come_from_the_preset_and_from_options():
     def stages(**kw):
         algo = resolve_algorithm(AlgorithmConfig(**kw))
-        return active_stage_names(algo, get_preset(algo.name).stages)
+        return active_stage_names(algo)
 
     assert stages(name="grpo") == []
     assert stages(name="ppo") == ["critic"]
