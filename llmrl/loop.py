@@ -20,23 +20,23 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from llmrl.algorithms import ADVANTAGES, LOSSES, needs_reference
+from llmrl.algorithms import ADVANTAGES, LOSSES
 from llmrl.algorithms.advantages import compute_advantages
 from llmrl.algorithms.base import AdvantageInputs
 from llmrl.algorithms.dapo import reward_config_with_overlong
 from llmrl.batch import collate, num_tokens
 from llmrl.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from llmrl.data import PromptSampler, build_tasks
+from llmrl.distributed.cluster import build_cluster
 from llmrl.distributed.weight_sync import build_weight_sync
 from llmrl.eval.harness import evaluate_during_training, should_evaluate
-from llmrl.models import load_causal_lm, load_policy, load_tokenizer
+from llmrl.models import load_tokenizer
 from llmrl.recipe import Recipe, dump_recipe, resolve_recipe, trajectories_per_step
 from llmrl.reward import RewardComputer
-from llmrl.rollout.base import SamplingParams, build_rollout_engine
+from llmrl.rollout.base import SamplingParams
 from llmrl.rollout.workflows import Workflow, WorkflowContext, build_workflow
 from llmrl.stages import Stage, StageSetup, build_stages
 from llmrl.tracking import Tracker, truncate_metrics
-from llmrl.train.backends import build_train_backend
 from llmrl.train.engine import TrainEngine
 from llmrl.train.updates import add_policy_logprobs, run_updates, updates_per_run
 from llmrl.types import Group, GroupIds, Trajectory
@@ -52,15 +52,17 @@ def train(recipe: Recipe) -> Path:
     algo = recipe.algorithm
 
     # Parts: data, rewards (their worker pool starts before the model is loaded, so forked
-    # workers stay small), the policy's train engine, the algorithm's stages, the rollout engine.
+    # workers stay small), the policy's train engine, the algorithm's stages, the rollout engine,
+    # each placed by the cluster backend.
     tokenizer = load_tokenizer(recipe.model.name, recipe.model.revision)
     taskset = build_tasks(recipe.data, tokenizer, split="train")
     sampler = PromptSampler(taskset.tasks, recipe.train.prompts_per_step, seed=recipe.seed, shuffle=recipe.data.shuffle)
     rewards = RewardComputer(reward_config_with_overlong(recipe.reward, algo, recipe.rollout.max_new_tokens, taskset.kind), default_kind=taskset.kind)
     total_updates = updates_per_run(recipe.train.steps, trajectories_per_step(recipe), algo, recipe.train.mini_batch_size)
-    trainer = build_train_engine(recipe, total_updates)
-    stages = build_stages(StageSetup(recipe, algo, trainer, total_updates))
-    rollout = build_rollout_engine(recipe.rollout, recipe.model, tokenizer, seed=recipe.seed)
+    cluster = build_cluster(recipe)  # in this process, or Ray actors behind the same protocols
+    trainer = cluster.train_engine(recipe, total_updates, role="policy")
+    stages = build_stages(StageSetup(recipe, algo, trainer, total_updates, cluster))
+    rollout = cluster.rollout_engine(recipe, tokenizer)
     workflow = build_workflow(recipe.rollout.workflow)
     weight_sync = build_weight_sync(recipe.rollout.weight_sync, trainer, [rollout])
     advantage_fn = ADVANTAGES[algo.advantage]
@@ -148,6 +150,7 @@ def train(recipe: Recipe) -> Path:
         progress.close()
         tracker.close()
         rewards.close()
+        cluster.shutdown()
         stop.restore()
     return run_dir
 
@@ -159,17 +162,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def build_train_engine(recipe: Recipe, total_updates: int) -> TrainEngine:
-    policy = load_policy(recipe.model)
-    reference = None
-    if needs_reference(recipe.algorithm) and not recipe.model.lora.enabled:
-        reference = load_causal_lm(recipe.model).eval().requires_grad_(False)
-    return build_train_backend(
-        recipe.train.backend, policy, recipe.train, total_updates=total_updates,
-        temperature=recipe.rollout.temperature, reference=reference,
-    )
 
 
 def gather_groups(workflow: Workflow, sampler: PromptSampler, stages: list[Stage], context: WorkflowContext, recipe: Recipe) -> list[Group]:

@@ -16,6 +16,7 @@ from pydantic import BaseModel, Field, ValidationError
 from llmrl.algorithms.config import AlgorithmConfig
 from llmrl.config_base import Section
 from llmrl.data.config import DataConfig
+from llmrl.distributed.cluster import ClusterConfig
 from llmrl.eval.config import EvalConfig
 from llmrl.models import ModelConfig
 from llmrl.reward import RewardConfig
@@ -53,6 +54,9 @@ class Recipe(Section):
     eval: EvalConfig = Field(
         default_factory=EvalConfig,
         description="Held-out evaluation during training, with the same harness and settings as `llmrl eval`.",
+    )
+    cluster: ClusterConfig = Field(
+        default_factory=ClusterConfig, description="Where the engines run: in this process (default) or as Ray actors (docs/cluster.md)."
     )
     seed: int = Field(0, description="Seed for sampling, shuffling and initialisation.")
     output_dir: str = Field("runs/llmrl", description="Run directory: recipe, metrics, TensorBoard, rollouts, checkpoints.")
@@ -194,15 +198,18 @@ def check_recipe(recipe: Recipe, source: str) -> None:
     micro = recipe.train.micro_batch_size
     if recipe.train.micro_batch_tokens is None and micro and mini % micro:
         raise RecipeError(f"train.micro_batch_size={micro} must divide train.mini_batch_size={mini} in {source}")
+    from llmrl.distributed.cluster import CLUSTERS
     from llmrl.rollout.base import ROLLOUT_ENGINES
     from llmrl.train.backends import TRAIN_BACKENDS
 
     for key, registry, name in (
-        ("rollout.engine", ROLLOUT_ENGINES, recipe.rollout.engine), ("train.backend", TRAIN_BACKENDS, recipe.train.backend)
+        ("rollout.engine", ROLLOUT_ENGINES, recipe.rollout.engine), ("train.backend", TRAIN_BACKENDS, recipe.train.backend),
+        ("cluster.backend", CLUSTERS, recipe.cluster.backend),
     ):
         reason = registry.unavailable(name)
         if reason:
             raise RecipeError(f"{key}: '{name}': {reason} in {source}")
+    check_cluster(recipe, source)
     algo = recipe.algorithm  # resolved: the preset's values are in
     if algo.kl_controller == "adaptive" and not (algo.kl_placement == "reward" and algo.kl_coef > 0):
         raise RecipeError(
@@ -215,6 +222,21 @@ def check_recipe(recipe: Recipe, source: str) -> None:
             resolve_reward(spec)
         except RewardConfigError as err:
             raise RecipeError(f"reward.functions[{i}]: {err} in {source}") from None
+
+
+def check_cluster(recipe: Recipe, source: str) -> None:
+    """Engines in other processes need a weight sync that crosses processes, and several train
+    ranks need a data-parallel backend."""
+    ray = recipe.cluster.backend == "ray"
+    if ray and recipe.rollout.weight_sync == "inprocess":
+        raise RecipeError(f"rollout.weight_sync: 'inprocess' cannot reach engines in Ray actors; use broadcast with cluster.backend: ray in {source}")
+    if not ray and recipe.rollout.weight_sync == "broadcast":
+        raise RecipeError(f"rollout.weight_sync: 'broadcast' needs cluster.backend: ray (in one process, use inprocess) in {source}")
+    if ray and recipe.cluster.train_workers.count > 1 and recipe.train.backend != "deepspeed":
+        raise RecipeError(
+            f"cluster.train_workers.count: {recipe.cluster.train_workers.count} data-parallel ranks need train.backend: deepspeed "
+            f"(got {recipe.train.backend!r}) in {source}"
+        )
 
 
 def dump_recipe(recipe: Recipe) -> str:

@@ -32,7 +32,7 @@ from llmrl.algorithms.dapo import GroupFilter
 from llmrl.algorithms.kl import kl_reward_channel
 from llmrl.algorithms.kl_controller import build_kl_controller, mean_sequence_kl
 from llmrl.registry import Registry
-from llmrl.train.critic import build_critic_engine, old_values, value_targets
+from llmrl.train.critic import old_values, value_targets
 from llmrl.train.engine import TrainEngine
 from llmrl.train.updates import run_updates
 from llmrl.types import Group
@@ -48,6 +48,7 @@ class StageSetup:
     algo: Any  # the resolved AlgorithmConfig
     trainer: TrainEngine  # the policy's engine
     total_updates: int  # optimizer steps over the run (lr schedules)
+    cluster: Any = None  # llmrl.distributed.cluster.Cluster: builds further engines where they run
 
 
 class Stage:
@@ -206,7 +207,7 @@ class Critic(Stage):
 
     def __init__(self, setup: StageSetup) -> None:
         super().__init__(setup)
-        self.engine = build_critic_engine(setup.recipe, self.algo, setup.total_updates)
+        self.engine = setup.cluster.train_engine(setup.recipe, setup.total_updates, role="critic")
 
     def before_advantages(self, batch: Batch, timer: Timer) -> dict[str, float]:
         with timer("values"):

@@ -130,7 +130,9 @@ def test_registered_names_are_checked_against_the_registries():
         ("algorithm.loss_agg_mode=token_mean", "did you mean 'token-mean'"),
         ("rollout.workflow.name=multi", "unknown workflow 'multi'"),
         ("rollout.workflow.turns=3", "turns"),
-        ("rollout.weight_sync=broadcast", "unknown weight sync 'broadcast' (known: inprocess)"),
+        ("rollout.weight_sync=broadcst", "unknown weight sync 'broadcst' (known: broadcast, inprocess); did you mean 'broadcast'?"),
+        ("rollout.weight_sync=broadcast", "'broadcast' needs cluster.backend: ray"),
+        ("cluster.backend=slurm", "unknown cluster backend 'slurm' (known: none, ray)"),
     ):
         with pytest.raises(RecipeError, match=re.escape(message)):
             load_recipe(None, [override, "rollout.workflow.name=single_turn"] if "turns" in override else [override])

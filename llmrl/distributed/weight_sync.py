@@ -60,3 +60,43 @@ class InProcessWeightSync:
 
 def build_weight_sync(name: str, trainer: Any, engines: list[Any], bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> WeightSync:
     return WEIGHT_SYNCS[name](trainer, engines, bucket_bytes=bucket_bytes)
+
+
+@WEIGHT_SYNCS.register("broadcast")
+class BroadcastWeightSync:
+    """Train rank 0 broadcasts packed buckets over a gloo group it shares with every rollout
+    engine actor (llmrl/distributed/weight_broadcast.py). For `cluster.backend: ray`."""
+
+    def __init__(self, trainer: Any, engines: list[Any], bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> None:
+        if not hasattr(trainer, "ranks") or not all(hasattr(e, "engines") for e in engines):
+            raise ValueError("rollout.weight_sync 'broadcast' needs cluster.backend: ray (its engines live in other processes)")
+        self.trainer = trainer
+        self.actors = [actor for engine in engines for actor in engine.engines]
+        self.bucket_bytes = bucket_bytes
+        self.timeout = trainer.timeouts.sync_s
+
+    def setup(self) -> None:
+        """Form the group: rank 0 hosts the rendezvous; every member joins at once."""
+        from llmrl.distributed.ray_calls import call, gather
+
+        sender = self.trainer.ranks[0]
+        where = call(sender, "where", timeout=self.timeout)
+        host, port, world = where["ip"], int(where["free_port"]), 1 + len(self.actors)
+        joins = [(sender, "join_weight_group", (host, port, world, self.timeout), {})]
+        joins += [(a, "join_weight_group", (host, port, i + 1, world, self.timeout), {}) for i, a in enumerate(self.actors)]
+        gather(joins, self.timeout)
+
+    def sync(self, step: int) -> SyncStats:
+        from llmrl.distributed.ray_calls import ClusterError, gather
+
+        started = time.perf_counter()
+        calls = [(self.trainer.ranks[0], "send_weights", (self.bucket_bytes,), {})]
+        calls += [(a, "receive_weights", (step,), {}) for a in self.actors]
+        sent, *received = gather(calls, self.timeout)
+        for actor, got in zip(self.actors, received):
+            if got["version"] != step or got["bytes"] != sent:
+                raise ClusterError(
+                    f"{actor.role} on {actor.host}: weight sync for step {step} delivered {got['bytes']} of {sent} bytes "
+                    f"(engine reports version {got['version']})"
+                )
+        return SyncStats(bytes=sent, seconds=time.perf_counter() - started)

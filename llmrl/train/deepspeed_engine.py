@@ -9,7 +9,8 @@ ranks make the same update as one rank on the same mini-batch (tests/test_deepsp
 Every rank is handed the whole mini-batch and takes its contiguous share in `local_rows`.
 
 Ranks must run the same number of micro-batches (each backward takes part in collectives), so
-zero-advantage row skipping is off here. Process-group setup is the caller's (environment
+zero-advantage row skipping is off here; with several ranks the shared-prompt forward is off too
+(see __init__). Process-group setup is the caller's (environment
 variables RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT, as torchrun, the deepspeed launcher or a
 Ray actor set them); CPU runs use gloo.
 """
@@ -76,7 +77,13 @@ class DeepSpeedTrainEngine(TorchTrainEngine):
         import deepspeed
         import torch.distributed as dist
 
-        cfg = cfg.model_copy(update={"skip_zero_advantage_rows": False})
+        updates: dict[str, Any] = {"skip_zero_advantage_rows": False}
+        if dist.get_world_size() > 1:
+            # Measured: with 2 ranks, the shared-prompt forward (two decoder calls joined through
+            # the KV cache) made a different update than 1 rank (loss 0.08513 against 0.08539 on
+            # the tiny model; 0.08541 both ways without it), so several ranks run the plain forward.
+            updates["shared_prompt_forward"] = False
+        cfg = cfg.model_copy(update=updates)
         super().__init__(model, cfg, total_updates, **options)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model,
@@ -97,17 +104,19 @@ class DeepSpeedTrainEngine(TorchTrainEngine):
         rank = dist.get_rank()
         return select_rows(mini_batch, torch.arange(rank * share, (rank + 1) * share))
 
-    def all_reduce_denominators(self, denominators: dict[str, float]) -> dict[str, float]:
+    def all_reduce_sums(self, values: dict[str, float]) -> dict[str, float]:
         import torch.distributed as dist
 
-        # A rank may lack a part another has (no expert rows in its share): agree on the names first.
-        names = sorted(denominators)
+        if self.world_size == 1:
+            return values
+        # A rank may lack a name another has (no expert rows in its share): agree on the names first.
+        names = sorted(values)
         gathered: list[list[str]] = [[] for _ in range(self.world_size)]
         dist.all_gather_object(gathered, names)
         names = sorted({n for rank_names in gathered for n in rank_names})
-        values = torch.tensor([denominators.get(n, 0.0) for n in names], dtype=torch.float64)
-        dist.all_reduce(values)
-        return dict(zip(names, values.tolist()))
+        summed = torch.tensor([values.get(n, 0.0) for n in names], dtype=torch.float64)
+        dist.all_reduce(summed)
+        return dict(zip(names, summed.tolist()))
 
     def _backward(self, loss: torch.Tensor, last: bool) -> None:
         self.engine.set_gradient_accumulation_boundary(last)

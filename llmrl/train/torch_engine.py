@@ -155,9 +155,10 @@ class TorchTrainEngine:
         return results
 
     # ------------------------------------------------------------------ update
-    def all_reduce_denominators(self, denominators: dict[str, float]) -> dict[str, float]:
-        """Data-parallel hook: one process has nothing to reduce."""
-        return denominators
+    def all_reduce_sums(self, values: dict[str, float]) -> dict[str, float]:
+        """Data-parallel hook: named numbers summed over ranks (loss denominators, metric sums).
+        One process has nothing to reduce."""
+        return values
 
     def local_rows(self, mini_batch: Batch) -> Batch:
         """The rows of a mini-batch this engine computes: all of them in one process; a
@@ -177,7 +178,7 @@ class TorchTrainEngine:
         for mb in micro_batches:
             for part, d in loss_fn.denominators(mb, ctx).items():
                 denominators[part] = denominators.get(part, 0.0) + float(d)
-        denominators = self.all_reduce_denominators(denominators)
+        denominators = self.all_reduce_sums(denominators)
 
         self.model.train()
         self._discard_grads()
@@ -214,6 +215,14 @@ class TorchTrainEngine:
                 metric_counts[name] = metric_counts.get(name, 0.0) + float(c)
 
         grad_norm = self._clip_gradients()
+        # Data-parallel ranks each saw a share of the mini-batch: make the figures the whole one's.
+        totals = self.all_reduce_sums(
+            {**{f"sum:{k}": v for k, v in metric_sums.items()}, **{f"count:{k}": v for k, v in metric_counts.items()},
+             "loss": total_loss, "rows_total": float(rows_total), "rows_trained": float(rows_trained)}
+        )
+        metric_sums = {k[4:]: v for k, v in totals.items() if k.startswith("sum:")}
+        metric_counts = {k[6:]: v for k, v in totals.items() if k.startswith("count:")}
+        total_loss, rows_total, rows_trained = totals["loss"], totals["rows_total"], totals["rows_trained"]
         metrics = {name: metric_sums[name] / metric_counts[name] for name in metric_sums if metric_counts[name] > 0}
         metrics["actor/rows_trained_frac"] = rows_trained / max(rows_total, 1)
         metrics.update({"actor/loss": total_loss, "actor/grad_norm": grad_norm, "actor/lr": self.scheduler.get_last_lr()[0]})

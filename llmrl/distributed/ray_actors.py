@@ -1,0 +1,135 @@
+"""What runs inside the Ray actors: one train rank (a DeepSpeed engine on its share of each
+mini-batch) or one rollout engine. They wrap the very objects an in-process run uses."""
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llmrl.algorithms.base import Batch, LossContext, LossFn
+
+
+def _where() -> dict[str, str]:
+    import ray
+
+    return {"host": socket.gethostname(), "ip": ray.util.get_node_ip_address(), "node_id": ray.get_runtime_context().get_node_id()}
+
+
+def _recipe(recipe_dict: dict[str, Any]) -> Any:
+    from llmrl.recipe import Recipe
+
+    return Recipe.model_validate(recipe_dict)
+
+
+class TrainRank:
+    """One data-parallel rank. `build` joins the DeepSpeed group (every rank at once)."""
+
+    def __init__(self, rank: int, world: int) -> None:
+        self.rank, self.world = rank, world
+        self.engine: Any = None
+        self.weight_group: Any = None
+
+    def where(self) -> dict[str, str]:
+        from llmrl.distributed.weight_broadcast import free_port
+
+        return {**_where(), "free_port": str(free_port())}
+
+    def build(self, recipe_dict: dict[str, Any], total_updates: int, role: str, master_addr: str, master_port: int) -> None:
+        from llmrl.distributed.cluster import build_local_train_engine
+        from llmrl.loop import seed_everything
+
+        os.environ.update(
+            {"RANK": str(self.rank), "LOCAL_RANK": "0", "WORLD_SIZE": str(self.world), "MASTER_ADDR": master_addr, "MASTER_PORT": str(master_port)}
+        )
+        recipe = _recipe(recipe_dict)
+        seed_everything(recipe.seed)  # as the driver does before building its engines
+        self.engine = build_local_train_engine(recipe, total_updates, role)
+
+    def forward(self, batch: Batch, want: set[str], reference: bool, micro_batch_size: int | None) -> dict[str, torch.Tensor]:
+        return self.engine.forward(batch, want, reference=reference, micro_batch_size=micro_batch_size)
+
+    def step(self, mini_batch: Batch, loss_fn: LossFn, ctx: LossContext, generator_state: torch.Tensor | None) -> tuple[dict[str, float], Any]:
+        if generator_state is not None:
+            ctx.generator = torch.Generator().set_state(generator_state)
+        metrics = self.engine.step(mini_batch, loss_fn, ctx)
+        return metrics, ctx.generator.get_state() if ctx.generator is not None else None
+
+    def weight_bucket(self, index: int, bucket_bytes: int) -> list[tuple[str, torch.Tensor]] | None:
+        for i, bucket in enumerate(self.engine.named_weights(bucket_bytes)):
+            if i == index:
+                # Copies: a parameter can be a view into DeepSpeed's flat buffer, and pickling a
+                # view ships the whole buffer (measured: 21 GB for SmolLM2's buckets).
+                return [(name, t.detach().clone()) for name, t in bucket]
+        return None
+
+    def save(self, directory: str) -> None:
+        self.engine.save(Path(directory))
+
+    def load(self, directory: str) -> None:
+        self.engine.load(Path(directory))
+
+    def save_policy(self, directory: str) -> None:
+        self.engine.save_policy(Path(directory))
+
+    def join_weight_group(self, host: str, port: int, world: int, timeout_s: float) -> None:
+        from llmrl.distributed.weight_broadcast import stateless_gloo_group
+
+        self.weight_group = stateless_gloo_group(host, port, 0, world, timeout_s)
+
+    def send_weights(self, bucket_bytes: int) -> int:
+        from llmrl.distributed.weight_broadcast import send_buckets
+
+        return send_buckets(self.weight_group, self.engine.named_weights(bucket_bytes))
+
+
+class RolloutWorker:
+    """One rollout engine (hf or vllm) in its own process."""
+
+    def __init__(self, recipe_dict: dict[str, Any]) -> None:
+        from llmrl.models import load_tokenizer
+        from llmrl.rollout.base import build_rollout_engine
+
+        recipe = _recipe(recipe_dict)
+        tokenizer = load_tokenizer(recipe.model.name, recipe.model.revision)
+        self.engine = build_rollout_engine(recipe.rollout, recipe.model, tokenizer, seed=recipe.seed)
+        self.weight_group: Any = None
+        self.version = 0
+
+    def where(self) -> dict[str, str]:
+        return _where()
+
+    def generate(self, prompt_ids: list[list[int]], sampling: Any) -> list[Any]:
+        return self.engine.generate(prompt_ids, sampling)
+
+    def score(self, prefix_ids: list[list[int]], continuation_ids: list[list[int]], temperature: float) -> list[list[float]]:
+        return self.engine.score(prefix_ids, continuation_ids, temperature)
+
+    def begin_weight_update(self) -> None:
+        self.engine.begin_weight_update()
+
+    def load_weights(self, bucket: list[tuple[str, torch.Tensor]]) -> None:
+        self.engine.load_weights(bucket)
+
+    def finish_weight_update(self) -> None:
+        self.engine.finish_weight_update()
+
+    def join_weight_group(self, host: str, port: int, rank: int, world: int, timeout_s: float) -> None:
+        from llmrl.distributed.weight_broadcast import stateless_gloo_group
+
+        self.weight_group = stateless_gloo_group(host, port, rank, world, timeout_s)
+
+    def receive_weights(self, version: int) -> dict[str, int]:
+        """One broadcast sync, bracketed so the engine reloads once; returns bytes and the version."""
+        from llmrl.distributed.weight_broadcast import receive_buckets
+
+        received = 0
+        self.engine.begin_weight_update()
+        for bucket in receive_buckets(self.weight_group):
+            self.engine.load_weights(bucket)
+            received += sum(t.numel() * t.element_size() for _, t in bucket)
+        self.engine.finish_weight_update()
+        self.version = version
+        return {"bytes": received, "version": self.version}

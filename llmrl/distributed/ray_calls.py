@@ -1,0 +1,60 @@
+"""Remote calls that never hang silently: every wait on a Ray actor goes through `call`, which
+bounds it and turns a failure into a `ClusterError` naming the role, the host, the method and the
+cause Ray reports (an actor killed for memory, a dead node...)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+class ClusterError(RuntimeError):
+    """A remote part of the run failed or stopped answering; the message says which and why."""
+
+
+@dataclass
+class ActorHandle:
+    """A Ray actor with what an error message needs to name it."""
+
+    actor: Any
+    role: str  # "train rank 0", "rollout engine 1", ...
+    host: str = "?"
+    node_id: str = "?"
+
+
+def call(handle: ActorHandle, method: str, *args: Any, timeout: float, **kwargs: Any) -> Any:
+    """`handle.actor.method(*args, **kwargs)`, waited on for at most `timeout` seconds."""
+    return gather([(handle, method, args, kwargs)], timeout=timeout)[0]
+
+
+def gather(calls: list[tuple[ActorHandle, str, tuple, dict]], timeout: float) -> list[Any]:
+    """Start every call, then wait for all of them within one `timeout`; the first failure (or
+    the first call still unanswered at the deadline) raises a ClusterError naming it."""
+    import time
+
+    import ray
+
+    refs = [getattr(h.actor, m).remote(*a, **kw) for h, m, a, kw in calls]
+    deadline = time.monotonic() + timeout
+    results: list[Any] = []
+    for (handle, method, _, _), ref in zip(calls, refs):
+        try:
+            results.append(ray.get(ref, timeout=max(0.0, deadline - time.monotonic())))
+        except ray.exceptions.GetTimeoutError:
+            raise ClusterError(f"{handle.role} on {handle.host}: {method} did not answer within {timeout:g} s") from None
+        except ray.exceptions.RayActorError as err:
+            raise ClusterError(f"{handle.role} on {handle.host} died during {method}: {_root_cause(err)}") from None
+        except ray.exceptions.RayTaskError as err:
+            raise ClusterError(f"{handle.role} on {handle.host} failed in {method}: {_root_cause(err)}") from None
+        except ray.exceptions.RayError as err:  # killed for memory, node lost, object lost...
+            raise ClusterError(f"{handle.role} on {handle.host}: {method} failed: {type(err).__name__}: {_root_cause(err)}") from None
+    return results
+
+
+def _root_cause(err: Exception) -> str:
+    """The last line Ray gives that says why (its messages run to many lines of context)."""
+    cause = getattr(err, "cause", None)
+    if cause is not None and not isinstance(cause, type(err)):
+        return f"{type(cause).__name__}: {cause}".strip()
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    telling = [line for line in lines if any(w in line.lower() for w in ("memory", "killed", "node", "error:", "exception"))]
+    return (telling or lines or [type(err).__name__])[-1]

@@ -1,0 +1,205 @@
+"""`cluster.backend: ray`: train ranks and rollout engines as Ray actors, behind proxies that
+implement the TrainEngine and RolloutEngine protocols, so `loop.py` runs unchanged.
+
+- Placement: one PACK placement group per role (colocated: on whatever node has room;
+  disaggregated: bundles carry the role's `node_label` resource). The wait is bounded; on a
+  timeout the error lists what was asked and what the cluster has.
+- `RayTrainEngine` drives one actor per data-parallel rank. `step` hands every rank the whole
+  mini-batch and each takes its share (`local_rows`); the loss denominators and the metrics are
+  all-reduced inside DeepSpeed's group, so rank 0's metrics are the mini-batch's.
+- `RayRolloutEngine` drives one actor per engine, spreading prompts by tokens and returning the
+  completions in input order.
+- Every remote wait goes through `ray_calls.gather`, bounded by `cluster.timeouts`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import torch
+
+from llmrl.algorithms.base import Batch, LossContext, LossFn
+from llmrl.distributed.cluster import CLUSTERS
+from llmrl.distributed.ray_actors import RolloutWorker, TrainRank
+from llmrl.distributed.ray_calls import ActorHandle, ClusterError, call, gather
+
+
+def ray_missing() -> str | None:
+    try:
+        import ray  # noqa: F401
+    except ImportError as err:
+        return f"Ray is not importable ({err}): pip install -e '.[ray]'"
+    return None
+
+
+@CLUSTERS.register("ray", requirement=ray_missing)
+class RayCluster:
+    def __init__(self, recipe: Any) -> None:
+        import ray
+
+        self.recipe = recipe
+        self.cfg = recipe.cluster
+        self._started_ray = False
+        if not ray.is_initialized():
+            if self.cfg.address:
+                ray.init(address=self.cfg.address, log_to_driver=True)
+            else:
+                ray.init(num_cpus=self.cfg.num_cpus, object_store_memory=self.cfg.object_store_mb << 20, log_to_driver=True)
+                self._started_ray = True
+        self._groups: list[Any] = []
+        self._recipe_dict = recipe.model_dump(mode="json")
+
+    # ------------------------------------------------------------------ placement
+    def _placement_group(self, role: str, count: int, num_cpus: float, num_gpus: float, node_label: str | None) -> Any:
+        import ray
+        from ray.util.placement_group import placement_group
+
+        bundle: dict[str, float] = {"CPU": num_cpus}
+        if num_gpus:
+            bundle["GPU"] = num_gpus
+        if node_label and self.cfg.placement == "disaggregated":
+            bundle[node_label] = 0.001
+        group = placement_group([dict(bundle) for _ in range(count)], strategy="PACK")
+        try:
+            ray.get(group.ready(), timeout=self.cfg.timeouts.placement_s)
+        except ray.exceptions.GetTimeoutError:
+            ray.util.remove_placement_group(group)
+            raise ClusterError(
+                f"could not place {count} x {bundle} for the {role} within {self.cfg.timeouts.placement_s:g} s; "
+                f"the cluster has {ray.cluster_resources()} of which {ray.available_resources()} are free"
+            ) from None
+        self._groups.append(group)
+        return group
+
+    def _actors(self, cls: type, role: str, count: int, resources: Any, args_for: Any) -> list[ActorHandle]:
+        import ray
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        group = self._placement_group(role, count, resources.num_cpus, resources.num_gpus, resources.node_label)
+        remote_cls = ray.remote(cls)
+        env = {"OMP_NUM_THREADS": str(max(1, int(resources.num_cpus))), "TOKENIZERS_PARALLELISM": "false"}
+        if not torch.cuda.is_available():
+            env["DS_ACCELERATOR"] = "cpu"
+        if "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
+            env["VLLM_CPU_KVCACHE_SPACE"] = str(self.recipe.rollout.vllm_cpu_kvcache_gib)
+        handles = []
+        for i in range(count):
+            actor = remote_cls.options(
+                num_cpus=resources.num_cpus, num_gpus=resources.num_gpus, runtime_env={"env_vars": env},
+                scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=i),
+            ).remote(*args_for(i))
+            handles.append(ActorHandle(actor, f"{role} {i}"))
+        for handle, where in zip(handles, gather([(h, "where", (), {}) for h in handles], self.cfg.timeouts.call_s)):
+            handle.host, handle.node_id = where["host"], where["node_id"]
+        return handles
+
+    # ------------------------------------------------------------------ Cluster protocol
+    def train_engine(self, recipe: Any, total_updates: int, role: str) -> "RayTrainEngine":
+        workers = self.cfg.train_workers
+        ranks = self._actors(TrainRank, f"train rank ({role})", workers.count, workers, lambda i: (i, workers.count))
+        return RayTrainEngine(ranks, self._recipe_dict, total_updates, role, self.cfg.timeouts)
+
+    def rollout_engine(self, recipe: Any, tokenizer: Any) -> "RayRolloutEngine":
+        engines = self.cfg.rollout_engines
+        handles = self._actors(RolloutWorker, "rollout engine", engines.count, engines, lambda i: (self._recipe_dict,))
+        return RayRolloutEngine(handles, recipe.rollout.max_new_tokens, self.cfg.timeouts)
+
+    def shutdown(self) -> None:
+        import ray
+
+        for group in self._groups:
+            ray.util.remove_placement_group(group)
+        self._groups = []
+        if self._started_ray:
+            ray.shutdown()
+
+
+class RayTrainEngine:
+    """TrainEngine over a group of train-rank actors (rank 0 answers forward passes and holds the
+    full weights under ZeRO-1/2)."""
+
+    def __init__(self, ranks: list[ActorHandle], recipe_dict: dict[str, Any], total_updates: int, role: str, timeouts: Any) -> None:
+        self.ranks = ranks
+        self.timeouts = timeouts
+        first = call(ranks[0], "where", timeout=timeouts.call_s)
+        master = (first["ip"], int(first["free_port"]))
+        gather([(r, "build", (recipe_dict, total_updates, role, *master), {}) for r in ranks], timeouts.call_s)
+
+    def forward(self, batch: Batch, want: set[str], reference: bool = False, micro_batch_size: int | None = None) -> dict[str, torch.Tensor]:
+        return call(self.ranks[0], "forward", batch, want, reference, micro_batch_size, timeout=self.timeouts.call_s)
+
+    def step(self, mini_batch: Batch, loss_fn: LossFn, ctx: LossContext) -> dict[str, float]:
+        state = ctx.generator.get_state() if ctx.generator is not None else None
+        bare = dataclasses.replace(ctx, generator=None)
+        results = gather([(r, "step", (mini_batch, loss_fn, bare, state), {}) for r in self.ranks], self.timeouts.call_s)
+        metrics, new_state = results[0]
+        if ctx.generator is not None and new_state is not None:
+            ctx.generator.set_state(new_state)
+        return metrics
+
+    def named_weights(self, bucket_bytes: int = 256 << 20) -> Iterator[list[tuple[str, torch.Tensor]]]:
+        """Rank 0's buckets one at a time (through the object store: for export and tests; the
+        weight sync broadcasts instead)."""
+        index = 0
+        while (bucket := call(self.ranks[0], "weight_bucket", index, bucket_bytes, timeout=self.timeouts.call_s)) is not None:
+            yield bucket
+            index += 1
+
+    def save_policy(self, directory: Path) -> None:
+        call(self.ranks[0], "save_policy", str(directory), timeout=self.timeouts.call_s)
+
+    def save(self, directory: Path) -> None:
+        gather([(r, "save", (str(directory),), {}) for r in self.ranks], self.timeouts.call_s)
+
+    def load(self, directory: Path) -> None:
+        gather([(r, "load", (str(directory),), {}) for r in self.ranks], self.timeouts.call_s)
+
+
+def balance_by_tokens(lengths: list[int], engines: int) -> list[list[int]]:
+    """Prompt indices per engine: longest first, each to the engine with the fewest tokens so far
+    (ties to the lower index), so engines finish together however prompt lengths vary."""
+    shares: list[list[int]] = [[] for _ in range(engines)]
+    load = [0] * engines
+    for index in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        target = min(range(engines), key=lambda e: (load[e], e))
+        shares[target].append(index)
+        load[target] += lengths[index]
+    return [sorted(share) for share in shares]
+
+
+class RayRolloutEngine:
+    """RolloutEngine over engine actors: prompts spread by tokens, results in input order."""
+
+    def __init__(self, engines: list[ActorHandle], max_new_tokens: int, timeouts: Any) -> None:
+        self.engines = engines
+        self.max_new_tokens = max_new_tokens
+        self.timeouts = timeouts
+
+    def _spread(self, method: str, items: list[list[int]], extra_len: list[int], args: tuple, *columns: list[Any]) -> list[Any]:
+        shares = balance_by_tokens([len(p) + e for p, e in zip(items, extra_len)], len(self.engines))
+        calls = [(e, method, (*[[col[i] for i in share] for col in (items, *columns)], *args), {}) for e, share in zip(self.engines, shares) if share]
+        results = gather(calls, self.timeouts.call_s)
+        out: list[Any] = [None] * len(items)
+        for share, part in zip([s for s in shares if s], results):
+            for i, value in zip(share, part):
+                out[i] = value
+        return out
+
+    def generate(self, prompt_ids: list[list[int]], sampling: Any) -> list[Any]:
+        return self._spread("generate", prompt_ids, [sampling.max_new_tokens] * len(prompt_ids), (sampling,))
+
+    def score(self, prefix_ids: list[list[int]], continuation_ids: list[list[int]], temperature: float = 1.0) -> list[list[float]]:
+        return self._spread("score", prefix_ids, [len(c) for c in continuation_ids], (temperature,), continuation_ids)
+
+    # Weight updates through the object store, for tests and tools; runs use `broadcast`.
+    def begin_weight_update(self) -> None:
+        gather([(e, "begin_weight_update", (), {}) for e in self.engines], self.timeouts.sync_s)
+
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        bucket = list(named_tensors)
+        gather([(e, "load_weights", (bucket,), {}) for e in self.engines], self.timeouts.sync_s)
+
+    def finish_weight_update(self) -> None:
+        gather([(e, "finish_weight_update", (), {}) for e in self.engines], self.timeouts.sync_s)

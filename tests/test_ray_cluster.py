@@ -1,0 +1,133 @@
+"""`cluster.backend: ray`: the same loop with its train ranks and rollout engine in Ray actors,
+weights moved by a gloo broadcast. Runs on a local Ray with more logical CPUs than cores (two
+cores would not schedule three actors)."""
+import math
+
+import pytest
+import torch
+
+from llmrl.distributed.ray_cluster import balance_by_tokens
+from llmrl.loop import train
+from llmrl.recipe import load_recipe
+
+from test_e2e import QUICKSTART, TINY, read_metrics
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    import ray
+
+    ray.init(num_cpus=4, object_store_memory=256 << 20, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def test_prompts_are_balanced_by_tokens_not_count():
+    # lengths 10, 1, 1, 1, 9. Longest first to the lighter engine (ties to the lower index):
+    # 10 -> e0, 9 -> e1, 1 -> e1 (10:10), 1 -> e0 (11:10), 1 -> e1: 11 tokens each. Splitting
+    # by count (first three, last two) would give 12 and 10.
+    assert balance_by_tokens([10, 1, 1, 1, 9], 2) == [[0, 2], [1, 3, 4]]
+    assert balance_by_tokens([3, 3, 3], 1) == [[0, 1, 2]]
+    assert balance_by_tokens([5], 3) == [[0], [], []]
+
+
+def two_steps(tmp_path, name, extra):
+    common = TINY + [
+        "reward.functions=[arithmetic, toy_token_fraction]", "train.steps=2", "train.lr=1e-4", "train.mini_batch_size=4",
+        "logging.tensorboard=false", "checkpoint.every=0", "reward.num_workers=0",
+        # fp32: DeepSpeed's bf16 mode keeps bf16 weights (fp32 only in the optimizer) where the
+        # torch engine autocasts over fp32 weights, so only fp32 can match to 1e-5.
+        "train.precision=fp32",
+        # The shared-prompt forward is a different (equal in exact arithmetic) computation; several
+        # DeepSpeed ranks turn it off, so all three runs use the plain forward.
+        "train.shared_prompt_forward=false",
+    ]
+    return read_metrics(train(load_recipe(QUICKSTART, common + extra + [f"output_dir={tmp_path / name}"])))
+
+
+@pytest.mark.slow
+def test_same_numbers_in_process_on_deepspeed_and_on_ray(tmp_path, local_ray):
+    """2 steps three ways: torch in-process, DeepSpeed in-process, and Ray with 2 DeepSpeed ranks
+    plus 1 engine actor synced by broadcast. The same samples (rewards) and the same updates
+    (losses, grad norms within 1e-5) show the loop was not forked."""
+    plain = two_steps(tmp_path, "torch", ["train.backend=torch"])
+    deepspeed = two_steps(tmp_path, "deepspeed", ["train.backend=deepspeed"])
+    on_ray = two_steps(
+        tmp_path, "ray",
+        ["train.backend=deepspeed", "cluster.backend=ray", "cluster.train_workers.count=2", "rollout.weight_sync=broadcast"],
+    )
+    for rows in (deepspeed, on_ray):
+        for want, got in zip(plain, rows):
+            assert got["reward/mean"] == want["reward/mean"] and got["response/length_mean"] == want["response/length_mean"]
+            for key in ("actor/loss", "actor/grad_norm", "actor/pg_loss"):
+                assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-5), (key, want["step"])
+    assert plain[1]["reward/mean"] != plain[0]["reward/mean"] or plain[1]["actor/loss"] != plain[0]["actor/loss"]
+    # the broadcast moved every weight: the tiny model's full state dict, in fp32
+    assert on_ray[0]["sync/bytes"] == plain[0]["sync/bytes"] > 0
+    assert all(math.isfinite(r["time/sync"]) for r in on_ray)
+
+
+def padded_batch(rows: list[list[int]], prompt_lens: list[int], advantages: list[float]) -> dict:
+    width = max(len(r) for r in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    attention = torch.zeros(len(rows), width, dtype=torch.long)
+    loss_mask = torch.zeros(len(rows), width)
+    for i, (row, p) in enumerate(zip(rows, prompt_lens)):
+        ids[i, : len(row)] = torch.tensor(row)
+        attention[i, : len(row)] = 1
+        loss_mask[i, p : len(row)] = 1
+    return {
+        "input_ids": ids, "attention_mask": attention, "position_ids": (attention.cumsum(-1) - 1).clamp(min=0),
+        "loss_mask": loss_mask, "advantages": torch.tensor(advantages)[:, None] * loss_mask, "rollout_logprobs": torch.zeros(len(rows), width),
+    }
+
+
+@pytest.mark.slow
+def test_broadcast_sync_moves_two_deepspeed_ranks_weights_into_a_vllm_engine_actor(local_ray, tmp_path):
+    """SmolLM2 (tied embeddings) in fp32: 2 DeepSpeed ranks take one update, then the gloo
+    broadcast carries rank 0's weights into a vLLM-CPU engine actor. After the sync the engine's
+    teacher-forced logprobs match the trainer's (mean |diff| <= 1e-3); before it they are at
+    least 10x that far apart."""
+    from llmrl.algorithms import LOSSES, AlgorithmConfig, resolve_algorithm
+    from llmrl.algorithms.base import LossContext
+    from llmrl.distributed.cluster import build_cluster
+    from llmrl.distributed.weight_sync import build_weight_sync
+    from llmrl.models import ModelConfig, load_causal_lm, load_tokenizer
+
+    recipe = load_recipe(QUICKSTART, [
+        "model.name=smollm2-135m", "rollout.engine=vllm", "rollout.dtype=float32", "rollout.max_num_seqs=8",
+        "rollout.max_model_len=512", "rollout.vllm_cpu_kvcache_gib=1", "train.backend=deepspeed", "train.precision=fp32",
+        "train.lr=1e-3", "train.micro_batch_size=2", "cluster.backend=ray", "cluster.train_workers.count=2",
+        "rollout.weight_sync=broadcast", f"output_dir={tmp_path}",
+    ])
+    tokenizer = load_tokenizer("smollm2-135m")
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True, return_dict=False)
+               for q in ("What is 7 * 6?", "Spell cat.", "Name a colour.", "What is 2 + 2?")]
+    conts = [tokenizer.encode(t, add_special_tokens=False) for t in ("7 * 6 = 42.", "C, A, T.", "Blue.", "2 + 2 = 4.")]
+    batch = padded_batch([p + c for p, c in zip(prompts, conts)], [len(p) for p in prompts], [1.0, -1.0, 1.0, -1.0])
+    cluster = build_cluster(recipe)
+    try:
+        trainer = cluster.train_engine(recipe, total_updates=1, role="policy")
+        rollout = cluster.rollout_engine(recipe, tokenizer)
+        sync = build_weight_sync("broadcast", trainer, [rollout])
+        sync.setup()
+        nodes = {h.node_id for h in trainer.ranks + rollout.engines}
+        assert len(trainer.ranks) == 2 and len(rollout.engines) == 1 and len(nodes) == 1  # one node here
+
+        metrics = trainer.step(batch, LOSSES["ppo_clip"], LossContext(0, resolve_algorithm(AlgorithmConfig())))
+        assert metrics["actor/grad_norm"] > 0
+        logp = trainer.forward(batch, {"logprobs"})["logprobs"]
+        want = torch.cat([logp[i, len(p) : len(p) + len(c)] for i, (p, c) in enumerate(zip(prompts, conts))])
+
+        before = torch.cat([torch.tensor(r) for r in rollout.score(prompts, conts)])
+        stats = sync.sync(step=1)
+        after = torch.cat([torch.tensor(r) for r in rollout.score(prompts, conts)])
+        gap_before, gap_after = (before - want).abs().mean(), (after - want).abs().mean()
+        assert gap_after <= 1e-3, gap_after
+        assert gap_before >= 10 * 1e-3, gap_before
+        first_bucket = next(iter(trainer.named_weights(64 << 20)))  # through the object store, copied
+        assert first_bucket and all(t.dtype == torch.float32 for _, t in first_bucket)
+        weights = sum(t.numel() * t.element_size() for t in load_causal_lm(ModelConfig(name="smollm2-135m")).state_dict().values())
+        assert stats.bytes == weights > 500 << 20  # SmolLM2-135M in fp32, every tensor
+    finally:
+        cluster.shutdown()
