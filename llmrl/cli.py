@@ -21,6 +21,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
 def cmd_train(args: argparse.Namespace) -> int:
     from llmrl.loop import train
     from llmrl.recipe import load_recipe
+    from llmrl.distributed.ray_calls import ClusterError
     from llmrl.train.engine import NonFiniteUpdateError
 
     overrides = list(args.overrides) + (["resume=auto"] if args.resume else [])
@@ -29,6 +30,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         run_dir = train(recipe)
     except NonFiniteUpdateError as err:
         print(f"llmrl: training aborted: {err}", file=sys.stderr)
+        return 1
+    except ClusterError as err:
+        print(f"llmrl: training stopped: {err}; the last checkpoint is intact, continue with --resume", file=sys.stderr)
         return 1
     print(f"done: {run_dir} (metrics.jsonl, checkpoints/)")
     return 0

@@ -131,3 +131,44 @@ def test_broadcast_sync_moves_two_deepspeed_ranks_weights_into_a_vllm_engine_act
         assert stats.bytes == weights > 500 << 20  # SmolLM2-135M in fp32, every tensor
     finally:
         cluster.shutdown()
+
+
+TINY_RAY = [
+    "train.backend=deepspeed", "train.precision=fp32", "cluster.backend=ray", "cluster.train_workers.count=2",
+    "rollout.weight_sync=broadcast",
+]
+
+
+@pytest.mark.slow
+def test_a_stuck_rollout_engine_ends_the_run_with_its_name_not_a_hang(tmp_path, local_ray, monkeypatch):
+    import time
+
+    from llmrl.distributed.ray_calls import ClusterError
+
+    monkeypatch.setenv("LLMRL_TEST_FAULT", "rollout:0:generate:sleep=300:1")  # hangs in its first generate
+    started = time.monotonic()
+    with pytest.raises(ClusterError, match=r"rollout engine 0 on \S+: generate did not answer within 5 s"):
+        two_steps(tmp_path, "stuck", TINY_RAY + ["cluster.timeouts.call_s=5"])
+    assert time.monotonic() - started < 90  # start-up plus 5 s, never the 300 s stall
+
+
+@pytest.mark.slow
+def test_a_dead_train_rank_ends_the_run_naming_it_and_resume_continues(tmp_path, local_ray, monkeypatch):
+    import json
+    import time
+
+    from llmrl.distributed.ray_calls import ClusterError
+
+    run = ["train.steps=3", "checkpoint.every=1"]
+    # 2 optimizer steps per RL step: the 3rd call is step 2's first update, mid-step
+    monkeypatch.setenv("LLMRL_TEST_FAULT", "train:1:step:exit:3")
+    started = time.monotonic()
+    with pytest.raises(ClusterError, match=r"train rank \(policy\) 1 on \S+ died during step"):
+        two_steps(tmp_path, "dead", TINY_RAY + run)
+    assert time.monotonic() - started < 120
+    checkpoints = tmp_path / "dead" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step_1"]
+    assert json.loads((checkpoints / "step_1" / "loop_state.json").read_text())["step"] == 1
+    monkeypatch.delenv("LLMRL_TEST_FAULT")
+    rows = two_steps(tmp_path, "dead", TINY_RAY + run + ["resume=auto"])
+    assert [r["step"] for r in rows] == [1, 2, 3]

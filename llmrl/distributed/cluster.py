@@ -42,6 +42,7 @@ class RolloutEnginesConfig(Section):
 
 class ClusterTimeouts(Section):
     placement_s: float = Field(120.0, gt=0, description="Longest wait for the placement groups; past it the error lists what was asked and what the cluster has.")
+    start_s: float = Field(600.0, gt=0, description="Longest wait for an actor to start and load its model (engines, train ranks).")
     call_s: float = Field(1800.0, gt=0, description="Longest wait for one remote call (generate, a train step...) before the run ends with an error naming the actor and method.")
     sync_s: float = Field(600.0, gt=0, description="Longest wait for one weight sync (and for forming its process group).")
 

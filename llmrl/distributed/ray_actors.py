@@ -18,6 +18,34 @@ def _where() -> dict[str, str]:
     return {"host": socket.gethostname(), "ip": ray.util.get_node_ip_address(), "node_id": ray.get_runtime_context().get_node_id()}
 
 
+class FaultHook:
+    """Test hook for the failure tests: LLMRL_TEST_FAULT="role:index:method:action:after" makes the
+    actor `role` number `index` exit (action `exit`) or hang (`sleep=S`) on its `after`-th call
+    of `method` (1-based). Unset in every real run: then it does nothing."""
+
+    def __init__(self, role: str, index: int) -> None:
+        self.spec = None
+        raw = os.environ.get("LLMRL_TEST_FAULT", "")
+        if raw:
+            want_role, want_index, method, action, after = raw.split(":")
+            if (want_role, int(want_index)) == (role, index):
+                self.spec = (method, action, int(after))
+        self.calls: dict[str, int] = {}
+
+    def __call__(self, method: str) -> None:
+        if self.spec is None or self.spec[0] != method:
+            return
+        self.calls[method] = self.calls.get(method, 0) + 1
+        if self.calls[method] != self.spec[2]:
+            return
+        action = self.spec[1]
+        if action == "exit":
+            os._exit(1)
+        import time
+
+        time.sleep(float(action.split("=")[1]))
+
+
 def _recipe(recipe_dict: dict[str, Any]) -> Any:
     from llmrl.recipe import Recipe
 
@@ -31,6 +59,7 @@ class TrainRank:
         self.rank, self.world = rank, world
         self.engine: Any = None
         self.weight_group: Any = None
+        self.fault = FaultHook("train", rank)
 
     def where(self) -> dict[str, str]:
         from llmrl.distributed.weight_broadcast import free_port
@@ -52,6 +81,7 @@ class TrainRank:
         return self.engine.forward(batch, want, reference=reference, micro_batch_size=micro_batch_size)
 
     def step(self, mini_batch: Batch, loss_fn: LossFn, ctx: LossContext, generator_state: torch.Tensor | None) -> tuple[dict[str, float], Any]:
+        self.fault("step")
         if generator_state is not None:
             ctx.generator = torch.Generator().set_state(generator_state)
         metrics = self.engine.step(mini_batch, loss_fn, ctx)
@@ -88,7 +118,7 @@ class TrainRank:
 class RolloutWorker:
     """One rollout engine (hf or vllm) in its own process."""
 
-    def __init__(self, recipe_dict: dict[str, Any]) -> None:
+    def __init__(self, recipe_dict: dict[str, Any], index: int) -> None:
         from llmrl.models import load_tokenizer
         from llmrl.rollout.base import build_rollout_engine
 
@@ -97,11 +127,13 @@ class RolloutWorker:
         self.engine = build_rollout_engine(recipe.rollout, recipe.model, tokenizer, seed=recipe.seed)
         self.weight_group: Any = None
         self.version = 0
+        self.fault = FaultHook("rollout", index)
 
     def where(self) -> dict[str, str]:
         return _where()
 
     def generate(self, prompt_ids: list[list[int]], sampling: Any) -> list[Any]:
+        self.fault("generate")
         return self.engine.generate(prompt_ids, sampling)
 
     def score(self, prefix_ids: list[list[int]], continuation_ids: list[list[int]], temperature: float) -> list[list[float]]:

@@ -27,27 +27,33 @@ def call(handle: ActorHandle, method: str, *args: Any, timeout: float, **kwargs:
 
 
 def gather(calls: list[tuple[ActorHandle, str, tuple, dict]], timeout: float) -> list[Any]:
-    """Start every call, then wait for all of them within one `timeout`; the first failure (or
-    the first call still unanswered at the deadline) raises a ClusterError naming it."""
+    """Start every call and wait for all of them within one `timeout`. The first call to fail
+    raises at once (not after the calls before it, which may be blocked in a collective with the
+    failed one), and a call still unanswered at the deadline raises; both name the actor."""
     import time
 
     import ray
 
     refs = [getattr(h.actor, m).remote(*a, **kw) for h, m, a, kw in calls]
+    owner = {ref: (handle, method) for ref, (handle, method, _, _) in zip(refs, calls)}
     deadline = time.monotonic() + timeout
-    results: list[Any] = []
-    for (handle, method, _, _), ref in zip(calls, refs):
+    results: dict[Any, Any] = {}
+    pending = list(refs)
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+        if not ready:
+            handle, method = owner[pending[0]]
+            raise ClusterError(f"{handle.role} on {handle.host}: {method} did not answer within {timeout:g} s")
+        handle, method = owner[ready[0]]
         try:
-            results.append(ray.get(ref, timeout=max(0.0, deadline - time.monotonic())))
-        except ray.exceptions.GetTimeoutError:
-            raise ClusterError(f"{handle.role} on {handle.host}: {method} did not answer within {timeout:g} s") from None
+            results[ready[0]] = ray.get(ready[0])
         except ray.exceptions.RayActorError as err:
             raise ClusterError(f"{handle.role} on {handle.host} died during {method}: {_root_cause(err)}") from None
         except ray.exceptions.RayTaskError as err:
             raise ClusterError(f"{handle.role} on {handle.host} failed in {method}: {_root_cause(err)}") from None
         except ray.exceptions.RayError as err:  # killed for memory, node lost, object lost...
             raise ClusterError(f"{handle.role} on {handle.host}: {method} failed: {type(err).__name__}: {_root_cause(err)}") from None
-    return results
+    return [results[ref] for ref in refs]
 
 
 def _root_cause(err: Exception) -> str:

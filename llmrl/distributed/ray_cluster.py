@@ -82,6 +82,8 @@ class RayCluster:
         env = {"OMP_NUM_THREADS": str(max(1, int(resources.num_cpus))), "TOKENIZERS_PARALLELISM": "false"}
         if not torch.cuda.is_available():
             env["DS_ACCELERATOR"] = "cpu"
+        if "LLMRL_TEST_FAULT" in os.environ:  # the failure tests' hook (ray_actors.FaultHook)
+            env["LLMRL_TEST_FAULT"] = os.environ["LLMRL_TEST_FAULT"]
         if "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
             env["VLLM_CPU_KVCACHE_SPACE"] = str(self.recipe.rollout.vllm_cpu_kvcache_gib)
         handles = []
@@ -91,7 +93,7 @@ class RayCluster:
                 scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=i),
             ).remote(*args_for(i))
             handles.append(ActorHandle(actor, f"{role} {i}"))
-        for handle, where in zip(handles, gather([(h, "where", (), {}) for h in handles], self.cfg.timeouts.call_s)):
+        for handle, where in zip(handles, gather([(h, "where", (), {}) for h in handles], self.cfg.timeouts.start_s)):
             handle.host, handle.node_id = where["host"], where["node_id"]
         return handles
 
@@ -103,7 +105,7 @@ class RayCluster:
 
     def rollout_engine(self, recipe: Any, tokenizer: Any) -> "RayRolloutEngine":
         engines = self.cfg.rollout_engines
-        handles = self._actors(RolloutWorker, "rollout engine", engines.count, engines, lambda i: (self._recipe_dict,))
+        handles = self._actors(RolloutWorker, "rollout engine", engines.count, engines, lambda i: (self._recipe_dict, i))
         return RayRolloutEngine(handles, recipe.rollout.max_new_tokens, self.cfg.timeouts)
 
     def shutdown(self) -> None:
@@ -123,9 +125,9 @@ class RayTrainEngine:
     def __init__(self, ranks: list[ActorHandle], recipe_dict: dict[str, Any], total_updates: int, role: str, timeouts: Any) -> None:
         self.ranks = ranks
         self.timeouts = timeouts
-        first = call(ranks[0], "where", timeout=timeouts.call_s)
+        first = call(ranks[0], "where", timeout=timeouts.start_s)
         master = (first["ip"], int(first["free_port"]))
-        gather([(r, "build", (recipe_dict, total_updates, role, *master), {}) for r in ranks], timeouts.call_s)
+        gather([(r, "build", (recipe_dict, total_updates, role, *master), {}) for r in ranks], timeouts.start_s)
 
     def forward(self, batch: Batch, want: set[str], reference: bool = False, micro_batch_size: int | None = None) -> dict[str, torch.Tensor]:
         return call(self.ranks[0], "forward", batch, want, reference, micro_batch_size, timeout=self.timeouts.call_s)
