@@ -122,6 +122,7 @@ def train(recipe: Recipe) -> Path:
                 **update_metrics,
                 **timer.metrics(),
                 "sync/bytes": float(synced.bytes),
+                **rollout.metrics(),
                 "perf/tokens_per_s": num_tokens(batch) / max(timer.total, 1e-9),
                 "perf/gen_tokens_per_s": sum(t.num_policy_tokens for t in trajectories) / max(timer.seconds["generate"], 1e-9),
             }

@@ -38,6 +38,9 @@ class RolloutEnginesConfig(Section):
     num_cpus: float = Field(1, gt=0, description="Logical CPUs each engine reserves.")
     num_gpus: float = Field(0, ge=0, description="GPUs each engine reserves (0 on CPU machines).")
     node_label: str | None = Field(None, description="A custom Ray node resource the engines must land on (disaggregated placement).")
+    max_restarts: int = Field(
+        1, ge=0, description="Times in a run a dead engine is restarted (then re-synced to the current weights, its prompts resubmitted) before the run stops."
+    )
 
 
 class ClusterTimeouts(Section):

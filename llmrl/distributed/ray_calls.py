@@ -8,7 +8,13 @@ from typing import Any
 
 
 class ClusterError(RuntimeError):
-    """A remote part of the run failed or stopped answering; the message says which and why."""
+    """A remote part of the run failed or stopped answering; the message says which and why.
+    `kind` is "died", "timeout" or "failed"; `handle` the actor, when one is to blame."""
+
+    def __init__(self, message: str, kind: str = "failed", handle: "ActorHandle | None" = None) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.handle = handle
 
 
 @dataclass
@@ -43,16 +49,16 @@ def gather(calls: list[tuple[ActorHandle, str, tuple, dict]], timeout: float) ->
         ready, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
         if not ready:
             handle, method = owner[pending[0]]
-            raise ClusterError(f"{handle.role} on {handle.host}: {method} did not answer within {timeout:g} s")
+            raise ClusterError(f"{handle.role} on {handle.host}: {method} did not answer within {timeout:g} s", "timeout", handle)
         handle, method = owner[ready[0]]
         try:
             results[ready[0]] = ray.get(ready[0])
         except ray.exceptions.RayActorError as err:
-            raise ClusterError(f"{handle.role} on {handle.host} died during {method}: {_root_cause(err)}") from None
+            raise ClusterError(f"{handle.role} on {handle.host} died during {method}: {_root_cause(err)}", "died", handle) from None
         except ray.exceptions.RayTaskError as err:
-            raise ClusterError(f"{handle.role} on {handle.host} failed in {method}: {_root_cause(err)}") from None
+            raise ClusterError(f"{handle.role} on {handle.host} failed in {method}: {_root_cause(err)}", "failed", handle) from None
         except ray.exceptions.RayError as err:  # killed for memory, node lost, object lost...
-            raise ClusterError(f"{handle.role} on {handle.host}: {method} failed: {type(err).__name__}: {_root_cause(err)}") from None
+            raise ClusterError(f"{handle.role} on {handle.host}: {method} failed: {type(err).__name__}: {_root_cause(err)}", "died", handle) from None
     return [results[ref] for ref in refs]
 
 

@@ -73,7 +73,9 @@ class RayCluster:
         self._groups.append(group)
         return group
 
-    def _actors(self, cls: type, role: str, count: int, resources: Any, args_for: Any) -> list[ActorHandle]:
+    def _actors(self, cls: type, role: str, count: int, resources: Any, args_for: Any) -> tuple[list[ActorHandle], Any]:
+        """`count` actors of `cls`, one per bundle of a new placement group, and a function that
+        starts a replacement for actor i in its bundle."""
         import ray
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -86,27 +88,31 @@ class RayCluster:
             env["LLMRL_TEST_FAULT"] = os.environ["LLMRL_TEST_FAULT"]
         if "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
             env["VLLM_CPU_KVCACHE_SPACE"] = str(self.recipe.rollout.vllm_cpu_kvcache_gib)
-        handles = []
-        for i in range(count):
+
+        def start(i: int) -> ActorHandle:
             actor = remote_cls.options(
                 num_cpus=resources.num_cpus, num_gpus=resources.num_gpus, runtime_env={"env_vars": env},
                 scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=i),
             ).remote(*args_for(i))
-            handles.append(ActorHandle(actor, f"{role} {i}"))
-        for handle, where in zip(handles, gather([(h, "where", (), {}) for h in handles], self.cfg.timeouts.start_s)):
-            handle.host, handle.node_id = where["host"], where["node_id"]
-        return handles
+            return ActorHandle(actor, f"{role} {i}")
+
+        def located(handles: list[ActorHandle]) -> list[ActorHandle]:
+            for handle, where in zip(handles, gather([(h, "where", (), {}) for h in handles], self.cfg.timeouts.start_s)):
+                handle.host, handle.node_id = where["host"], where["node_id"]
+            return handles
+
+        return located([start(i) for i in range(count)]), lambda i: located([start(i)])[0]
 
     # ------------------------------------------------------------------ Cluster protocol
     def train_engine(self, recipe: Any, total_updates: int, role: str) -> "RayTrainEngine":
         workers = self.cfg.train_workers
-        ranks = self._actors(TrainRank, f"train rank ({role})", workers.count, workers, lambda i: (i, workers.count))
+        ranks, _ = self._actors(TrainRank, f"train rank ({role})", workers.count, workers, lambda i: (i, workers.count))
         return RayTrainEngine(ranks, self._recipe_dict, total_updates, role, self.cfg.timeouts)
 
     def rollout_engine(self, recipe: Any, tokenizer: Any) -> "RayRolloutEngine":
         engines = self.cfg.rollout_engines
-        handles = self._actors(RolloutWorker, "rollout engine", engines.count, engines, lambda i: (self._recipe_dict, i))
-        return RayRolloutEngine(handles, recipe.rollout.max_new_tokens, self.cfg.timeouts)
+        handles, restart = self._actors(RolloutWorker, "rollout engine", engines.count, engines, lambda i: (self._recipe_dict, i))
+        return RayRolloutEngine(handles, restart, engines.max_restarts, self.cfg.timeouts)
 
     def shutdown(self) -> None:
         import ray
@@ -172,17 +178,43 @@ def balance_by_tokens(lengths: list[int], engines: int) -> list[list[int]]:
 
 
 class RayRolloutEngine:
-    """RolloutEngine over engine actors: prompts spread by tokens, results in input order."""
+    """RolloutEngine over engine actors: prompts spread by tokens, results in input order.
 
-    def __init__(self, engines: list[ActorHandle], max_new_tokens: int, timeouts: Any) -> None:
+    An engine that dies is restarted in its bundle (at most `max_restarts` times in a run); the
+    weight sync then re-forms its group and brings the new engine to the current weights
+    (`on_restart`), and the call is submitted again. One death more is a ClusterError."""
+
+    def __init__(self, engines: list[ActorHandle], restart: Any, max_restarts: int, timeouts: Any) -> None:
         self.engines = engines
-        self.max_new_tokens = max_new_tokens
+        self.restart = restart
+        self.max_restarts = max_restarts
+        self.restarts = 0
         self.timeouts = timeouts
+        self.on_restart: Any = None  # set by a weight sync that must reach every engine
+
+    def metrics(self) -> dict[str, float]:
+        return {"rollout/restarts": float(self.restarts)}
+
+    def _gather(self, calls: list[tuple[ActorHandle, str, tuple, dict]], timeout: float) -> list[Any]:
+        while True:
+            try:
+                return gather(calls, timeout)
+            except ClusterError as err:
+                if err.kind != "died" or self.restarts >= self.max_restarts:
+                    if err.kind == "died":
+                        raise ClusterError(f"{err} (after {self.restarts} restart(s); cluster.rollout_engines.max_restarts is {self.max_restarts})", err.kind) from None
+                    raise
+                index = next(i for i, e in enumerate(self.engines) if e is err.handle)
+                self.engines[index] = self.restart(index)
+                self.restarts += 1
+                if self.on_restart is not None:
+                    self.on_restart()
+                calls = [(self.engines[index] if h is err.handle else h, m, a, kw) for h, m, a, kw in calls]
 
     def _spread(self, method: str, items: list[list[int]], extra_len: list[int], args: tuple, *columns: list[Any]) -> list[Any]:
         shares = balance_by_tokens([len(p) + e for p, e in zip(items, extra_len)], len(self.engines))
         calls = [(e, method, (*[[col[i] for i in share] for col in (items, *columns)], *args), {}) for e, share in zip(self.engines, shares) if share]
-        results = gather(calls, self.timeouts.call_s)
+        results = self._gather(calls, self.timeouts.call_s)
         out: list[Any] = [None] * len(items)
         for share, part in zip([s for s in shares if s], results):
             for i, value in zip(share, part):
@@ -197,11 +229,11 @@ class RayRolloutEngine:
 
     # Weight updates through the object store, for tests and tools; runs use `broadcast`.
     def begin_weight_update(self) -> None:
-        gather([(e, "begin_weight_update", (), {}) for e in self.engines], self.timeouts.sync_s)
+        self._gather([(e, "begin_weight_update", (), {}) for e in self.engines], self.timeouts.sync_s)
 
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         bucket = list(named_tensors)
-        gather([(e, "load_weights", (bucket,), {}) for e in self.engines], self.timeouts.sync_s)
+        self._gather([(e, "load_weights", (bucket,), {}) for e in self.engines], self.timeouts.sync_s)
 
     def finish_weight_update(self) -> None:
-        gather([(e, "finish_weight_update", (), {}) for e in self.engines], self.timeouts.sync_s)
+        self._gather([(e, "finish_weight_update", (), {}) for e in self.engines], self.timeouts.sync_s)

@@ -65,38 +65,60 @@ def build_weight_sync(name: str, trainer: Any, engines: list[Any], bucket_bytes:
 @WEIGHT_SYNCS.register("broadcast")
 class BroadcastWeightSync:
     """Train rank 0 broadcasts packed buckets over a gloo group it shares with every rollout
-    engine actor (llmrl/distributed/weight_broadcast.py). For `cluster.backend: ray`."""
+    engine actor (llmrl/distributed/weight_broadcast.py). For `cluster.backend: ray`. A restarted
+    engine makes it re-form the group and send the current weights again before the engine serves."""
 
     def __init__(self, trainer: Any, engines: list[Any], bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> None:
         if not hasattr(trainer, "ranks") or not all(hasattr(e, "engines") for e in engines):
             raise ValueError("rollout.weight_sync 'broadcast' needs cluster.backend: ray (its engines live in other processes)")
         self.trainer = trainer
-        self.actors = [actor for engine in engines for actor in engine.engines]
+        self.engines = engines
         self.bucket_bytes = bucket_bytes
         self.timeout = trainer.timeouts.sync_s
+        self.version = 0  # the step whose weights the engines serve (0: the initial ones)
+
+    @property
+    def actors(self) -> list[Any]:
+        return [actor for engine in self.engines for actor in engine.engines]
 
     def setup(self) -> None:
-        """Form the group: rank 0 hosts the rendezvous; every member joins at once."""
+        self._form_group()
+        for engine in self.engines:
+            engine.on_restart = self._after_restart
+
+    def _form_group(self) -> None:
+        """Rank 0 hosts the rendezvous; every member joins at once."""
         from llmrl.distributed.ray_calls import call, gather
 
-        sender = self.trainer.ranks[0]
+        sender, actors = self.trainer.ranks[0], self.actors
         where = call(sender, "where", timeout=self.timeout)
-        host, port, world = where["ip"], int(where["free_port"]), 1 + len(self.actors)
+        host, port, world = where["ip"], int(where["free_port"]), 1 + len(actors)
         joins = [(sender, "join_weight_group", (host, port, world, self.timeout), {})]
-        joins += [(a, "join_weight_group", (host, port, i + 1, world, self.timeout), {}) for i, a in enumerate(self.actors)]
+        joins += [(a, "join_weight_group", (host, port, i + 1, world, self.timeout), {}) for i, a in enumerate(actors)]
         gather(joins, self.timeout)
 
+    def _after_restart(self) -> None:
+        self._form_group()
+        if self.version:  # a fresh engine loads the initial weights itself
+            self._send(self.version)
+
     def sync(self, step: int) -> SyncStats:
+        started = time.perf_counter()
+        sent = self._send(step)
+        return SyncStats(bytes=sent, seconds=time.perf_counter() - started)
+
+    def _send(self, version: int) -> int:
         from llmrl.distributed.ray_calls import ClusterError, gather
 
-        started = time.perf_counter()
+        actors = self.actors
         calls = [(self.trainer.ranks[0], "send_weights", (self.bucket_bytes,), {})]
-        calls += [(a, "receive_weights", (step,), {}) for a in self.actors]
+        calls += [(a, "receive_weights", (version,), {}) for a in actors]
         sent, *received = gather(calls, self.timeout)
-        for actor, got in zip(self.actors, received):
-            if got["version"] != step or got["bytes"] != sent:
+        for actor, got in zip(actors, received):
+            if got["version"] != version or got["bytes"] != sent:
                 raise ClusterError(
-                    f"{actor.role} on {actor.host}: weight sync for step {step} delivered {got['bytes']} of {sent} bytes "
+                    f"{actor.role} on {actor.host}: weight sync for step {version} delivered {got['bytes']} of {sent} bytes "
                     f"(engine reports version {got['version']})"
                 )
-        return SyncStats(bytes=sent, seconds=time.perf_counter() - started)
+        self.version = version
+        return sent

@@ -122,6 +122,9 @@ class RolloutEngine(Protocol):
     def score(self, prefix_ids: list[list[int]], continuation_ids: list[list[int]], temperature: float = 1.0) -> list[list[float]]:
         """Teacher-forced logprob of every continuation token given its prefix."""
 
+    def metrics(self) -> dict[str, float]:
+        """Figures for the step's metric row (e.g. rollout/restarts); {} when there are none."""
+
     def begin_weight_update(self) -> None: ...
 
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:

@@ -158,6 +158,9 @@ class HFRolloutEngine:
         return results
 
     # ------------------------------------------------------------------ weights
+    def metrics(self) -> dict[str, float]:
+        return {}  # nothing to report beyond the loop's own timings
+
     def begin_weight_update(self) -> None:
         pass  # weights are copied in place bucket by bucket; nothing to prepare
 

@@ -121,6 +121,9 @@ class VLLMRolloutEngine:
         return results
 
     # ------------------------------------------------------------------ weights
+    def metrics(self) -> dict[str, float]:
+        return {}  # nothing to report beyond the loop's own timings
+
     def begin_weight_update(self) -> None:
         self._staged = {}  # a sync replaces every weight; nothing staged before it survives
 
