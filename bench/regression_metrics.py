@@ -6,7 +6,7 @@ recorded baseline, so a refactor that claims "behaviour unchanged" is shown to b
     python bench/regression_metrics.py --check --only tiny # the tiny-model runs only
 
 Runs (each in-process, hf engine, torch backend, fixed seed):
-  - every recipes/*.yaml with the tiny model for 2 steps, in the small batch shape the recipe
+  - every recipes/*.yaml that runs in one process, with the tiny model for 2 steps, in the small batch shape the recipe
     tests use (2 prompts x 4 samples, mini-batches of 4: two optimizer steps per RL step);
   - the quickstart on the built-in SmolLM2-135M for 2 steps, without its final evaluation.
 Time and throughput metrics are excluded; every other key of the baseline must be logged again
@@ -45,7 +45,10 @@ def runs() -> dict[str, tuple[str, list[str]]]:
 
     out: dict[str, tuple[str, list[str]]] = {}
     for path in sorted((REPO / "recipes").glob("*.yaml")):
-        data_type = (yaml.safe_load(path.read_text()).get("data") or {}).get("type", "arithmetic")
+        raw = yaml.safe_load(path.read_text())
+        if (raw.get("cluster") or {}).get("backend", "none") != "none":
+            continue  # multi-process recipes have their own tests (tests/test_ray_two_nodes.py)
+        data_type = (raw.get("data") or {}).get("type", "arithmetic")
         # No hub here: recipes on a benchmark's data read the local copy.
         local = [] if data_type == "arithmetic" else [f"data.path={SHARED_DATA}"]
         out[f"tiny/{path.stem}"] = (str(path), TINY + local)

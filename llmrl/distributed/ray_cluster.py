@@ -49,6 +49,7 @@ class RayCluster:
                 ray.init(num_cpus=self.cfg.num_cpus, object_store_memory=self.cfg.object_store_mb << 20, log_to_driver=True)
                 self._started_ray = True
         self._groups: list[Any] = []
+        self._placement: list[dict[str, Any]] = []
         self._recipe_dict = recipe.model_dump(mode="json")
 
     # ------------------------------------------------------------------ placement
@@ -99,9 +100,22 @@ class RayCluster:
         def located(handles: list[ActorHandle]) -> list[ActorHandle]:
             for handle, where in zip(handles, gather([(h, "where", (), {}) for h in handles], self.cfg.timeouts.start_s)):
                 handle.host, handle.node_id = where["host"], where["node_id"]
+                self._record_placement(handle, resources)
             return handles
 
         return located([start(i) for i in range(count)]), lambda i: located([start(i)])[0]
+
+    def _record_placement(self, handle: ActorHandle, resources: Any) -> None:
+        """Where each actor runs, on stderr and in output_dir/cluster.json (a restart adds a row)."""
+        import json
+        import sys
+
+        row = {"role": handle.role, "host": handle.host, "node_id": handle.node_id, "num_cpus": resources.num_cpus, "num_gpus": resources.num_gpus}
+        self._placement.append(row)
+        print(f"placed {handle.role} on {handle.host} (node {handle.node_id[:12]})", file=sys.stderr)
+        out = Path(self.recipe.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "cluster.json").write_text(json.dumps(self._placement, indent=1) + "\n")
 
     # ------------------------------------------------------------------ Cluster protocol
     def train_engine(self, recipe: Any, total_updates: int, role: str) -> "RayTrainEngine":
