@@ -232,6 +232,12 @@ def check_cluster(recipe: Recipe, source: str) -> None:
         raise RecipeError(f"rollout.weight_sync: 'inprocess' cannot reach engines in Ray actors; use broadcast with cluster.backend: ray in {source}")
     if not ray and recipe.rollout.weight_sync == "broadcast":
         raise RecipeError(f"rollout.weight_sync: 'broadcast' needs cluster.backend: ray (in one process, use inprocess) in {source}")
+    engines = recipe.cluster.rollout_engines
+    if ray and 0 < engines.num_gpus < recipe.rollout.tensor_parallel_size:
+        raise RecipeError(
+            f"cluster.rollout_engines.num_gpus: {engines.num_gpus} is fewer than rollout.tensor_parallel_size "
+            f"({recipe.rollout.tensor_parallel_size}) GPUs one engine shards over in {source}"
+        )
     if ray and recipe.cluster.train_workers.count > 1 and recipe.train.backend != "deepspeed":
         raise RecipeError(
             f"cluster.train_workers.count: {recipe.cluster.train_workers.count} data-parallel ranks need train.backend: deepspeed "

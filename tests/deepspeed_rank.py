@@ -1,7 +1,7 @@
 """One data-parallel rank of tests/test_deepspeed_engine.py: one optimizer step on a fixed
 mini-batch, of which the engine takes this rank's share, then rank 0 writes the updated weights.
 
-    python tests/deepspeed_rank.py BACKEND ZERO_STAGE OUT.pt   (RANK/WORLD_SIZE/MASTER_* in the env)
+    python tests/deepspeed_rank.py BACKEND ZERO_STAGE OUT.pt [offload]   (RANK/WORLD_SIZE/MASTER_* in the env)
 """
 import os
 import sys
@@ -36,7 +36,8 @@ def main() -> None:
     torch.manual_seed(0)
     model = load_policy(ModelConfig(name="tiny"))
     initial = {n: p.detach().clone() for n, p in model.named_parameters()}
-    cfg = TrainConfig(lr=1e-2, precision="fp32", grad_clip=1.0, zero_stage=stage, micro_batch_size=MICRO)
+    offload = sys.argv[4:] == ["offload"]
+    cfg = TrainConfig(lr=1e-2, precision="fp32", grad_clip=1.0, zero_stage=stage, micro_batch_size=MICRO, offload_optimizer=offload)
     if backend == "deepspeed":
         from llmrl.train.deepspeed_engine import DeepSpeedTrainEngine
 

@@ -34,9 +34,10 @@ class TrainWorkersConfig(Section):
 
 class RolloutEnginesConfig(Section):
     count: int = Field(1, ge=1, description="Rollout engines, one Ray actor each; prompts are spread across them by tokens.")
-    tensor_parallel_size: int = Field(1, ge=1, description="GPUs one engine shards the model over (vllm).")
     num_cpus: float = Field(1, gt=0, description="Logical CPUs each engine reserves.")
-    num_gpus: float = Field(0, ge=0, description="GPUs each engine reserves (0 on CPU machines).")
+    num_gpus: float = Field(
+        0, ge=0, description="GPUs each engine reserves (0 on CPU machines); at least rollout.tensor_parallel_size, which sets how many one engine shards over."
+    )
     node_label: str | None = Field(None, description="A custom Ray node resource the engines must land on (disaggregated placement).")
     max_restarts: int = Field(
         1, ge=0, description="Times in a run a dead engine is restarted (then re-synced to the current weights, its prompts resubmitted) before the run stops."
