@@ -60,3 +60,35 @@ def test_two_node_run_places_engine_and_ranks_apart_and_syncs_by_broadcast(two_n
     assert rows[1]["rollout/logprob_diff"] <= 1e-3, rows[1]["rollout/logprob_diff"]
     assert rows[0]["sync/bytes"] > 500 << 20  # SmolLM2-135M, every tensor in fp32
     print("two-node run:", {k: round(v, 6) for k, v in rows[1].items() if k.startswith(("time/", "sync/", "rollout/"))})
+
+
+def test_removing_the_train_node_mid_run_is_a_named_error_not_a_hang(two_nodes, tmp_path):
+    """The train node's raylet is killed after the first step: the run must stop with an error
+    naming a train rank, within the call timeout plus 10 s, with its checkpoint intact."""
+    import time
+
+    timeout_s = 30
+    env = {**os.environ, "LLMRL_PYTHON": str(Path(os.sys.executable))}
+    proc = subprocess.Popen(
+        ["bash", str(LAUNCH), "submit", "recipes/distributed_cpu.yaml", f"cluster.address={two_nodes}", "model.name=tiny",
+         "rollout.engine=hf", "train.steps=200", "train.prompts_per_step=2", "rollout.n=4", "rollout.max_new_tokens=8",
+         "train.micro_batch_size=4", "checkpoint.every=1", "logging.progress=false", "logging.tensorboard=false",
+         f"cluster.timeouts.call_s={timeout_s}", f"output_dir={tmp_path}"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO,
+    )
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and proc.poll() is None and not (metrics.exists() and metrics.read_text().strip()):
+        time.sleep(0.5)
+    assert proc.poll() is None, proc.communicate()[1][-3000:]
+    killed = subprocess.run(["pkill", "-9", "-f", "static_resource_list=train_node"])
+    assert killed.returncode == 0  # the worker node's raylet was found and killed
+    removed = time.monotonic()
+    _, err = proc.communicate(timeout=timeout_s + 120)
+    stopped_after = time.monotonic() - removed
+    assert proc.returncode == 1, err[-3000:]
+    assert stopped_after <= timeout_s + 10, stopped_after
+    assert "llmrl: training stopped: train rank (policy)" in err, err[-3000:]
+    steps = sorted(int(p.name.split("_")[1]) for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith("step_"))
+    assert steps and (tmp_path / "checkpoints" / f"step_{steps[-1]}" / "loop_state.json").exists()
+    print(f"removed node: stopped {stopped_after:.1f} s after the kill:", [l for l in err.splitlines() if "training stopped" in l][0])

@@ -225,21 +225,24 @@ class RayRolloutEngine:
                     self.on_restart()
                 calls = [(self.engines[index] if h is err.handle else h, m, a, kw) for h, m, a, kw in calls]
 
-    def _spread(self, method: str, items: list[list[int]], extra_len: list[int], args: tuple, *columns: list[Any]) -> list[Any]:
-        shares = balance_by_tokens([len(p) + e for p, e in zip(items, extra_len)], len(self.engines))
-        calls = [(e, method, (*[[col[i] for i in share] for col in (items, *columns)], *args), {}) for e, share in zip(self.engines, shares) if share]
-        results = self._gather(calls, self.timeouts.call_s)
-        out: list[Any] = [None] * len(items)
-        for share, part in zip([s for s in shares if s], results):
+    def _spread(self, method: str, columns: list[list[Any]], tokens: list[int], *args: Any) -> list[Any]:
+        """`method(*columns_share, *args)` on each engine with a share of the rows (balanced by
+        `tokens`, each row's cost); the per-row results back in row order."""
+        assigned = [(engine, share) for engine, share in zip(self.engines, balance_by_tokens(tokens, len(self.engines))) if share]
+        calls = [(engine, method, (*[[column[i] for i in share] for column in columns], *args), {}) for engine, share in assigned]
+        out: list[Any] = [None] * len(tokens)
+        for (_, share), part in zip(assigned, self._gather(calls, self.timeouts.call_s)):
             for i, value in zip(share, part):
                 out[i] = value
         return out
 
     def generate(self, prompt_ids: list[list[int]], sampling: Any) -> list[Any]:
-        return self._spread("generate", prompt_ids, [sampling.max_new_tokens] * len(prompt_ids), (sampling,))
+        tokens = [len(p) + sampling.max_new_tokens for p in prompt_ids]
+        return self._spread("generate", [prompt_ids], tokens, sampling)
 
     def score(self, prefix_ids: list[list[int]], continuation_ids: list[list[int]], temperature: float = 1.0) -> list[list[float]]:
-        return self._spread("score", prefix_ids, [len(c) for c in continuation_ids], (temperature,), continuation_ids)
+        tokens = [len(p) + len(c) for p, c in zip(prefix_ids, continuation_ids)]
+        return self._spread("score", [prefix_ids, continuation_ids], tokens, temperature)
 
     # Weight updates through the object store, for tests and tools; runs use `broadcast`.
     def begin_weight_update(self) -> None:
