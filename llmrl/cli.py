@@ -46,6 +46,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
     print(dump_recipe(recipe), end="")
     stages = active_stage_names(recipe.algorithm)
     print(f"# stages this algorithm runs (llmrl/stages.py): {', '.join(stages) or 'none'}")
+    if recipe.cluster.backend != "none":
+        from llmrl.distributed.memory import placement_report
+
+        for line in placement_report(recipe):
+            print(f"# {line}")
     return 0
 
 

@@ -60,6 +60,11 @@ def test_two_node_run_places_engine_and_ranks_apart_and_syncs_by_broadcast(two_n
     assert rows[1]["rollout/logprob_diff"] <= 1e-3, rows[1]["rollout/logprob_diff"]
     assert rows[0]["sync/bytes"] > 500 << 20  # SmolLM2-135M, every tensor in fp32
     print("two-node run:", {k: round(v, 6) for k, v in rows[1].items() if k.startswith(("time/", "sync/", "rollout/"))})
+    # `llmrl validate`'s memory estimate against each actor's peak RSS (recorded at shutdown): the
+    # target is within 30%.
+    for p in json.loads((tmp_path / "cluster.json").read_text()):
+        print(f"{p['role']}: estimate {p['estimate_gib']:.2f} GiB, peak RSS {p['peak_rss_gib']:.2f} GiB")
+        assert abs(p["estimate_gib"] - p["peak_rss_gib"]) <= 0.3 * p["peak_rss_gib"], p
 
 
 def test_removing_the_train_node_mid_run_is_a_named_error_not_a_hang(two_nodes, tmp_path):

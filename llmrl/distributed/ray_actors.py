@@ -12,6 +12,12 @@ import torch
 from llmrl.algorithms.base import Batch, LossContext, LossFn
 
 
+def peak_rss_bytes() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
 def _where() -> dict[str, str]:
     import ray
 
@@ -65,6 +71,9 @@ class TrainRank:
         from llmrl.distributed.weight_broadcast import free_port
 
         return {**_where(), "free_port": str(free_port())}
+
+    def peak_rss(self) -> int:
+        return peak_rss_bytes()
 
     def build(self, recipe_dict: dict[str, Any], total_updates: int, role: str, master_addr: str, master_port: int) -> None:
         from llmrl.distributed.cluster import build_local_train_engine
@@ -131,6 +140,9 @@ class RolloutWorker:
 
     def where(self) -> dict[str, str]:
         return _where()
+
+    def peak_rss(self) -> int:
+        return peak_rss_bytes()
 
     def generate(self, prompt_ids: list[list[int]], sampling: Any) -> list[Any]:
         self.fault("generate")

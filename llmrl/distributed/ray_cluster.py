@@ -50,6 +50,7 @@ class RayCluster:
                 self._started_ray = True
         self._groups: list[Any] = []
         self._placement: list[dict[str, Any]] = []
+        self._handles: list[ActorHandle] = []
         self._recipe_dict = recipe.model_dump(mode="json")
 
     # ------------------------------------------------------------------ placement
@@ -106,16 +107,34 @@ class RayCluster:
         return located([start(i) for i in range(count)]), lambda i: located([start(i)])[0]
 
     def _record_placement(self, handle: ActorHandle, resources: Any) -> None:
-        """Where each actor runs, on stderr and in output_dir/cluster.json (a restart adds a row)."""
-        import json
+        """Where each actor runs, on stderr and in output_dir/cluster.json (a restart adds a row),
+        with its memory estimate; shutdown adds the peak RSS it reached."""
         import sys
 
-        row = {"role": handle.role, "host": handle.host, "node_id": handle.node_id, "num_cpus": resources.num_cpus, "num_gpus": resources.num_gpus}
+        from llmrl.distributed.memory import estimate_gib
+
+        row = {"role": handle.role, "host": handle.host, "node_id": handle.node_id, "num_cpus": resources.num_cpus,
+               "num_gpus": resources.num_gpus, "estimate_gib": estimate_gib(self.recipe, handle.role)}
         self._placement.append(row)
+        self._handles.append(handle)
         print(f"placed {handle.role} on {handle.host} (node {handle.node_id[:12]})", file=sys.stderr)
+        self._write_placement()
+
+    def _write_placement(self) -> None:
+        import json
+
         out = Path(self.recipe.output_dir)
         out.mkdir(parents=True, exist_ok=True)
         (out / "cluster.json").write_text(json.dumps(self._placement, indent=1) + "\n")
+
+    def _record_peak_memory(self) -> None:
+        """Each live actor's peak RSS into cluster.json, beside its estimate (dead ones are skipped)."""
+        for row, handle in zip(self._placement, self._handles):
+            try:
+                row["peak_rss_gib"] = call(handle, "peak_rss", timeout=30) / (1 << 30)
+            except ClusterError:
+                row["peak_rss_gib"] = None
+        self._write_placement()
 
     # ------------------------------------------------------------------ Cluster protocol
     def train_engine(self, recipe: Any, total_updates: int, role: str) -> "RayTrainEngine":
@@ -131,6 +150,7 @@ class RayCluster:
     def shutdown(self) -> None:
         import ray
 
+        self._record_peak_memory()
         for group in self._groups:
             ray.util.remove_placement_group(group)
         self._groups = []
