@@ -149,7 +149,7 @@ def test_a_stuck_rollout_engine_ends_the_run_with_its_name_not_a_hang(tmp_path, 
     started = time.monotonic()
     with pytest.raises(ClusterError, match=r"rollout engine 0 on \S+: generate did not answer within 5 s"):
         two_steps(tmp_path, "stuck", TINY_RAY + ["cluster.timeouts.call_s=5"])
-    assert time.monotonic() - started < 90  # start-up plus 5 s, never the 300 s stall
+    assert time.monotonic() - started < 150  # start-up (under a minute in CI) plus 5 s, never the 300 s stall
 
 
 @pytest.mark.slow
@@ -165,7 +165,7 @@ def test_a_dead_train_rank_ends_the_run_naming_it_and_resume_continues(tmp_path,
     started = time.monotonic()
     with pytest.raises(ClusterError, match=r"train rank \(policy\) 1 on \S+ died during step"):
         two_steps(tmp_path, "dead", TINY_RAY + run)
-    assert time.monotonic() - started < 120
+    assert time.monotonic() - started < 180  # start-up plus one step, never a collective timeout
     checkpoints = tmp_path / "dead" / "checkpoints"
     assert sorted(p.name for p in checkpoints.iterdir()) == ["step_1"]
     assert json.loads((checkpoints / "step_1" / "loop_state.json").read_text())["step"] == 1
