@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from llmrl.distributed.ray_cluster import balance_by_tokens
+from llmrl.distributed.ray_cluster import balance_by_tokens, engine_sampling
 from llmrl.loop import train
 from llmrl.recipe import load_recipe
 
@@ -29,6 +29,16 @@ def test_prompts_are_balanced_by_tokens_not_count():
     assert balance_by_tokens([10, 1, 1, 1, 9], 2) == [[0, 2], [1, 3, 4]]
     assert balance_by_tokens([3, 3, 3], 1) == [[0, 1, 2]]
     assert balance_by_tokens([5], 3) == [[0], [], []]
+
+
+def test_each_engine_samples_with_a_seed_of_its_own():
+    from llmrl.rollout.base import SamplingParams
+
+    sampling = SamplingParams(seed=11)
+    assert engine_sampling(sampling, 0) is sampling  # one engine: exactly the in-process samples
+    seeds = [engine_sampling(sampling, k).seed for k in range(4)]
+    assert seeds == [11, 11 + 104_729, 11 + 2 * 104_729, 11 + 3 * 104_729] and sampling.seed == 11
+    assert engine_sampling(SamplingParams(seed=None), 2).seed is None
 
 
 def two_steps(tmp_path, name, extra):

@@ -133,7 +133,9 @@ class RolloutWorker:
 
         recipe = _recipe(recipe_dict)
         tokenizer = load_tokenizer(recipe.model.name, recipe.model.revision)
-        self.engine = build_rollout_engine(recipe.rollout, recipe.model, tokenizer, seed=recipe.seed)
+        # An engine-wide generator (vLLM) gets a seed of its own per engine, or engines handed
+        # copies of one prompt would return the same samples.
+        self.engine = build_rollout_engine(recipe.rollout, recipe.model, tokenizer, seed=recipe.seed + 1_000_033 * index)
         self.weight_group: Any = None
         self.version = 0
         self.fault = FaultHook("rollout", index)

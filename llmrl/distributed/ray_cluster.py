@@ -199,6 +199,15 @@ class RayTrainEngine:
         gather([(r, "load", (str(directory),), {}) for r in self.ranks], self.timeouts.call_s)
 
 
+def engine_sampling(sampling: Any, engine_index: int) -> Any:
+    """Engine k's sampling: its own seed, so two engines given copies of one prompt (a group split
+    between them) never draw the same random stream. Engine 0 keeps the seed: one engine samples
+    exactly what an in-process run samples."""
+    if engine_index == 0 or sampling.seed is None:
+        return sampling
+    return dataclasses.replace(sampling, seed=sampling.seed + 104_729 * engine_index)
+
+
 def balance_by_tokens(lengths: list[int], engines: int) -> list[list[int]]:
     """Prompt indices per engine: longest first, each to the engine with the fewest tokens so far
     (ties to the lower index), so engines finish together however prompt lengths vary."""
@@ -245,20 +254,25 @@ class RayRolloutEngine:
                     self.on_restart()
                 calls = [(self.engines[index] if h is err.handle else h, m, a, kw) for h, m, a, kw in calls]
 
-    def _spread(self, method: str, columns: list[list[Any]], tokens: list[int], *args: Any) -> list[Any]:
+    def _spread(self, method: str, columns: list[list[Any]], tokens: list[int], *args: Any, per_engine: Any = None) -> list[Any]:
         """`method(*columns_share, *args)` on each engine with a share of the rows (balanced by
-        `tokens`, each row's cost); the per-row results back in row order."""
-        assigned = [(engine, share) for engine, share in zip(self.engines, balance_by_tokens(tokens, len(self.engines))) if share]
-        calls = [(engine, method, (*[[column[i] for i in share] for column in columns], *args), {}) for engine, share in assigned]
+        `tokens`, each row's cost); the per-row results back in row order. `per_engine(k)`, when
+        given, replaces `args` for engine k."""
+        shares = balance_by_tokens(tokens, len(self.engines))
+        assigned = [(k, engine, share) for k, (engine, share) in enumerate(zip(self.engines, shares)) if share]
+        calls = [
+            (engine, method, (*[[column[i] for i in share] for column in columns], *(per_engine(k) if per_engine else args)), {})
+            for k, engine, share in assigned
+        ]
         out: list[Any] = [None] * len(tokens)
-        for (_, share), part in zip(assigned, self._gather(calls, self.timeouts.call_s)):
+        for (_, _, share), part in zip(assigned, self._gather(calls, self.timeouts.call_s)):
             for i, value in zip(share, part):
                 out[i] = value
         return out
 
     def generate(self, prompt_ids: list[list[int]], sampling: Any) -> list[Any]:
         tokens = [len(p) + sampling.max_new_tokens for p in prompt_ids]
-        return self._spread("generate", [prompt_ids], tokens, sampling)
+        return self._spread("generate", [prompt_ids], tokens, per_engine=lambda k: (engine_sampling(sampling, k),))
 
     def score(self, prefix_ids: list[list[int]], continuation_ids: list[list[int]], temperature: float = 1.0) -> list[list[float]]:
         tokens = [len(p) + len(c) for p, c in zip(prefix_ids, continuation_ids)]
