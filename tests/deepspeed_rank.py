@@ -32,7 +32,7 @@ def fixed_batch() -> dict:
 
 def main() -> None:
     backend, stage, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    rank = int(os.environ.get("RANK", 0))  # the engine takes this rank's share of the mini-batch
     torch.manual_seed(0)
     model = load_policy(ModelConfig(name="tiny"))
     initial = {n: p.detach().clone() for n, p in model.named_parameters()}

@@ -1,7 +1,6 @@
 """End-to-end runs of `llmrl train` with the tiny model: outputs, learning, resume, SIGTERM."""
 import json
 import math
-import os
 import signal
 import subprocess
 import sys
@@ -16,7 +15,7 @@ from llmrl.algorithms import get_preset
 from llmrl.loop import train
 from llmrl.recipe import load_recipe
 
-from conftest import REPO, SHARED_DATA
+from conftest import REPO
 QUICKSTART = str(REPO / "recipes" / "quickstart.yaml")
 
 # Every metric the README documents as logged each step.

@@ -85,9 +85,10 @@ def test_sampled_eos_is_in_the_loss_mask_although_pad_is_eos(engine, tokenizer):
     engine.eos_ids = torch.tensor(fresh[:1])  # a token the greedy reply reaches after >= 1 other token
     try:
         group_ids = GroupIds()
+        trajs = []
         for sampling in (seeded, SamplingParams(temperature=0.0, max_new_tokens=1)):
             context = WorkflowContext(engine, None, sampling, tokenizer, group_ids, step=1, n=1)
-            trajs = (trajs if sampling is not seeded else []) + SingleTurn().sample([task], context)[0].trajectories
+            trajs += SingleTurn().sample([task], context)[0].trajectories
     finally:
         engine.eos_ids = saved
     # Make the first row end in the real EOS id, as SmolLM2's would.
