@@ -64,7 +64,7 @@ def train(recipe: Recipe) -> Path:
     stages = build_stages(StageSetup(recipe, algo, trainer, total_updates, cluster))
     rollout = cluster.rollout_engine(recipe, tokenizer)
     workflow = build_workflow(recipe.rollout.workflow)
-    weight_sync = build_weight_sync(recipe.rollout.weight_sync, trainer, [rollout])
+    weight_sync = build_weight_sync(recipe.rollout.weight_sync, trainer, [rollout], bucket_bytes=recipe.rollout.sync_bucket_mb << 20)
     advantage_fn = ADVANTAGES[algo.advantage]
     loss_fn = LOSSES[algo.loss]
     group_ids = GroupIds()
@@ -121,7 +121,7 @@ def train(recipe: Recipe) -> Path:
                 **stage_metrics,
                 **update_metrics,
                 **timer.metrics(),
-                "sync/bytes": float(synced.bytes),
+                **synced.metrics(),
                 **rollout.metrics(),
                 "perf/tokens_per_s": num_tokens(batch) / max(timer.total, 1e-9),
                 "perf/gen_tokens_per_s": sum(t.num_policy_tokens for t in trajectories) / max(timer.seconds["generate"], 1e-9),

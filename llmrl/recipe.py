@@ -238,6 +238,8 @@ def check_cluster(recipe: Recipe, source: str) -> None:
             f"cluster.rollout_engines.num_gpus: {engines.num_gpus} is fewer than rollout.tensor_parallel_size "
             f"({recipe.rollout.tensor_parallel_size}) GPUs one engine shards over in {source}"
         )
+    if recipe.train.backend == "deepspeed" and recipe.train.zero_stage == 3 and recipe.model.lora.enabled:
+        raise RecipeError(f"train.zero_stage: 3 with model.lora is not supported (LoRA weights are small: use zero_stage 2) in {source}")
     if ray and recipe.cluster.train_workers.count > 1 and recipe.train.backend != "deepspeed":
         raise RecipeError(
             f"cluster.train_workers.count: {recipe.cluster.train_workers.count} data-parallel ranks need train.backend: deepspeed "

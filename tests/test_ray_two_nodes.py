@@ -59,6 +59,8 @@ def test_two_node_run_places_engine_and_ranks_apart_and_syncs_by_broadcast(two_n
     # (fp32 both). An engine left on the initial weights would be off by the lr-1e-3 update.
     assert rows[1]["rollout/logprob_diff"] <= 1e-3, rows[1]["rollout/logprob_diff"]
     assert rows[0]["sync/bytes"] > 500 << 20  # SmolLM2-135M, every tensor in fp32
+    # ZeRO-3: rank 0 gathers one bucket at a time from both ranks, never the whole model
+    assert 0 < rows[1]["sync/sender_peak_extra_mib"] < rows[1]["sync/bytes"] / (1 << 20)
     print("two-node run:", {k: round(v, 6) for k, v in rows[1].items() if k.startswith(("time/", "sync/", "rollout/"))})
     # `llmrl validate`'s memory estimate against each actor's peak RSS (recorded at shutdown): the
     # target is within 30%.

@@ -2,8 +2,13 @@
 rollout engine will hold, from the model's config.json and the recipe alone.
 
 Train rank (Rajbhandari et al. 2020, "ZeRO", arXiv 1910.02054, section 5; P parameters, N ranks):
-  weights     fp32: 4P; DeepSpeed bf16: 2P bf16 copy + 4P/N fp32 master (stage >= 1)
-  gradients   stage 1: a full set (4P fp32, 2P bf16); stage 2: 4P/N
+  weights     fp32: 4P; DeepSpeed bf16: 2P bf16 copy + 4P/N fp32 master (stages 1, 2);
+              stage 3: the weights partitioned too (4P/N fp32, or 2P/N bf16 + 4P/N master), plus
+              what is gathered whole at a time: the embedding (vocab x hidden) and two layers
+              (the one computing and the one prefetched)
+  gradients   stage 1: a full set (4P fp32, 2P bf16); stages 2, 3: 4P/N
+  weight sync stage 3, rank 0: a gathered bucket and its packed copy (2 x the larger of
+              rollout.sync_bucket_mb and the embedding)
   optimizer   AdamW m and v, 8P/N (on the host when offloaded; a CPU machine counts it either way)
   reference   4P when a KL term loads a frozen reference
   activations the micro-batch's hidden states kept for backward, about 34 x hidden bytes per
@@ -69,6 +74,16 @@ def train_rank_bytes(shape: ModelShape, recipe: Any) -> dict[str, int]:
     bf16 = train.backend == "deepspeed" and resolve_precision(train.precision) == "bf16"
     sharded = train.backend == "deepspeed"
     weights = 2 * p + 4 * p // ranks if bf16 else 4 * p
+    sync = 0
+    if sharded and train.zero_stage == 3:
+        dtype = 2 if bf16 else 4
+        per_layer = (p - shape.vocab * shape.hidden) // max(shape.layers, 1)
+        whole = min(p, shape.vocab * shape.hidden + 2 * per_layer)
+        weights = dtype * p // ranks + (4 * p // ranks if bf16 else 0) + dtype * whole
+        # rank 0 holds a gathered bucket and its packed copy while it sends; a bucket is at least
+        # its largest tensor (the embedding)
+        bucket = max(recipe.rollout.sync_bucket_mb << 20, dtype * shape.vocab * shape.hidden)
+        sync = 2 * min(bucket, dtype * p)
     if sharded and train.zero_stage >= 2:
         grads = 4 * p // ranks
     else:
@@ -78,7 +93,7 @@ def train_rank_bytes(shape: ModelShape, recipe: Any) -> dict[str, int]:
     tokens = (recipe.train.micro_batch_size or 8) * (recipe.data.max_prompt_tokens + recipe.rollout.max_new_tokens)
     activations = 34 * shape.hidden * shape.layers * tokens + 3 * 4 * train.logprob_chunk_tokens * shape.vocab
     return {"weights": weights, "gradients": grads, "optimizer": optimizer, "reference": reference,
-            "activations": activations, "process": TRAIN_RANK_BASE_BYTES}
+            "activations": activations, "weight_sync": sync, "process": TRAIN_RANK_BASE_BYTES}
 
 
 def sent_weight_bytes(shape: ModelShape, recipe: Any) -> int:
@@ -135,3 +150,38 @@ def estimate_gib(recipe: Any, role: str) -> float | None:
     shape = model_shape(config)
     parts = train_rank_bytes(shape, recipe) if role.startswith("train rank") else rollout_engine_bytes(shape, recipe)
     return sum(parts.values()) / GIB
+
+
+class RssPeak:
+    """Peak resident memory of this process above its level on entry, sampled every `interval_s`
+    by a thread (Linux /proc): for figures such as a weight sync's extra memory, which the
+    process-lifetime peak (ru_maxrss) cannot isolate."""
+
+    def __init__(self, interval_s: float = 0.002) -> None:
+        import os
+
+        self.interval_s = interval_s
+        self.page = os.sysconf("SC_PAGE_SIZE")
+        self.extra = 0
+
+    def _rss(self) -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * self.page
+
+    def __enter__(self) -> "RssPeak":
+        import threading
+
+        self.start = self.peak = self._rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.peak = max(self.peak, self._rss())
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.extra = max(self.peak, self._rss()) - self.start

@@ -86,8 +86,11 @@ class TrainRank:
         seed_everything(recipe.seed)  # as the driver does before building its engines
         self.engine = build_local_train_engine(recipe, total_updates, role)
 
-    def forward(self, batch: Batch, want: set[str], reference: bool, micro_batch_size: int | None) -> dict[str, torch.Tensor]:
-        return self.engine.forward(batch, want, reference=reference, micro_batch_size=micro_batch_size)
+    def forward(self, batch: Batch, want: set[str], reference: bool, micro_batch_size: int | None) -> dict[str, torch.Tensor] | None:
+        """Every rank computes a share and all get every row (DeepSpeedTrainEngine.forward); rank 0
+        alone sends them back."""
+        outputs = self.engine.forward(batch, want, reference=reference, micro_batch_size=micro_batch_size)
+        return outputs if self.rank == 0 else None
 
     def step(self, mini_batch: Batch, loss_fn: LossFn, ctx: LossContext, generator_state: torch.Tensor | None) -> tuple[dict[str, float], Any]:
         self.fault("step")
@@ -96,13 +99,19 @@ class TrainRank:
         metrics = self.engine.step(mini_batch, loss_fn, ctx)
         return metrics, ctx.generator.get_state() if ctx.generator is not None else None
 
-    def weight_bucket(self, index: int, bucket_bytes: int) -> list[tuple[str, torch.Tensor]] | None:
-        for i, bucket in enumerate(self.engine.named_weights(bucket_bytes)):
-            if i == index:
-                # Copies: a parameter can be a view into DeepSpeed's flat buffer, and pickling a
-                # view ships the whole buffer (measured: 21 GB for SmolLM2's buckets).
-                return [(name, t.detach().clone()) for name, t in bucket]
-        return None
+    def open_weights(self, bucket_bytes: int) -> None:
+        """Start iterating the full weights; `next_weight_bucket` walks them. Every rank is called
+        (under ZeRO-3 each bucket is gathered from all of them); rank 0 returns the buckets."""
+        takes_part = self.rank == 0 or self.engine.weights_need_every_rank
+        self._weights = iter(self.engine.named_weights(bucket_bytes)) if takes_part else iter(())
+
+    def next_weight_bucket(self) -> list[tuple[str, torch.Tensor]] | None:
+        bucket = next(self._weights, None)
+        if bucket is None or self.rank:
+            return None
+        # Copies: a parameter can be a view into DeepSpeed's flat buffer, and pickling a view ships
+        # the whole buffer (measured: 21 GB for SmolLM2's buckets).
+        return [(name, t.detach().clone()) for name, t in bucket]
 
     def save(self, directory: str) -> None:
         self.engine.save(Path(directory))
@@ -118,10 +127,21 @@ class TrainRank:
 
         self.weight_group = stateless_gloo_group(host, port, 0, world, timeout_s)
 
-    def send_weights(self, bucket_bytes: int) -> int:
+    def send_weights(self, bucket_bytes: int) -> dict[str, int] | None:
+        """Rank 0 broadcasts the weights to the engines and reports the bytes and its memory above
+        where it started (under ZeRO-3 it holds each gathered bucket and its packed copy); under
+        ZeRO-3 the other ranks iterate along, taking part in each gather."""
+        from llmrl.distributed.memory import RssPeak
         from llmrl.distributed.weight_broadcast import send_buckets
 
-        return send_buckets(self.weight_group, self.engine.named_weights(bucket_bytes))
+        if self.rank:
+            if self.engine.weights_need_every_rank:
+                for _ in self.engine.named_weights(bucket_bytes):
+                    pass
+            return None
+        with RssPeak() as peak:
+            sent = send_buckets(self.weight_group, self.engine.named_weights(bucket_bytes))
+        return {"bytes": sent, "peak_extra_bytes": peak.extra}
 
 
 class RolloutWorker:

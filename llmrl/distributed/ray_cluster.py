@@ -159,8 +159,9 @@ class RayCluster:
 
 
 class RayTrainEngine:
-    """TrainEngine over a group of train-rank actors (rank 0 answers forward passes and holds the
-    full weights under ZeRO-1/2)."""
+    """TrainEngine over a group of train-rank actors. Every call goes to every rank: forward
+    passes are data-parallel, and under ZeRO-3 weights are gathered from all ranks; rank 0
+    answers."""
 
     def __init__(self, ranks: list[ActorHandle], recipe_dict: dict[str, Any], total_updates: int, role: str, timeouts: Any) -> None:
         self.ranks = ranks
@@ -169,8 +170,12 @@ class RayTrainEngine:
         master = (first["ip"], int(first["free_port"]))
         gather([(r, "build", (recipe_dict, total_updates, role, *master), {}) for r in ranks], timeouts.start_s)
 
+    def _all(self, method: str, *args: Any, timeout: float | None = None) -> Any:
+        """`method(*args)` on every rank; rank 0's answer."""
+        return gather([(r, method, args, {}) for r in self.ranks], timeout or self.timeouts.call_s)[0]
+
     def forward(self, batch: Batch, want: set[str], reference: bool = False, micro_batch_size: int | None = None) -> dict[str, torch.Tensor]:
-        return call(self.ranks[0], "forward", batch, want, reference, micro_batch_size, timeout=self.timeouts.call_s)
+        return self._all("forward", batch, want, reference, micro_batch_size)
 
     def step(self, mini_batch: Batch, loss_fn: LossFn, ctx: LossContext) -> dict[str, float]:
         state = ctx.generator.get_state() if ctx.generator is not None else None
@@ -182,21 +187,20 @@ class RayTrainEngine:
         return metrics
 
     def named_weights(self, bucket_bytes: int = 256 << 20) -> Iterator[list[tuple[str, torch.Tensor]]]:
-        """Rank 0's buckets one at a time (through the object store: for export and tests; the
-        weight sync broadcasts instead)."""
-        index = 0
-        while (bucket := call(self.ranks[0], "weight_bucket", index, bucket_bytes, timeout=self.timeouts.call_s)) is not None:
+        """The full weights one bucket at a time, through the object store (for export and tests;
+        the weight sync broadcasts instead)."""
+        self._all("open_weights", bucket_bytes)
+        while (bucket := self._all("next_weight_bucket")) is not None:
             yield bucket
-            index += 1
 
     def save_policy(self, directory: Path) -> None:
-        call(self.ranks[0], "save_policy", str(directory), timeout=self.timeouts.call_s)
+        self._all("save_policy", str(directory))
 
     def save(self, directory: Path) -> None:
-        gather([(r, "save", (str(directory),), {}) for r in self.ranks], self.timeouts.call_s)
+        self._all("save", str(directory))
 
     def load(self, directory: Path) -> None:
-        gather([(r, "load", (str(directory),), {}) for r in self.ranks], self.timeouts.call_s)
+        self._all("load", str(directory))
 
 
 def engine_sampling(sampling: Any, engine_index: int) -> Any:

@@ -20,6 +20,13 @@ DEFAULT_BUCKET_BYTES = 256 << 20
 class SyncStats:
     bytes: int
     seconds: float
+    peak_extra_bytes: int | None = None  # the sender's RSS above where the sync started, when measured
+
+    def metrics(self) -> dict[str, float]:
+        out = {"sync/bytes": float(self.bytes)}
+        if self.peak_extra_bytes is not None:
+            out["sync/sender_peak_extra_mib"] = self.peak_extra_bytes / (1 << 20)
+        return out
 
 
 class WeightSync(Protocol):
@@ -105,19 +112,21 @@ class BroadcastWeightSync:
     def sync(self, step: int) -> SyncStats:
         started = time.perf_counter()
         sent = self._send(step)
-        return SyncStats(bytes=sent, seconds=time.perf_counter() - started)
+        return SyncStats(bytes=sent["bytes"], seconds=time.perf_counter() - started, peak_extra_bytes=sent["peak_extra_bytes"])
 
-    def _send(self, version: int) -> int:
+    def _send(self, version: int) -> dict[str, int]:
+        """Rank 0 sends; under ZeRO-3 the other ranks take part in gathering each bucket."""
         from llmrl.distributed.ray_calls import ClusterError, gather
 
-        actors = self.actors
-        calls = [(self.trainer.ranks[0], "send_weights", (self.bucket_bytes,), {})]
+        actors, ranks = self.actors, self.trainer.ranks
+        calls = [(rank, "send_weights", (self.bucket_bytes,), {}) for rank in ranks]
         calls += [(a, "receive_weights", (version,), {}) for a in actors]
-        sent, *received = gather(calls, self.timeout)
+        results = gather(calls, self.timeout)
+        sent, received = results[0], results[len(ranks):]
         for actor, got in zip(actors, received):
-            if got["version"] != version or got["bytes"] != sent:
+            if got["version"] != version or got["bytes"] != sent["bytes"]:
                 raise ClusterError(
-                    f"{actor.role} on {actor.host}: weight sync for step {version} delivered {got['bytes']} of {sent} bytes "
+                    f"{actor.role} on {actor.host}: weight sync for step {version} delivered {got['bytes']} of {sent['bytes']} bytes "
                     f"(engine reports version {got['version']})"
                 )
         self.version = version

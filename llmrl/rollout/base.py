@@ -84,7 +84,14 @@ class RolloutConfig(Section):
         description="How tasks become trajectories: `name` (single_turn, ...; default: the algorithm preset's) plus that workflow's options.",
     )
     weight_sync: registered_name(WEIGHT_SYNCS) = Field(
-        "inprocess", description="How trained weights reach the rollout engine after each update, by registered name (inprocess)."
+        "inprocess",
+        description="How trained weights reach the rollout engine after each update, by registered name: inprocess "
+        "(same process), or broadcast (cluster.backend: ray; a gloo/NCCL group from train rank 0 to every engine).",
+    )
+    sync_bucket_mb: int = Field(
+        256, ge=1,
+        description="Weights per sync bucket, MiB. A sync holds about one bucket at a time on each side (two on a ZeRO-3 "
+        "rank 0, which gathers a bucket and copies it); smaller buckets, less peak memory, more round trips.",
     )
     n: int = Field(8, ge=1, description="Samples per prompt (the GRPO group size).")
     temperature: float = Field(1.0, ge=0, description="Sampling temperature; 0 is greedy. Logprobs are of logits / temperature.")

@@ -131,7 +131,8 @@ class VLLMRolloutEngine:
         for name, tensor in named_tensors:
             if name == "lm_head.weight" and self.tie_word_embeddings:
                 continue  # tied: arrives as model.embed_tokens.weight
-            self._staged[name] = tensor.detach().to(self.dtype).contiguous()
+            # a copy: the trainer's bucket may be released once the next is asked for (ZeRO-3)
+            self._staged[name] = tensor.detach().to(self.dtype, copy=True).contiguous()
 
     def finish_weight_update(self) -> None:
         """Hand the staged tensors to the workers in one reload (also run by the next generate/score)."""

@@ -8,23 +8,32 @@ loss is multiplied by the world size because DeepSpeed averages gradients over r
 ranks make the same update as one rank on the same mini-batch (tests/test_deepspeed_engine.py).
 Every rank is handed the whole mini-batch and takes its contiguous share in `local_rows`.
 
-Ranks must run the same number of micro-batches (each backward takes part in collectives), so
-zero-advantage row skipping is off here; with several ranks the shared-prompt forward is off too
-(see __init__). Process-group setup is the caller's (environment
+Ranks must run the same number of micro-batches (each backward takes part in collectives, and
+under ZeRO-3 each forward too): zero-advantage row skipping is off here, a token-budget split is
+evened out across ranks (`_micro_batches`), and the no-grad forward pads every rank's share to
+the same rows. With several ranks the shared-prompt forward is off too (see __init__).
+
+ZeRO-3 (`train.zero_stage: 3`) partitions the weights themselves. DeepSpeed gathers a module's
+weights around its forward and backward; the chunked logprob pass reads the lm_head weight
+outside lm_head's forward, so it runs as a module of its own with that weight registered to it
+(llmrl/train/logprobs.py). Full weights (sync, export) are gathered one bucket at a time with
+every rank taking part (`named_weights`). Process-group setup is the caller's (environment
 variables RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT, as torchrun, the deepspeed launcher or a
 Ray actor set them); CPU runs use gloo.
 """
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
 from llmrl.algorithms.base import Batch
 from llmrl.batch import select_rows
+from llmrl.models import is_lora
 from llmrl.precision import resolve_precision
 from llmrl.train.engine import TrainConfig
+from llmrl.train.logprobs import attach_token_logprobs
 from llmrl.train.torch_engine import TRAINER_STATE, TorchTrainEngine, lr_lambda
 
 
@@ -85,6 +94,11 @@ class DeepSpeedTrainEngine(TorchTrainEngine):
             updates["shared_prompt_forward"] = False
         cfg = cfg.model_copy(update=updates)
         super().__init__(model, cfg, total_updates, **options)
+        if cfg.zero_stage == 3:
+            if is_lora(model):
+                raise ValueError("train.zero_stage=3 with model.lora is not supported: use ZeRO-2 for LoRA (its weights are small)")
+            head_pass = attach_token_logprobs(model)
+            deepspeed.zero.register_external_parameter(head_pass, model.get_output_embeddings().weight)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model,
             model_parameters=self.params,
@@ -92,7 +106,49 @@ class DeepSpeedTrainEngine(TorchTrainEngine):
             lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_updates)),
         )
         self.world_size = dist.get_world_size()
+        self.rank = dist.get_rank()
+        self.weights_need_every_rank = cfg.zero_stage == 3
         self._boundary_reached = False
+
+    @torch.no_grad()
+    def forward(self, batch: Batch, want: set[str], reference: bool = False, micro_batch_size: int | None = None) -> dict[str, torch.Tensor]:
+        """Data-parallel: each rank computes a share of the rows, then all ranks exchange them, so
+        every rank returns every row. Shares are padded (repeating row 0) to equal size, so all
+        ranks run the same passes, which ZeRO-3's per-module gathers require."""
+        if self.world_size == 1:
+            return super().forward(batch, want, reference, micro_batch_size)
+        import torch.distributed as dist
+
+        rows, width = batch["input_ids"].shape
+        share = -(-rows // self.world_size)
+        mine = [r if r < rows else 0 for r in range(self.rank * share, (self.rank + 1) * share)]
+        outputs = super().forward({k: v[mine] for k, v in batch.items()}, want, reference, micro_batch_size)
+        result = {}
+        for key in sorted(outputs):
+            parts = [torch.empty(share, width, dtype=torch.float32) for _ in range(self.world_size)]
+            dist.all_gather(parts, outputs[key].contiguous())
+            result[key] = torch.cat(parts)[:rows]
+        return result
+
+    def _micro_batches(self, rows: Batch) -> list[Batch]:
+        """As many micro-batches on every rank (a token-budget split can give ranks different
+        counts): a rank short of the most splits its largest micro-batch in two until even. The
+        loss denominators are the mini-batch's, so the split does not change the update."""
+        parts = super()._micro_batches(rows)
+        if self.world_size == 1:
+            return parts
+        import torch.distributed as dist
+
+        most = torch.tensor([len(parts)])
+        dist.all_reduce(most, op=dist.ReduceOp.MAX)
+        while len(parts) < int(most):
+            largest = max(range(len(parts)), key=lambda i: parts[i]["input_ids"].shape[0])
+            count = parts[largest]["input_ids"].shape[0]
+            if count < 2:
+                raise RuntimeError(f"cannot even out micro-batches: {len(parts)} here, {int(most)} on another rank")
+            half = count // 2
+            parts[largest : largest + 1] = [select_rows(parts[largest], list(range(half))), select_rows(parts[largest], list(range(half, count)))]
+        return parts
 
     def local_rows(self, mini_batch: Batch) -> Batch:
         import torch.distributed as dist
@@ -118,6 +174,13 @@ class DeepSpeedTrainEngine(TorchTrainEngine):
         dist.all_reduce(summed)
         return dict(zip(names, summed.tolist()))
 
+    def _start_micro_batch(self) -> None:
+        # What DeepSpeed's own engine.forward does first (we call the modules directly, for the
+        # chunked logprobs): it closes the previous backward, so ZeRO adds this micro-batch's
+        # gradients to the accumulated ones instead of overwriting them (measured under ZeRO-3:
+        # without it only the last micro-batch's gradients survived).
+        self.engine.optimizer.clear_backward_seen_flag()
+
     def _backward(self, loss: torch.Tensor, last: bool) -> None:
         self.engine.set_gradient_accumulation_boundary(last)
         self.engine.backward(loss * self.world_size)
@@ -136,6 +199,44 @@ class DeepSpeedTrainEngine(TorchTrainEngine):
 
     def _discard_grads(self) -> None:
         self.engine.zero_grad()
+
+    # ------------------------------------------------------------------ weights
+    def named_weights(self, bucket_bytes: int = 256 << 20) -> Iterator[list[tuple[str, torch.Tensor]]]:
+        """Under ZeRO-3, collective: every rank iterates, and each bucket is gathered from all
+        ranks' partitions for as long as the caller holds it, then released, so a sync holds one
+        gathered bucket beyond the partitions, never the whole model. The tensors are valid until
+        the next bucket is asked for: copy what you keep. Below stage 3 every rank holds full
+        weights."""
+        if not self.weights_need_every_rank:
+            yield from super().named_weights(bucket_bytes)
+            return
+        import deepspeed
+
+        bucket: list[tuple[str, torch.Tensor]] = []
+        size = 0
+        entries = list(self.model.state_dict(keep_vars=True).items())
+        for index, (name, tensor) in enumerate(entries):
+            bucket.append((name, tensor))
+            size += getattr(tensor, "ds_numel", tensor.numel()) * tensor.element_size()
+            if size >= bucket_bytes or index == len(entries) - 1:
+                unique = list({id(t): t for _, t in bucket if hasattr(t, "ds_id")}.values())
+                with deepspeed.zero.GatheredParameters(unique, modifier_rank=None):
+                    yield [(n, t.detach()) for n, t in bucket]
+                bucket, size = [], 0
+
+    def save_policy(self, directory: Path) -> None:
+        """Rank 0 writes; under ZeRO-3 every rank must call this (the weights are gathered)."""
+        if not self.weights_need_every_rank:
+            if self.rank == 0:
+                super().save_policy(directory)
+            return
+        state = {}
+        for bucket in self.named_weights():
+            if self.rank == 0:
+                state.update((name, t.clone()) for name, t in bucket)
+        if self.rank == 0:
+            Path(directory).mkdir(parents=True, exist_ok=True)
+            self.model.save_pretrained(str(directory), state_dict=state, safe_serialization=True)
 
     # ------------------------------------------------------------------ persistence
     def save(self, directory: Path) -> None:
@@ -157,3 +258,4 @@ class DeepSpeedTrainEngine(TorchTrainEngine):
 
     def _counters(self) -> dict[str, int]:
         return {"nonfinite_streak": self.nonfinite_streak, "skipped_updates": self.skipped_updates, "updates": self.updates}
+

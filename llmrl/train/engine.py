@@ -55,10 +55,10 @@ class TrainConfig(Section):
         "when prompts are long next to responses. Off for critics and under gradient checkpointing.",
     )
     logprob_chunk_tokens: int = Field(1024, ge=16, description="Tokens per chunk when computing logprobs/entropy (bounds logits memory).")
-    zero_stage: Literal[1, 2] = Field(
+    zero_stage: Literal[1, 2, 3] = Field(
         2,
-        description="deepspeed backend: ZeRO stage (1 shards optimizer state over ranks, 2 also gradients). Stage 3 is not "
-        "built yet: the chunked logprob path reads the lm_head weight outside a module forward, which ZeRO-3 keeps partitioned.",
+        description="deepspeed backend: ZeRO stage. 1 shards optimizer state over the data-parallel ranks, 2 also "
+        "gradients, 3 also the weights (gathered per module as they are used; not with model.lora).",
     )
     offload_optimizer: bool = Field(False, description="deepspeed backend: keep optimizer state on the CPU (ZeRO-Offload).")
 
@@ -87,7 +87,9 @@ class TrainEngine(Protocol):
         data-parallel, into its ranks' shares) with mini-batch-global loss normalisation."""
 
     def named_weights(self, bucket_bytes: int = 256 << 20) -> Iterator[list[tuple[str, torch.Tensor]]]:
-        """Full (merged) weights in size-bounded buckets, for weight sync and export."""
+        """Full (merged) weights in size-bounded buckets, for weight sync and export. A bucket's
+        tensors may be views that change or vanish once the next bucket is asked for (ZeRO-3
+        releases each gathered bucket): copy what you keep."""
 
     def save_policy(self, directory: Path) -> None:
         """The trained model as an HF directory (the checkpoint's `policy/`)."""

@@ -3,6 +3,12 @@
 The lm_head projection, log-softmax and entropy run over chunks of tokens. Under autograd each
 chunk is checkpointed, so backward recomputes that chunk's logits instead of keeping them: peak
 extra memory is one chunk of logits (chunk_tokens x vocab), not the whole batch's.
+
+Under ZeRO-3 the lm_head weight is partitioned over ranks and only whole inside a module's
+forward or backward. The chunks read it outside lm_head's own forward, so a ZeRO-3 engine
+attaches a `TokenLogprobs` module to the model and registers the weight as its external
+parameter: DeepSpeed then gathers it once around the whole chunked pass (and once around its
+backward, where the checkpointed chunks are recomputed) and releases it after.
 """
 from __future__ import annotations
 
@@ -78,6 +84,49 @@ def decoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.Ten
     return decoder, head.weight
 
 
+LOGPROB_MODULE = "llmrl_token_logprobs"
+
+
+class TokenLogprobs(torch.nn.Module):
+    """`token_logprobs` as one module call, for engines (ZeRO-3) that gather weights per module.
+    It holds the head without registering it as a submodule, so the model's parameters and
+    state_dict keys stay as they were."""
+
+    def __init__(self, head: torch.nn.Module) -> None:
+        super().__init__()
+        object.__setattr__(self, "head", head)
+
+    def forward(self, hidden: torch.Tensor, input_ids: torch.Tensor, temperature: float, want_entropy: bool,
+                chunk_tokens: int, only: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return token_logprobs(hidden, self.head.weight, input_ids, temperature, want_entropy, chunk_tokens, only)
+
+
+def attach_token_logprobs(model: torch.nn.Module) -> TokenLogprobs:
+    """Give `model` a TokenLogprobs submodule that `head_logprobs` routes through; returns it so
+    the caller can register the head weight with its engine."""
+    decoder_and_head(model)  # refuses a head the chunked path cannot compute
+    module = TokenLogprobs(model.get_output_embeddings())
+    model.add_module(LOGPROB_MODULE, module)
+    return module
+
+
+def head_logprobs(
+    model: torch.nn.Module,
+    hidden: torch.Tensor,
+    input_ids: torch.Tensor,
+    temperature: float = 1.0,
+    want_entropy: bool = False,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    only: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`token_logprobs` through the model's lm_head, via its TokenLogprobs module when it has one."""
+    module = getattr(model, LOGPROB_MODULE, None)
+    if module is not None:
+        return module(hidden, input_ids, temperature, want_entropy, chunk_tokens, only)
+    _, weight = decoder_and_head(model)
+    return token_logprobs(hidden, weight, input_ids, temperature, want_entropy, chunk_tokens, only)
+
+
 def sequence_logprobs(
     model: torch.nn.Module,
     input_ids: torch.Tensor,
@@ -89,9 +138,9 @@ def sequence_logprobs(
     only: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """Run the decoder once; return token-aligned logprobs, entropies and the hidden states."""
-    decoder, weight = decoder_and_head(model)
+    decoder = model.get_decoder()
     if position_ids is None:
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False).last_hidden_state
-    logp, entropy = token_logprobs(hidden, weight, input_ids, temperature, want_entropy, chunk_tokens, only)
+    logp, entropy = head_logprobs(model, hidden, input_ids, temperature, want_entropy, chunk_tokens, only)
     return logp, entropy, hidden

@@ -13,7 +13,7 @@ from llmrl.batch import select_rows, split_micro_batches
 from llmrl.models import export_policy, is_lora, merged_state_dict
 from llmrl.precision import resolve_precision
 from llmrl.train.engine import NonFiniteUpdateError, TrainConfig
-from llmrl.train.logprobs import decoder_and_head, token_logprobs
+from llmrl.train.logprobs import head_logprobs
 from llmrl.train.shared_prefix import PrefixPlan, plan_shared_prefix
 
 TRAINER_STATE = "trainer_state.pt"
@@ -87,9 +87,8 @@ class TorchTrainEngine:
             ).last_hidden_state
             out: dict[str, torch.Tensor] = {}
             if want & {"logprobs", "entropy"}:
-                _, weight = decoder_and_head(model)
-                logp, ent = token_logprobs(
-                    hidden, weight, mb["input_ids"], self.temperature, "entropy" in want, self.cfg.logprob_chunk_tokens,
+                logp, ent = head_logprobs(
+                    model, hidden, mb["input_ids"], self.temperature, "entropy" in want, self.cfg.logprob_chunk_tokens,
                     only=mb["loss_mask"] > 0 if "loss_mask" in mb else None,
                 )
                 out["logprobs"] = logp
@@ -111,11 +110,10 @@ class TorchTrainEngine:
         return plan_shared_prefix(mb)
 
     def _shared_prefix_outputs(self, model: torch.nn.Module, plan: PrefixPlan, want: set[str]) -> dict[str, torch.Tensor]:
-        decoder, weight = decoder_and_head(model)
         with self._autocast():
-            hidden = plan.run_decoder(decoder)
-            logp, ent = token_logprobs(
-                hidden, weight, plan.suffix_ids, self.temperature, "entropy" in want, self.cfg.logprob_chunk_tokens,
+            hidden = plan.run_decoder(model.get_decoder())
+            logp, ent = head_logprobs(
+                model, hidden, plan.suffix_ids, self.temperature, "entropy" in want, self.cfg.logprob_chunk_tokens,
                 only=plan.suffix_loss_mask > 0,
             )
         out = {"logprobs": plan.to_rows(logp)}
@@ -165,13 +163,16 @@ class TorchTrainEngine:
         data-parallel engine takes its rank's share here."""
         return mini_batch
 
+    def _micro_batches(self, rows: Batch) -> list[Batch]:
+        return split_micro_batches(rows, self.cfg.micro_batch_size, self.cfg.micro_batch_tokens)
+
     def step(self, mini_batch: Batch, loss_fn: LossFn, ctx: LossContext) -> dict[str, float]:
         """One optimizer step over a mini-batch, split here into micro-batches by
         train.micro_batch_size or train.micro_batch_tokens. Without `old_logprobs` the update
         is on-policy and takes them from its own forward (detached), saving a separate forward
         pass. `ctx.measure_rollout_gap` logs mean |rollout logprob - trainer logprob| on policy
         tokens."""
-        micro_batches = split_micro_batches(self.local_rows(mini_batch), self.cfg.micro_batch_size, self.cfg.micro_batch_tokens)
+        micro_batches = self._micro_batches(self.local_rows(mini_batch))
         want = set(getattr(loss_fn, "outputs", ("logprobs", "entropy")))
         track_rollout_diff = ctx.measure_rollout_gap
         denominators: dict[str, float] = {}
@@ -192,6 +193,7 @@ class TorchTrainEngine:
             if mb is None:
                 continue
             rows_trained += mb["input_ids"].shape[0]
+            self._start_micro_batch()
             out = self._outputs(self.model, mb, want)
             if "old_logprobs" not in mb and "logprobs" in out:
                 mb = {**mb, "old_logprobs": out["logprobs"].detach()}
@@ -246,6 +248,9 @@ class TorchTrainEngine:
         return metrics
 
     # Backend hooks: how gradients are made, clipped and applied (DeepSpeed overrides them).
+    def _start_micro_batch(self) -> None:
+        pass
+
     def _backward(self, loss: torch.Tensor, last: bool) -> None:
         loss.backward()
 
@@ -280,6 +285,10 @@ class TorchTrainEngine:
         return select_rows(mb, keep.nonzero().flatten())
 
     # ------------------------------------------------------------------ weights
+    # Whether every data-parallel rank must iterate named_weights (and save_policy) together, as
+    # under ZeRO-3 where each bucket is gathered from all ranks' partitions.
+    weights_need_every_rank = False
+
     def named_weights(self, bucket_bytes: int = 256 << 20) -> Iterator[list[tuple[str, torch.Tensor]]]:
         bucket: list[tuple[str, torch.Tensor]] = []
         size = 0
