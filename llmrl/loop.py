@@ -13,7 +13,7 @@ import random
 import signal
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -51,32 +51,39 @@ def train(recipe: Recipe) -> Path:
     seed_everything(recipe.seed)
     algo = recipe.algorithm
 
-    # Parts: data, rewards (their worker pool starts before the model is loaded, so forked
-    # workers stay small), the policy's train engine, the algorithm's stages, the rollout engine,
-    # each placed by the cluster backend.
-    tokenizer = load_tokenizer(recipe.model.name, recipe.model.revision)
-    taskset = build_tasks(recipe.data, tokenizer, split="train")
-    sampler = PromptSampler(taskset.tasks, recipe.train.prompts_per_step, seed=recipe.seed, shuffle=recipe.data.shuffle)
-    rewards = RewardComputer(reward_config_with_overlong(recipe.reward, algo, recipe.rollout.max_new_tokens, taskset.kind), default_kind=taskset.kind)
-    total_updates = updates_per_run(recipe.train.steps, trajectories_per_step(recipe), algo, recipe.train.mini_batch_size)
-    cluster = build_cluster(recipe)  # in this process, or Ray actors behind the same protocols
-    trainer = cluster.train_engine(recipe, total_updates, role="policy")
-    stages = build_stages(StageSetup(recipe, algo, trainer, total_updates, cluster))
-    rollout = cluster.rollout_engine(recipe, tokenizer)
-    workflow = build_workflow(recipe.rollout.workflow)
-    weight_sync = build_weight_sync(recipe.rollout.weight_sync, trainer, [rollout], bucket_bytes=recipe.rollout.sync_bucket_mb << 20)
-    advantage_fn = ADVANTAGES[algo.advantage]
-    loss_fn = LOSSES[algo.loss]
-    group_ids = GroupIds()
+    # Everything started is stopped on the way out, however far start-up got (a placement that
+    # times out still closes the reward pool and a local Ray).
+    with ExitStack() as cleanup:
+        # Parts: data, rewards (their worker pool starts before the model is loaded, so forked
+        # workers stay small), the policy's train engine, the algorithm's stages, the rollout engine,
+        # each placed by the cluster backend.
+        tokenizer = load_tokenizer(recipe.model.name, recipe.model.revision)
+        taskset = build_tasks(recipe.data, tokenizer, split="train")
+        sampler = PromptSampler(taskset.tasks, recipe.train.prompts_per_step, seed=recipe.seed, shuffle=recipe.data.shuffle)
+        rewards = RewardComputer(reward_config_with_overlong(recipe.reward, algo, recipe.rollout.max_new_tokens, taskset.kind), default_kind=taskset.kind)
+        cleanup.callback(rewards.close)
+        total_updates = updates_per_run(recipe.train.steps, trajectories_per_step(recipe), algo, recipe.train.mini_batch_size)
+        cluster = build_cluster(recipe)  # in this process, or Ray actors behind the same protocols
+        cleanup.callback(cluster.shutdown)
+        trainer = cluster.train_engine(recipe, total_updates, role="policy")
+        stages = build_stages(StageSetup(recipe, algo, trainer, total_updates, cluster))
+        rollout = cluster.rollout_engine(recipe, tokenizer)
+        workflow = build_workflow(recipe.rollout.workflow)
+        weight_sync = build_weight_sync(recipe.rollout.weight_sync, trainer, [rollout], bucket_bytes=recipe.rollout.sync_bucket_mb << 20)
+        advantage_fn = ADVANTAGES[algo.advantage]
+        loss_fn = LOSSES[algo.loss]
+        group_ids = GroupIds()
 
-    weight_sync.setup()
-    start_step = resume_if_asked(recipe, run_dir, trainer, sampler, stages, group_ids)
-    if start_step:
-        weight_sync.sync(start_step)
-    tracker = Tracker(run_dir, recipe.logging, recipe.model_dump(mode="json"))
-    stop = GracefulStop()
-    progress = make_progress(recipe, start_step)
-    try:
+        weight_sync.setup()
+        start_step = resume_if_asked(recipe, run_dir, trainer, sampler, stages, group_ids)
+        if start_step:
+            weight_sync.sync(start_step)
+        tracker = Tracker(run_dir, recipe.logging, recipe.model_dump(mode="json"))
+        cleanup.callback(tracker.close)
+        stop = GracefulStop()
+        cleanup.callback(stop.restore)
+        progress = make_progress(recipe, start_step)
+        cleanup.callback(progress.close)
         for step in range(start_step + 1, recipe.train.steps + 1):
             timer = StepTimer()
 
@@ -147,12 +154,6 @@ def train(recipe: Recipe) -> Path:
             if stop.requested:
                 print(f"\nstopped by {stop.signal_name} after step {step}; checkpoint saved, resume with resume=auto", file=sys.stderr)
                 break
-    finally:
-        progress.close()
-        tracker.close()
-        rewards.close()
-        cluster.shutdown()
-        stop.restore()
     return run_dir
 
 
