@@ -28,7 +28,7 @@ from llmrl.batch import collate, num_tokens
 from llmrl.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from llmrl.data import PromptSampler, build_tasks
 from llmrl.distributed.cluster import build_cluster
-from llmrl.distributed.weight_sync import build_weight_sync
+from llmrl.distributed.weight_sync import weight_sync_for
 from llmrl.eval.harness import evaluate_during_training, should_evaluate
 from llmrl.models import load_tokenizer
 from llmrl.recipe import Recipe, dump_recipe, resolve_recipe, trajectories_per_step
@@ -69,7 +69,7 @@ def train(recipe: Recipe) -> Path:
         stages = build_stages(StageSetup(recipe, algo, trainer, total_updates, cluster))
         rollout = cluster.rollout_engine(recipe, tokenizer)
         workflow = build_workflow(recipe.rollout.workflow)
-        weight_sync = build_weight_sync(recipe.rollout.weight_sync, trainer, [rollout], bucket_bytes=recipe.rollout.sync_bucket_mb << 20)
+        weight_sync = weight_sync_for(recipe.rollout, trainer, [rollout])
         advantage_fn = ADVANTAGES[algo.advantage]
         loss_fn = LOSSES[algo.loss]
         group_ids = GroupIds()

@@ -49,9 +49,10 @@ def test_parameter_count_from_the_config_matches_the_loaded_models():
 
 
 def test_train_rank_memory_by_zero_stage_worked_example():
-    """P = 1e6 parameters, 2 ranks, fp32: weights 4P, optimizer 8P/2; gradients 4P at stage 1
-    and 4P/2 at stages 2 and 3; bf16 keeps a 2P bf16 copy plus the 4P/2 fp32 master shard;
-    stage 3 keeps 4P/2 of the weights plus what it gathers."""
+    """P = 1e6 parameters, 2 ranks, fp32: weights 4P plus the 4P/2 fp32 master partition,
+    optimizer 8P/2; gradients 4P at stage 1 and 4P/2 at stages 2 and 3; bf16 keeps a 2P bf16
+    copy plus the master partition; stage 3 keeps 4P/2 of the weights, the master partition,
+    and what it gathers."""
     from llmrl.distributed.memory import ModelShape, train_rank_bytes
 
     shape = ModelShape(params=1_000_000, hidden=64, layers=2, vocab=100, kv_dim=64)
@@ -61,15 +62,15 @@ def test_train_rank_memory_by_zero_stage_worked_example():
     stage1 = train_rank_bytes(shape, load_recipe(None, base + ["train.precision=fp32", "train.zero_stage=1"]))
     stage2 = train_rank_bytes(shape, load_recipe(None, base + ["train.precision=fp32", "train.zero_stage=2"]))
     bf16 = train_rank_bytes(shape, load_recipe(None, base + ["train.precision=bf16", "train.zero_stage=2"]))
-    assert (stage1["weights"], stage1["gradients"], stage1["optimizer"]) == (4_000_000, 4_000_000, 4_000_000)
-    assert (stage2["weights"], stage2["gradients"], stage2["optimizer"]) == (4_000_000, 2_000_000, 4_000_000)
+    assert (stage1["weights"], stage1["gradients"], stage1["optimizer"]) == (4_000_000 + 2_000_000, 4_000_000, 4_000_000)
+    assert (stage2["weights"], stage2["gradients"], stage2["optimizer"]) == (4_000_000 + 2_000_000, 2_000_000, 4_000_000)
     assert bf16["weights"] == 2_000_000 + 2_000_000 and stage2["reference"] == 0
     # Stage 3: the weights partitioned too, plus the embedding (100 x 64) and two layers gathered,
     # each layer (1e6 - 6400) / 2 = 496_800 parameters; rank 0's sync holds 2 buckets of
     # min(1 MiB, the 4 MB model) each.
     stage3 = train_rank_bytes(shape, load_recipe(None, base + ["train.precision=fp32", "train.zero_stage=3", "rollout.sync_bucket_mb=1"]))
     whole = 6_400 + 2 * 496_800
-    assert (stage3["weights"], stage3["gradients"], stage3["optimizer"]) == (2_000_000 + 4 * whole, 2_000_000, 4_000_000)
+    assert (stage3["weights"], stage3["gradients"], stage3["optimizer"]) == (2_000_000 + 2_000_000 + 4 * whole, 2_000_000, 4_000_000)
     assert stage3["weight_sync"] == 2 * (1 << 20) and stage2["weight_sync"] == 0
     with_kl = train_rank_bytes(shape, load_recipe(None, base + ["train.precision=fp32", "algorithm.kl_coef=0.1"]))
     assert with_kl["reference"] == 4_000_000

@@ -44,6 +44,8 @@ def test_two_node_run_places_engine_and_ranks_apart_and_syncs_by_broadcast(two_n
     out = launch(
         "submit", "recipes/distributed_cpu.yaml", f"cluster.address={two_nodes}", "train.steps=2", "train.prompts_per_step=2", "rollout.n=4",
         "rollout.max_new_tokens=16", "train.micro_batch_size=4", "rollout.dtype=float32", "train.precision=fp32", "train.lr=1e-3",
+        "rollout.check_sync=true", "rollout.sync_bucket_mb=64",
+        "reward.functions=[arithmetic, toy_token_fraction]",  # a reward with signal every step, so every update moves the policy
         "logging.progress=false", "logging.tensorboard=false", f"output_dir={tmp_path}", timeout=900,
     )
     assert out.returncode == 0, out.stderr[-4000:]
@@ -59,8 +61,16 @@ def test_two_node_run_places_engine_and_ranks_apart_and_syncs_by_broadcast(two_n
     # (fp32 both). An engine left on the initial weights would be off by the lr-1e-3 update.
     assert rows[1]["rollout/logprob_diff"] <= 1e-3, rows[1]["rollout/logprob_diff"]
     assert rows[0]["sync/bytes"] > 500 << 20  # SmolLM2-135M, every tensor in fp32
-    # ZeRO-3: rank 0 gathers one bucket at a time from both ranks, never the whole model
-    assert 0 < rows[1]["sync/sender_peak_extra_mib"] < rows[1]["sync/bytes"] / (1 << 20)
+    for row in rows:
+        # The sync check (rollout.check_sync): vLLM's logprobs of a probe match the trainer's
+        # after each broadcast, and were at least 10x further apart with the old weights.
+        assert row["sync/check_gap_after"] <= 1e-3, row
+        assert row["sync/check_gap_before"] >= 10 * 1e-3, row
+        # ZeRO-3: rank 0 gathers one 64 MiB bucket at a time from both ranks. The largest bucket
+        # is the 108 MiB embedding alone; rank 0 holds it gathered plus its packed copy for the
+        # wire, about 2 buckets, where gathering the whole model would cost over 538 MB.
+        largest = max(64 << 20, 49152 * 576 * 4) / (1 << 20)
+        assert row["sync/sender_peak_extra_mib"] <= 2.5 * largest < row["sync/bytes"] / (1 << 20), row
     print("two-node run:", {k: round(v, 6) for k, v in rows[1].items() if k.startswith(("time/", "sync/", "rollout/"))})
     # `llmrl validate`'s memory estimate against each actor's peak RSS (recorded at shutdown): the
     # target is within 30%.

@@ -12,6 +12,7 @@ from llmrl.rollout.base import RolloutConfig, SamplingParams, build_rollout_engi
 from llmrl.train.engine import TrainConfig  # noqa: E402
 from llmrl.train.logprobs import sequence_logprobs  # noqa: E402
 from llmrl.train.torch_engine import TorchTrainEngine  # noqa: E402
+from llmrl.distributed.cluster import CLUSTERS, LocalCluster  # noqa: E402
 from llmrl.distributed.weight_sync import InProcessWeightSync  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -96,17 +97,36 @@ def test_weight_sync_moves_engine_onto_trainer_weights(engine, tokenizer):
     assert gap_before >= 10 * 0.02, gap_before
 
 
+class SharedEngineCluster(LocalCluster):
+    """The loop's parts in this process, with this module's vLLM engine as the rollout engine, so
+    the session starts vLLM once. The engine is first brought to the trainer's initial weights
+    (an earlier test loaded others into it)."""
+
+    engine = None
+
+    def train_engine(self, recipe, total_updates, role):
+        self.trainer = super().train_engine(recipe, total_updates, role)
+        return self.trainer
+
+    def rollout_engine(self, recipe, tokenizer):
+        InProcessWeightSync(self.trainer, [self.engine]).sync(0)
+        return self.engine
+
+
 def test_training_loop_on_the_vllm_engine(tmp_path, engine):
     """The same loop.py with rollout.engine=vllm: the engine samples, the trainer updates, the
     weights flow back before the next step. At lr 1e-3 one update moves SmolLM2's logprobs by
-    far more than 1e-3 per token (without the sync the step-2 gap measured 3.55 nats, with it 9e-6), so a step-2 gap under 1e-3 between the
-    engine's and the trainer's logprobs of the sampled tokens means the sync happened."""
+    far more than 1e-3 per token (without the sync the step-2 gap measured 3.55 nats, with it
+    9e-6), so a step-2 gap under 1e-3 between the engine's and the trainer's logprobs of the
+    sampled tokens means the sync happened."""
     import json
     from pathlib import Path
 
     from llmrl.loop import train
     from llmrl.recipe import load_recipe
 
+    SharedEngineCluster.engine = engine
+    CLUSTERS.register("shared_vllm_engine")(SharedEngineCluster)
     recipe = load_recipe(
         str(Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml"),
         [
@@ -114,10 +134,14 @@ def test_training_loop_on_the_vllm_engine(tmp_path, engine):
             "rollout.vllm_cpu_kvcache_gib=1", "rollout.n=4", "train.prompts_per_step=2", "train.micro_batch_size=4",
             "rollout.max_new_tokens=16", "train.steps=2", "train.lr=1e-3", "logging.progress=false", "eval.benches=[]",
             "reward.functions=[arithmetic, toy_token_fraction]", f"output_dir={tmp_path}", "checkpoint.every=0",
-            "logging.tensorboard=false",
+            "logging.tensorboard=false", "cluster.backend=shared_vllm_engine",
         ],
     )
-    rows = [json.loads(line) for line in (train(recipe) / "metrics.jsonl").read_text().splitlines()]
+    try:
+        run_dir = train(recipe)
+    finally:
+        CLUSTERS.unregister("shared_vllm_engine")
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
     assert rows[0]["actor/grad_norm"] > 0
     for r in rows:

@@ -2,8 +2,9 @@
 rollout engine will hold, from the model's config.json and the recipe alone.
 
 Train rank (Rajbhandari et al. 2020, "ZeRO", arXiv 1910.02054, section 5; P parameters, N ranks):
-  weights     fp32: 4P; DeepSpeed bf16: 2P bf16 copy + 4P/N fp32 master (stages 1, 2);
-              stage 3: the weights partitioned too (4P/N fp32, or 2P/N bf16 + 4P/N master), plus
+  weights     torch engine: 4P. DeepSpeed, stages 1 and 2: the model's weights (4P fp32, 2P bf16)
+              plus the optimizer's fp32 master copy of the rank's partition (4P/N, a copy even
+              when the model is fp32); stage 3: both partitioned (4P/N or 2P/N, + 4P/N), plus
               what is gathered whole at a time: the embedding (vocab x hidden) and two layers
               (the one computing and the one prefetched)
   gradients   stage 1: a full set (4P fp32, 2P bf16); stages 2, 3: 4P/N
@@ -73,13 +74,16 @@ def train_rank_bytes(shape: ModelShape, recipe: Any) -> dict[str, int]:
     ranks = recipe.cluster.train_workers.count if recipe.cluster.backend == "ray" else 1
     bf16 = train.backend == "deepspeed" and resolve_precision(train.precision) == "bf16"
     sharded = train.backend == "deepspeed"
-    weights = 2 * p + 4 * p // ranks if bf16 else 4 * p
+    # DeepSpeed keeps an fp32 master copy of each rank's partition for the optimizer, even when
+    # the model itself is fp32
+    master = 4 * p // ranks if sharded else 0
+    weights = (2 * p if bf16 else 4 * p) + master
     sync = 0
     if sharded and train.zero_stage == 3:
         dtype = 2 if bf16 else 4
         per_layer = (p - shape.vocab * shape.hidden) // max(shape.layers, 1)
         whole = min(p, shape.vocab * shape.hidden + 2 * per_layer)
-        weights = dtype * p // ranks + (4 * p // ranks if bf16 else 0) + dtype * whole
+        weights = dtype * p // ranks + master + dtype * whole
         # rank 0 holds a gathered bucket and its packed copy while it sends; a bucket is at least
         # its largest tensor (the embedding)
         bucket = max(recipe.rollout.sync_bucket_mb << 20, dtype * shape.vocab * shape.hidden)

@@ -21,11 +21,14 @@ class SyncStats:
     bytes: int
     seconds: float
     peak_extra_bytes: int | None = None  # the sender's RSS above where the sync started, when measured
+    check_gaps: tuple[float, float] | None = None  # rollout.check_sync: probe gaps before and after
 
     def metrics(self) -> dict[str, float]:
         out = {"sync/bytes": float(self.bytes)}
         if self.peak_extra_bytes is not None:
             out["sync/sender_peak_extra_mib"] = self.peak_extra_bytes / (1 << 20)
+        if self.check_gaps is not None:
+            out["sync/check_gap_before"], out["sync/check_gap_after"] = self.check_gaps
         return out
 
 
@@ -67,6 +70,16 @@ class InProcessWeightSync:
 
 def build_weight_sync(name: str, trainer: Any, engines: list[Any], bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> WeightSync:
     return WEIGHT_SYNCS[name](trainer, engines, bucket_bytes=bucket_bytes)
+
+
+def weight_sync_for(rollout: Any, trainer: Any, engines: list[Any]) -> WeightSync:
+    """The sync a rollout section asks for: its kind, bucket size, and the optional probe check."""
+    sync = build_weight_sync(rollout.weight_sync, trainer, engines, bucket_bytes=rollout.sync_bucket_mb << 20)
+    if rollout.check_sync:
+        from llmrl.distributed.sync_check import CheckedWeightSync
+
+        sync = CheckedWeightSync(sync, trainer, engines, rollout.temperature)
+    return sync
 
 
 @WEIGHT_SYNCS.register("broadcast")

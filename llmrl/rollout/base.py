@@ -88,6 +88,12 @@ class RolloutConfig(Section):
         description="How trained weights reach the rollout engine after each update, by registered name: inprocess "
         "(same process), or broadcast (cluster.backend: ray; a gloo/NCCL group from train rank 0 to every engine).",
     )
+    check_sync: bool = Field(
+        False,
+        description="After every sync, score a fixed 32-token probe on the engines (old and new weights) and on the "
+        "trainer, and log the mean |logprob gap| as sync/check_gap_before and sync/check_gap_after: proof the engines "
+        "serve the trained weights. One trainer forward and two engine scores per sync.",
+    )
     sync_bucket_mb: int = Field(
         256, ge=1,
         description="Weights per sync bucket, MiB. A sync holds about one bucket at a time on each side (two on a ZeRO-3 "
