@@ -75,9 +75,10 @@ def train(recipe: Recipe) -> Path:
         group_ids = GroupIds()
 
         weight_sync.setup()
-        start_step = resume_if_asked(recipe, run_dir, trainer, sampler, stages, group_ids)
+        start_step = resume_if_asked(recipe, run_dir, trainer, sampler, stages, workflow, group_ids)
         if start_step:
             weight_sync.sync(start_step)
+        workflow.start(taskset.tasks, WorkflowContext(rollout, rewards, sampling_for(recipe, 0), tokenizer, group_ids, 0, recipe.rollout.n))
         tracker = Tracker(run_dir, recipe.logging, recipe.model_dump(mode="json"))
         cleanup.callback(tracker.close)
         stop = GracefulStop()
@@ -123,6 +124,7 @@ def train(recipe: Recipe) -> Path:
             metrics = {
                 **reward_metrics(trajectories, rewards.metrics()),
                 **{k: v for stage in stages for k, v in stage.metrics().items()},
+                **workflow.metrics(),
                 **response_metrics(trajectories),
                 **adv_metrics,
                 **stage_metrics,
@@ -148,7 +150,7 @@ def train(recipe: Recipe) -> Path:
             due = recipe.checkpoint.every and step % recipe.checkpoint.every == 0
             if due or step == recipe.train.steps or stop.requested:
                 save_checkpoint(
-                    run_dir, step, trainer, tokenizer, loop_state(sampler, stages, group_ids), recipe.checkpoint.keep_last,
+                    run_dir, step, trainer, tokenizer, loop_state(sampler, stages, workflow, group_ids), recipe.checkpoint.keep_last,
                     recipe.checkpoint.save_optimizer, stage_engines(stages),
                 )
             if stop.requested:
@@ -197,9 +199,10 @@ def note_advantages(trajectories: list[Trajectory], batch: dict[str, torch.Tenso
         traj.advantage = float(batch["advantages"][i][batch["loss_mask"][i] > 0].mean()) if traj.num_policy_tokens else 0.0
 
 
-def loop_state(sampler: PromptSampler, stages: list[Stage], group_ids: GroupIds) -> dict[str, Any]:
+def loop_state(sampler: PromptSampler, stages: list[Stage], workflow: Workflow, group_ids: GroupIds) -> dict[str, Any]:
     """What a checkpoint needs besides the engines to resume exactly."""
-    return {"sampler": sampler.state_dict(), "group_ids": group_ids.state_dict(), "stages": {s.name: s.state_dict() for s in stages}}
+    return {"sampler": sampler.state_dict(), "group_ids": group_ids.state_dict(), "stages": {s.name: s.state_dict() for s in stages},
+            "workflow": workflow.state_dict()}
 
 
 def stage_engines(stages: list[Stage]) -> dict[str, TrainEngine]:
@@ -207,7 +210,8 @@ def stage_engines(stages: list[Stage]) -> dict[str, TrainEngine]:
 
 
 def resume_if_asked(
-    recipe: Recipe, run_dir: Path, trainer: TrainEngine, sampler: PromptSampler, stages: list[Stage], group_ids: GroupIds
+    recipe: Recipe, run_dir: Path, trainer: TrainEngine, sampler: PromptSampler, stages: list[Stage], workflow: Workflow,
+    group_ids: GroupIds,
 ) -> int:
     if recipe.resume == "never":
         return 0
@@ -222,6 +226,7 @@ def resume_if_asked(
     for stage in stages:
         if stage.name in state.get("stages", {}):
             stage.load_state_dict(state["stages"][stage.name])
+    workflow.load_state_dict(state.get("workflow", {}))
     truncate_metrics(run_dir / "metrics.jsonl", state["step"])
     print(f"resumed from {ckpt} (step {state['step']})", file=sys.stderr)
     return int(state["step"])

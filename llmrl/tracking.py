@@ -70,6 +70,8 @@ class Tracker:
                     "finish_reason": t.finish_reason,
                     "response_tokens": t.num_policy_tokens,
                 }
+                if t.guided:
+                    row["guided"], row["guidance"] = True, t.guidance_text
                 f.write(json.dumps(row) + "\n")
 
     def close(self) -> None:

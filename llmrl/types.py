@@ -82,7 +82,8 @@ class Trajectory:
     # A row of expert data (CHORD): its policy tokens feed the SFT part, not the policy-gradient
     # parts, and it stays out of group and batch statistics.
     expert: bool = False
-    guided: bool = False
+    guided: bool = False  # a POPE guided copy: its guidance span holds an oracle-solution prefix
+    guidance_text: str = ""  # that prefix as text, for rollout logs
     advantage: float | None = None  # filled after advantages, for rollout logs
 
     @property

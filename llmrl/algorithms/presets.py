@@ -48,6 +48,15 @@ register_preset(
 )
 
 register_preset(
+    "pope",
+    AlgorithmPreset(
+        "guided", "grpo", "ppo_clip", {},
+        description="POPE (Qu et al. 2026, arXiv 2601.18779): GRPO plus guided copies of hard problems whose reply "
+        "begins with an oracle-solution prefix that is never trained on (rollout.workflow options).",
+    ),
+)
+
+register_preset(
     "dr_grpo",
     AlgorithmPreset(
         "single_turn", "grpo", "ppo_clip",

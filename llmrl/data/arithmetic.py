@@ -57,6 +57,28 @@ def evaluate(operands: list[int], operators: list[str]) -> int:
     return sum(sign * term for sign, term in zip(signs, terms))
 
 
+def solution_steps(expression: str) -> str:
+    """A worked solution of `expression` one operation per line, the product first, then left to
+    right, ending in the answer line the arithmetic instruction asks for: "4 * 6 = 24", then
+    "37 + 24 = 61", ..., "#### 49". The oracle that POPE shows a prefix of."""
+    tokens = expression.split()
+    operands, operators = [int(t) for t in tokens[0::2]], tokens[1::2]
+    lines = []
+    if "*" in operators:
+        slot = operators.index("*")
+        product = operands[slot] * operands[slot + 1]
+        lines.append(f"{operands[slot]} * {operands[slot + 1]} = {product}")
+        operands[slot : slot + 2] = [product]
+        del operators[slot]
+    total = operands[0]
+    for operator, operand in zip(operators, operands[1:]):
+        new = total + operand if operator == "+" else total - operand
+        lines.append(f"{total} {operator} {operand} = {new}")
+        total = new
+    lines.append(f"#### {total}")
+    return "\n".join(lines)
+
+
 def _draw(rng: random.Random, level: DifficultyLevel) -> ArithmeticProblem:
     largest = 10**level.max_digits - 1
     operands = [rng.randint(1, largest) for _ in range(level.num_operands)]

@@ -11,7 +11,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from llmrl.data.arithmetic import arithmetic_split
+from llmrl.data.arithmetic import arithmetic_split, solution_steps
 from llmrl.data.config import DataConfig, DataConfigError
 from llmrl.data.prompts import build_messages, tokenize_prompt
 from llmrl.data.sources import Row, load_rows
@@ -183,7 +183,9 @@ class Gsm8kTask(TaskType):
     def gold(self, values: dict[str, Any]) -> str:
         solution = str(values.pop("answer"))
         values["solution"] = solution
-        _, marker, tail = solution.rpartition(ANSWER_MARKER)
+        worked, marker, tail = solution.rpartition(ANSWER_MARKER)
+        # the worked steps before the marker: what POPE may show a prefix of
+        values.setdefault("oracle_solution", worked.strip())
         gold = tail.strip().replace(",", "")
         if not marker or not gold:
             raise RowError("no_answer", f"no final answer after {ANSWER_MARKER!r}")
@@ -204,6 +206,8 @@ class MathTask(TaskType):
     subdirs = ("math500", "math", "MATH")
 
     def gold(self, values: dict[str, Any]) -> str:
+        if values.get("solution"):
+            values.setdefault("oracle_solution", str(values["solution"]))
         answer = str(values.pop("answer", "")).strip()
         if answer:
             return answer
@@ -222,6 +226,7 @@ class ArithmeticTask(TaskType):
         "answer": "answer",
         "id": "id",
         "expression": "expression",
+        "oracle_solution": "oracle_solution",
     }
     instruction = "Solve it. End your reply with '#### <number>'."
 
@@ -235,6 +240,7 @@ class ArithmeticTask(TaskType):
                 "question": problem.question,
                 "answer": str(problem.value),
                 "expression": problem.expression,
+                "oracle_solution": solution_steps(problem.expression),
             }
             for index, problem in enumerate(problems[: cfg.limit])
         ]

@@ -224,8 +224,9 @@ def data_config(bench: Benchmark, cfg: Any, split: str, limit: int | None) -> Da
 def load_bench_tasks(bench: Benchmark, tokenizer: Any, cfg: Any) -> BenchTasks:
     """Load the benchmark's items and render their prompts as `cfg` asks (chat template or
     plain text, instruction, system prompt, few-shot examples)."""
-    data_cfg = data_config(bench, cfg, bench.split, cfg.limit)
-    taskset = build_tasks(data_cfg, tokenizer, split=bench.split)
+    split = cfg.split or bench.split
+    data_cfg = data_config(bench, cfg, split, cfg.limit)
+    taskset = build_tasks(data_cfg, tokenizer, split=split)
     num_shots = cfg.few_shot if cfg.few_shot is not None else bench.few_shot
     shots = few_shot_messages(bench, tokenizer, cfg, num_shots)
     tasks = taskset.tasks
@@ -245,7 +246,8 @@ def load_bench_tasks(bench: Benchmark, tokenizer: Any, cfg: Any) -> BenchTasks:
     return BenchTasks(
         bench=bench,
         tasks=tasks,
-        source=str(source.resolve()) if source.is_file() else taskset.source,
+        # a generated source names no file, so the split is part of it (a resume must not mix splits)
+        source=str(source.resolve()) if source.is_file() else f"{taskset.source}, split {split}",
         file_sha256=file_sha256(source) if source.is_file() else None,
         items_sha256=items_sha256(tasks),
         prompt_format=prompt_format,

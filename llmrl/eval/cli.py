@@ -43,6 +43,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=float, default=None, help="default 0 (greedy) for n=1, else 1.0")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (default 1.0)")
     parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N items of each benchmark")
+    parser.add_argument("--split", default=None, help="dataset split (default: the benchmark's held-out one; train for POPE's hard_file)")
     parser.add_argument("--max-new-tokens", type=int, default=None, help="default: per benchmark (gsm8k 256, math500 1024, arithmetic 64)")
     parser.add_argument("--engine", default="hf", help="rollout engine (default hf)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="weights dtype of the engine (default auto)")
@@ -132,6 +133,7 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
         "temperature": args.temperature,
         "top_p": args.top_p,
         "limit": args.limit,
+        "split": args.split,
         "max_new_tokens": args.max_new_tokens,
         "data_dir": args.data,
         "reward": args.reward,

@@ -23,6 +23,11 @@ class EvalConfig(Section):
         ),
     )
     limit: int | None = Field(None, ge=1, description="Evaluate only the first N items of each benchmark.")
+    split: str | None = Field(
+        None,
+        description="Dataset split to evaluate. Unset: each benchmark's held-out split (test). `train` finds the training "
+        "problems a model cannot solve, for POPE's hard_file.",
+    )
     n: int = Field(1, ge=1, description="Samples per item. pass@k is reported for every power of two k <= n.")
     temperature: float | None = Field(
         None,

@@ -42,7 +42,9 @@ def _import_builtin_engines() -> None:
 
 
 ROLLOUT_ENGINES: Registry[Callable[..., "RolloutEngine"]] = Registry("rollout engine", loader=_import_builtin_engines)
-WORKFLOWS: Registry[Any] = Registry("workflow", loader=lambda: importlib.import_module("llmrl.rollout.workflows"))
+WORKFLOWS: Registry[Any] = Registry(
+    "workflow", loader=lambda: [importlib.import_module(m) for m in ("llmrl.rollout.workflows", "llmrl.rollout.guided")]
+)
 
 
 class WorkflowConfig(Section):

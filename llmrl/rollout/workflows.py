@@ -55,6 +55,21 @@ class Workflow(ABC):
     def run(self, tasks: list[Task], ctx: WorkflowContext) -> list[Group]:
         """Scored groups for `tasks` (one group per task, unless the workflow leaves some out)."""
 
+    def start(self, tasks: list[Task], ctx: WorkflowContext) -> None:
+        """Once before the first step (after a resume has restored the state), with every training
+        task: a workflow may probe them (POPE finds its hard problems here). Nothing by default."""
+
+    def metrics(self) -> dict[str, float]:
+        """The last step's figures, logged with the step's metrics."""
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint keeps so a resumed run continues exactly (POPE: hard problems, prefixes)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
     def score(self, groups: list[Group], ctx: WorkflowContext) -> None:
         """Write each trajectory's outcome reward (and its parts) with the run's reward functions."""
         trajectories = [t for g in groups for t in g.trajectories]

@@ -1,0 +1,288 @@
+"""POPE's `guided` workflow: privileged on-policy exploration of hard problems (Qu, Setlur, Smith,
+Salakhutdinov, Kumar 2026, arXiv 2601.18779; docs/algorithms.md, "POPE").
+
+On a problem the policy never solves, every sample of its GRPO group scores the same, so the
+group teaches nothing. For such a hard problem this workflow also samples guided copies: the
+problem with an instruction to continue a partial solution, and the assistant's reply already
+begun with a prefix of an oracle solution. The policy writes only the continuation. The prefix
+is a `guidance` span: context, never a training target (loss weight 0). Guided and unguided
+copies are separate groups with separate baselines.
+
+A problem is hard when no sample of it was correct (outcome reward >= `correct_reward`), found
+one of three ways (`hard_from`): online (its unguided group on its last visit), a probe of
+`probe_samples` samples per problem at the start of the run, or offline from an `llmrl eval
+--n K` per_item.jsonl (0 correct of K). Its prefix is the shortest fraction of the oracle in
+`prefix_grid` under which a probe of `probe_samples` samples finds a correct answer; if none
+does, the longest. Hard problems, their prefixes and the known-easy ones are part of the loop's
+checkpoint, so a resumed run guides with the same prefixes.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from llmrl.config_base import Section
+from llmrl.data.prompts import tokenize_prompt
+from llmrl.rollout.base import WORKFLOWS
+from llmrl.rollout.workflows import SingleTurn, WorkflowContext
+from llmrl.types import Group, Span, Task, Trajectory
+
+DEFAULT_GUIDE = (
+    "Your reply below starts with the beginning of a worked solution. Read it, check it, and "
+    "continue it to the final answer. You may restate or redo its steps."
+)
+
+
+class GuidedOptions(Section):
+    hard_from: Literal["online", "probe", "offline"] = Field(
+        "online",
+        description="How hard problems are found: online (a problem whose unguided group had no correct sample on its "
+        "last visit), probe (probe_samples samples of every training problem before step 1), or offline "
+        "(hard_file: an `llmrl eval --n K` per_item.jsonl of the training split; 0 correct of K is hard).",
+    )
+    hard_file: str | None = Field(None, description="offline: the per_item.jsonl that lists each task_id's num_correct.")
+    probe_samples: int = Field(8, ge=1, description="Samples per problem in the start-of-run probe and per prefix tried in the prefix search.")
+    prefix_grid: list[float] = Field(
+        [0.0625, 0.125, 0.1875, 0.25],
+        description="Oracle-solution fractions tried as prefixes, shortest first; the paper searches up to about a quarter.",
+    )
+    guide_instruction: str = Field(
+        DEFAULT_GUIDE,
+        description="Appended to a guided copy's problem. The paper found that forbidding the model to restate or "
+        "recompute the guidance raised guided accuracy but lowered transfer, so the default allows it.",
+    )
+    guided_copies: int = Field(1, ge=0, description="Guided groups per unguided group of each hard problem (1: the paper's 1:1 mixture).")
+    include_easy: bool = Field(
+        True,
+        description="Keep training on problems known to be solvable (the paper's best run mixed easy problems in); "
+        "false drops them, so the step trains on hard and not-yet-seen problems only.",
+    )
+    grade_with_prefix: bool = Field(
+        False,
+        description="Grade the prefix plus the continuation instead of the continuation alone. Off: the reward is for "
+        "what the policy wrote, so a prefix that holds the answer (a long grid entry) cannot be cashed in by stopping.",
+    )
+    correct_reward: float = Field(1.0, description="A sample counts as correct (not hard, solved) when its outcome reward is at least this.")
+
+    @field_validator("prefix_grid")
+    @classmethod
+    def _grid(cls, grid: list[float]) -> list[float]:
+        if not grid or any(not 0 < f <= 1 for f in grid):
+            raise ValueError(f"every prefix_grid fraction must be in (0, 1], got {grid}")
+        return sorted(set(grid))
+
+    @model_validator(mode="after")
+    def _file_for_offline(self) -> "GuidedOptions":
+        if (self.hard_from == "offline") != (self.hard_file is not None):
+            raise ValueError("hard_file is required with hard_from: offline, and only then")
+        return self
+
+
+@dataclasses.dataclass
+class StepCounts:
+    tasks: int = 0
+    hard: int = 0
+    no_oracle: int = 0
+    guided_samples: int = 0
+    guided_correct: int = 0
+    hard_samples: int = 0
+    hard_correct: int = 0
+    prefix_fracs: list[float] = dataclasses.field(default_factory=list)
+    groups: dict[bool, list[int]] = dataclasses.field(default_factory=lambda: {True: [0, 0], False: [0, 0]})  # guided -> [learning, all]
+    probe_samples: int = 0
+
+
+@WORKFLOWS.register("guided")
+class Guided(SingleTurn):
+    Options = GuidedOptions
+
+    def __init__(self, options: Section | None = None) -> None:
+        super().__init__(options)
+        self.hard: dict[str, float | None] = {}  # task_id -> prefix fraction (None: not searched yet or no oracle)
+        self.easy: set[str] = set()
+        self.started = False
+        self.counts = StepCounts()
+
+    # ------------------------------------------------------------------ run
+    def start(self, tasks: list[Task], ctx: WorkflowContext) -> None:
+        """Before step 1: find hard problems (probe or offline) and their prefixes. Nothing to do
+        online, or when a resumed run restored them."""
+        if self.started:
+            return
+        self.started = True
+        opts = self.options
+        if opts.hard_from == "offline":
+            self._read_hard_file(tasks, Path(opts.hard_file))
+        elif opts.hard_from == "probe":
+            for index, task in enumerate(tasks):
+                print(f"\rpope probe: {index + 1}/{len(tasks)} problems, {len(self.hard)} hard", end="", file=sys.stderr)
+                solved = self._any_correct(task, None, ctx)
+                (self.easy.add(task.task_id) if solved else self.hard.__setitem__(task.task_id, None))
+            print(file=sys.stderr)
+        for task in tasks:
+            if task.task_id in self.hard:
+                self._choose_prefix(task, ctx)
+
+    def run(self, tasks: list[Task], ctx: WorkflowContext) -> list[Group]:
+        self.counts = StepCounts(tasks=len(tasks))
+        kept = [t for t in tasks if self.options.include_easy or t.task_id not in self.easy]
+        groups = self.sample(kept, ctx)
+        guided = []
+        for task in kept:
+            if task.task_id not in self.hard:
+                continue
+            self.counts.hard += 1
+            if self._oracle_ids(task, ctx) is None:
+                self.counts.no_oracle += 1
+                continue
+            fraction = self._choose_prefix(task, ctx)
+            self.counts.prefix_fracs.append(fraction)
+            guided += [(task, fraction)] * self.options.guided_copies
+        groups += [self._guided_group(task, fraction, ctx) for task, fraction in guided]
+        self.score(groups, ctx)
+        self._learn_from(groups)
+        return groups
+
+    def _guided_group(self, task: Task, fraction: float, ctx: WorkflowContext, n: int | None = None, sampling: Any = None) -> Group:
+        prompt_ids, prefix_ids = self._guided_prompt(task, fraction, ctx)
+        with ctx.timer("generate"):
+            completions = ctx.engine.generate([prompt_ids + prefix_ids] * (n or ctx.n), sampling or ctx.sampling)
+        group_id = ctx.group_ids.take()
+        prefix_text = ctx.tokenizer.decode(prefix_ids, skip_special_tokens=True)
+        trajectories = []
+        for completion in completions:
+            p, g = len(prompt_ids), len(prefix_ids)
+            total = p + g + len(completion.token_ids)
+            text = ctx.tokenizer.decode(completion.token_ids, skip_special_tokens=True)
+            trajectories.append(Trajectory(
+                task=task,
+                token_ids=prompt_ids + prefix_ids + list(completion.token_ids),
+                spans=[Span("prompt", 0, p), Span("guidance", p, p + g, weight=0.0), Span("policy", p + g, total)],
+                rollout_logprobs=[0.0] * (p + g) + list(completion.logprobs),
+                finish_reason=completion.finish_reason,
+                group_id=group_id,
+                completion_text=prefix_text + text if self.options.grade_with_prefix else text,
+                turn_ends=[total - 1] if total > p + g else [],
+                guided=True,
+                guidance_text=prefix_text,
+            ))
+        return Group(group_id, task, trajectories)
+
+    def _guided_prompt(self, task: Task, fraction: float, ctx: WorkflowContext) -> tuple[list[int], list[int]]:
+        """The problem with the guide instruction (chat-templated up to the assistant's turn), and
+        the first ceil(fraction x length) tokens of the oracle solution that begin the reply."""
+        messages = [dict(m) for m in task.messages]
+        last_user = max(i for i, m in enumerate(messages) if m["role"] == "user")
+        messages[last_user]["content"] = f"{messages[last_user]['content']}\n\n{self.options.guide_instruction}"
+        oracle = self._oracle_ids(task, ctx)
+        return tokenize_prompt(ctx.tokenizer, messages), oracle[: max(1, math.ceil(fraction * len(oracle)))]
+
+    @staticmethod
+    def _oracle_ids(task: Task, ctx: WorkflowContext) -> list[int] | None:
+        oracle = str(task.meta.get("oracle_solution") or "").strip()
+        return ctx.tokenizer.encode(oracle, add_special_tokens=False) if oracle else None
+
+    # ------------------------------------------------------------------ hard problems and prefixes
+    def _correct(self, trajectory: Trajectory) -> bool:
+        return trajectory.reward >= self.options.correct_reward
+
+    def _learn_from(self, groups: list[Group]) -> None:
+        """Step metrics; online, an unguided group with no correct sample makes its problem hard,
+        and one with a correct sample makes it easy."""
+        for group in groups:
+            guided = group.trajectories[0].guided if group.trajectories else False
+            correct = [self._correct(t) for t in group.trajectories]
+            learning = len({t.reward for t in group.trajectories}) > 1  # GRPO: equal rewards, zero advantage
+            self.counts.groups[guided][0] += learning
+            self.counts.groups[guided][1] += 1
+            task_id = group.task.task_id
+            if guided:
+                self.counts.guided_samples += len(correct)
+                self.counts.guided_correct += sum(correct)
+                continue
+            if task_id in self.hard:
+                self.counts.hard_samples += len(correct)
+                self.counts.hard_correct += sum(correct)
+            if self.options.hard_from != "online":
+                continue
+            if any(correct):
+                self.hard.pop(task_id, None)
+                self.easy.add(task_id)
+            elif task_id not in self.hard:
+                self.hard[task_id] = None
+                self.easy.discard(task_id)
+
+    def _choose_prefix(self, task: Task, ctx: WorkflowContext) -> float:
+        """The shortest grid fraction under which a probe finds a correct answer, else the longest
+        (searched once per problem, then kept)."""
+        chosen = self.hard.get(task.task_id)
+        if chosen is not None or self._oracle_ids(task, ctx) is None:
+            return chosen
+        grid = self.options.prefix_grid
+        chosen = next((f for f in grid if self._any_correct(task, f, ctx)), grid[-1])
+        self.hard[task.task_id] = chosen
+        return chosen
+
+    def _any_correct(self, task: Task, fraction: float | None, ctx: WorkflowContext) -> bool:
+        """Whether any of probe_samples samples is correct: unguided (fraction None) or guided."""
+        n = self.options.probe_samples
+        # A seed of its own per problem and prefix, so the probe never replays a training step's samples.
+        sampling = dataclasses.replace(ctx.sampling, seed=None if ctx.sampling.seed is None else ctx.sampling.seed + 7 + hash_id(task.task_id, fraction))
+        if fraction is None:
+            group = self.sample([task], dataclasses.replace(ctx, n=n, sampling=sampling))[0]
+        else:
+            group = self._guided_group(task, fraction, ctx, n=n, sampling=sampling)
+        self.score([group], ctx)
+        self.counts.probe_samples += n
+        return any(self._correct(t) for t in group.trajectories)
+
+    def _read_hard_file(self, tasks: list[Task], path: Path) -> None:
+        if not path.exists():
+            raise FileNotFoundError(f"rollout.workflow.hard_file: {path} does not exist (write it with `llmrl eval ... --n K`)")
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        known = {t.task_id for t in tasks}
+        matched = [r for r in rows if r.get("task_id") in known]
+        if not matched:
+            raise ValueError(f"rollout.workflow.hard_file: none of {path}'s {len(rows)} task ids is a training task; evaluate the training split")
+        for row in matched:
+            (self.hard.__setitem__(row["task_id"], None) if row["num_correct"] == 0 else self.easy.add(row["task_id"]))
+
+    # ------------------------------------------------------------------ loop hooks
+    def metrics(self) -> dict[str, float]:
+        c = self.counts
+        out = {
+            "pope/hard_frac": c.hard / max(c.tasks, 1),
+            "pope/no_oracle": float(c.no_oracle),
+            "pope/guided_solve_rate": c.guided_correct / max(c.guided_samples, 1),
+            "pope/unguided_hard_solve_rate": c.hard_correct / max(c.hard_samples, 1),
+            "pope/prefix_frac_mean": sum(c.prefix_fracs) / max(len(c.prefix_fracs), 1),
+            "pope/probe_samples": float(c.probe_samples),
+            "pope/hard_known": float(len(self.hard)),
+        }
+        for guided, name in ((True, "guided"), (False, "unguided")):
+            learning, total = c.groups[guided]
+            out[f"pope/nonzero_adv_frac_{name}"] = learning / max(total, 1)
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"hard": dict(self.hard), "easy": sorted(self.easy), "started": self.started}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if not state:
+            return  # a checkpoint from a run without this workflow: start afresh
+        self.hard = dict(state["hard"])
+        self.easy = set(state["easy"])
+        self.started = bool(state["started"])
+
+
+def hash_id(task_id: str, fraction: float | None) -> int:
+    """A stable small integer per (task, prefix): Python's hash() changes between processes."""
+    import zlib
+
+    return zlib.crc32(f"{task_id}:{fraction}".encode()) % 1_000_003
