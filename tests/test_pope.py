@@ -312,3 +312,16 @@ def test_offline_hard_problems_from_llmrl_eval_on_the_training_split(tmp_path, t
     flow = Guided(GuidedOptions(hard_from="offline", hard_file=str(per_item), prefix_grid=[0.25], probe_samples=1))
     flow.start(tasks, context(ScriptedEngine(lambda p: [11]), tokenizer))
     assert set(flow.hard) == {r["task_id"] for r in rows if r["num_correct"] == 0} == {t.task_id for t in tasks}
+
+
+def test_no_guided_copies_is_grpo_on_the_same_pool(tasks, tokenizer):
+    """guided_copies: 0 samples only the unguided groups and searches no prefix: the comparison
+    baseline of bench/pope_vs_grpo.py."""
+    engine = ScriptedEngine(lambda p: [11])
+    flow = Guided(GuidedOptions(guided_copies=0, include_easy=False))
+    flow.hard = {tasks[0].task_id: None, tasks[1].task_id: None}
+    flow.easy = {tasks[2].task_id}
+    groups = flow.run(tasks[:3], context(engine, tokenizer))
+    assert [g.task.task_id for g in groups] == [tasks[0].task_id, tasks[1].task_id]  # the easy one dropped
+    assert len(engine.prompts) == 2 * 2 and not any(t.guided for g in groups for t in g.trajectories)
+    assert flow.metrics()["pope/hard_frac"] == 2 / 3

@@ -57,7 +57,11 @@ class GuidedOptions(Section):
         description="Appended to a guided copy's problem. The paper found that forbidding the model to restate or "
         "recompute the guidance raised guided accuracy but lowered transfer, so the default allows it.",
     )
-    guided_copies: int = Field(1, ge=0, description="Guided groups per unguided group of each hard problem (1: the paper's 1:1 mixture).")
+    guided_copies: int = Field(
+        1, ge=0,
+        description="Guided groups per unguided group of each hard problem (1: the paper's 1:1 mixture; 0: plain GRPO on "
+        "the same problems, for comparisons).",
+    )
     include_easy: bool = Field(
         True,
         description="Keep training on problems known to be solvable (the paper's best run mixed easy problems in); "
@@ -126,7 +130,7 @@ class Guided(SingleTurn):
                 (self.easy.add(task.task_id) if solved else self.hard.__setitem__(task.task_id, None))
             print(file=sys.stderr)
         for task in tasks:
-            if task.task_id in self.hard:
+            if task.task_id in self.hard and opts.guided_copies:
                 self._choose_prefix(task, ctx)
 
     def run(self, tasks: list[Task], ctx: WorkflowContext) -> list[Group]:
@@ -141,6 +145,8 @@ class Guided(SingleTurn):
             if self._oracle_ids(task, ctx) is None:
                 self.counts.no_oracle += 1
                 continue
+            if not self.options.guided_copies:
+                continue  # GRPO on the same pool: no prefix to search
             fraction = self._choose_prefix(task, ctx)
             self.counts.prefix_fracs.append(fraction)
             guided += [(task, fraction)] * self.options.guided_copies
