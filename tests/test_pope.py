@@ -103,11 +103,13 @@ def test_the_prefix_is_the_shortest_grid_fraction_with_a_correct_probe_else_the_
 
     flow = Guided(GuidedOptions(prefix_grid=[0.25, 0.5, 0.75], probe_samples=2))
     flow.hard[task.task_id] = None
-    assert flow._choose_prefix(task, context(ScriptedEngine(solves_from_half), tokenizer)) == 0.5
+    flow._search_prefixes([task], context(ScriptedEngine(solves_from_half), tokenizer))
+    assert flow.hard[task.task_id] == 0.5
     never = Guided(GuidedOptions(prefix_grid=[0.25, 0.5, 0.75], probe_samples=2))
     never.hard[task.task_id] = None
     engine = ScriptedEngine(lambda prompt: [11])
-    assert never._choose_prefix(task, context(engine, tokenizer)) == 0.75  # none works: the longest
+    never._search_prefixes([task], context(engine, tokenizer))
+    assert never.hard[task.task_id] == 0.75  # none works: the longest
     assert len(engine.prompts) == 3 * 2  # every grid entry probed with probe_samples samples
 
 

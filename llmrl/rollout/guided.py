@@ -124,61 +124,57 @@ class Guided(SingleTurn):
         if opts.hard_from == "offline":
             self._read_hard_file(tasks, Path(opts.hard_file))
         elif opts.hard_from == "probe":
-            for index, task in enumerate(tasks):
-                print(f"\rpope probe: {index + 1}/{len(tasks)} problems, {len(self.hard)} hard", end="", file=sys.stderr)
-                solved = self._any_correct(task, None, ctx)
-                (self.easy.add(task.task_id) if solved else self.hard.__setitem__(task.task_id, None))
-            print(file=sys.stderr)
-        for task in tasks:
-            if task.task_id in self.hard and opts.guided_copies:
-                self._choose_prefix(task, ctx)
+            self._probe(tasks, ctx)
+        if opts.guided_copies:
+            self._search_prefixes([t for t in tasks if t.task_id in self.hard], ctx)
 
     def run(self, tasks: list[Task], ctx: WorkflowContext) -> list[Group]:
         self.counts = StepCounts(tasks=len(tasks))
         kept = [t for t in tasks if self.options.include_easy or t.task_id not in self.easy]
         groups = self.sample(kept, ctx)
-        guided = []
-        for task in kept:
-            if task.task_id not in self.hard:
-                continue
-            self.counts.hard += 1
-            if self._oracle_ids(task, ctx) is None:
-                self.counts.no_oracle += 1
-                continue
-            if not self.options.guided_copies:
-                continue  # GRPO on the same pool: no prefix to search
-            fraction = self._choose_prefix(task, ctx)
-            self.counts.prefix_fracs.append(fraction)
-            guided += [(task, fraction)] * self.options.guided_copies
-        groups += [self._guided_group(task, fraction, ctx) for task, fraction in guided]
+        hard = [t for t in kept if t.task_id in self.hard]
+        with_oracle = [t for t in hard if self._oracle_ids(t, ctx) is not None]
+        self.counts.hard, self.counts.no_oracle = len(hard), len(hard) - len(with_oracle)
+        if self.options.guided_copies:  # 0: GRPO on the same pool, no prefix to search
+            self._search_prefixes(with_oracle, ctx)
+            self.counts.prefix_fracs = [self.hard[t.task_id] for t in with_oracle]
+            copies = [(t, self.hard[t.task_id]) for t in with_oracle for _ in range(self.options.guided_copies)]
+            # a seed apart from the unguided call's, so guided and unguided samples draw different streams
+            groups += self._guided_groups(copies, ctx, ctx.n, _offset(ctx.sampling, "guided"))
         self.score(groups, ctx)
         self._learn_from(groups)
         return groups
 
-    def _guided_group(self, task: Task, fraction: float, ctx: WorkflowContext, n: int | None = None, sampling: Any = None) -> Group:
-        prompt_ids, prefix_ids = self._guided_prompt(task, fraction, ctx)
+    def _guided_groups(self, items: list[tuple[Task, float]], ctx: WorkflowContext, n: int, sampling: Any) -> list[Group]:
+        """n samples of each (task, prefix fraction)'s guided prompt, in one engine call."""
+        if not items:
+            return []
+        prompts = [self._guided_prompt(task, fraction, ctx) for task, fraction in items]
         with ctx.timer("generate"):
-            completions = ctx.engine.generate([prompt_ids + prefix_ids] * (n or ctx.n), sampling or ctx.sampling)
-        group_id = ctx.group_ids.take()
-        prefix_text = ctx.tokenizer.decode(prefix_ids, skip_special_tokens=True)
-        trajectories = []
-        for completion in completions:
+            completions = ctx.engine.generate([p + g for p, g in prompts for _ in range(n)], sampling)
+        groups = []
+        for index, ((task, _), (prompt_ids, prefix_ids)) in enumerate(zip(items, prompts)):
+            group_id = ctx.group_ids.take()
+            prefix_text = ctx.tokenizer.decode(prefix_ids, skip_special_tokens=True)
             p, g = len(prompt_ids), len(prefix_ids)
-            total = p + g + len(completion.token_ids)
-            text = ctx.tokenizer.decode(completion.token_ids, skip_special_tokens=True)
-            trajectories.append(Trajectory(
-                task=task,
-                token_ids=prompt_ids + prefix_ids + list(completion.token_ids),
-                spans=[Span("prompt", 0, p), Span("guidance", p, p + g, weight=0.0), Span("policy", p + g, total)],
-                rollout_logprobs=[0.0] * (p + g) + list(completion.logprobs),
-                finish_reason=completion.finish_reason,
-                group_id=group_id,
-                completion_text=prefix_text + text if self.options.grade_with_prefix else text,
-                turn_ends=[total - 1] if total > p + g else [],
-                guided=True,
-                guidance_text=prefix_text,
-            ))
-        return Group(group_id, task, trajectories)
+            trajectories = []
+            for completion in completions[index * n : (index + 1) * n]:
+                total = p + g + len(completion.token_ids)
+                text = ctx.tokenizer.decode(completion.token_ids, skip_special_tokens=True)
+                trajectories.append(Trajectory(
+                    task=task,
+                    token_ids=prompt_ids + prefix_ids + list(completion.token_ids),
+                    spans=[Span("prompt", 0, p), Span("guidance", p, p + g, weight=0.0), Span("policy", p + g, total)],
+                    rollout_logprobs=[0.0] * (p + g) + list(completion.logprobs),
+                    finish_reason=completion.finish_reason,
+                    group_id=group_id,
+                    completion_text=prefix_text + text if self.options.grade_with_prefix else text,
+                    turn_ends=[total - 1] if total > p + g else [],
+                    guided=True,
+                    guidance_text=prefix_text,
+                ))
+            groups.append(Group(group_id, task, trajectories))
+        return groups
 
     def _guided_prompt(self, task: Task, fraction: float, ctx: WorkflowContext) -> tuple[list[int], list[int]]:
         """The problem with the guide instruction (chat-templated up to the assistant's turn), and
@@ -224,29 +220,37 @@ class Guided(SingleTurn):
                 self.hard[task_id] = None
                 self.easy.discard(task_id)
 
-    def _choose_prefix(self, task: Task, ctx: WorkflowContext) -> float:
-        """The shortest grid fraction under which a probe finds a correct answer, else the longest
-        (searched once per problem, then kept)."""
-        chosen = self.hard.get(task.task_id)
-        if chosen is not None or self._oracle_ids(task, ctx) is None:
-            return chosen
-        grid = self.options.prefix_grid
-        chosen = next((f for f in grid if self._any_correct(task, f, ctx)), grid[-1])
-        self.hard[task.task_id] = chosen
-        return chosen
+    def _search_prefixes(self, tasks: list[Task], ctx: WorkflowContext) -> None:
+        """For each task without a prefix yet: the shortest grid fraction under which one of
+        probe_samples guided samples is correct, else the longest. One engine call per fraction
+        for all the tasks still searching."""
+        pending = [t for t in tasks if self.hard.get(t.task_id) is None and self._oracle_ids(t, ctx) is not None]
+        grid, n = self.options.prefix_grid, self.options.probe_samples
+        for fraction in grid:
+            if not pending:
+                return
+            groups = self._guided_groups([(t, fraction) for t in pending], ctx, n, _offset(ctx.sampling, f"prefix {fraction}"))
+            self.score(groups, ctx)
+            self.counts.probe_samples += n * len(pending)
+            for group in groups:
+                if any(self._correct(t) for t in group.trajectories):
+                    self.hard[group.task.task_id] = fraction
+            pending = [t for t in pending if self.hard[t.task_id] is None]
+        for task in pending:
+            self.hard[task.task_id] = grid[-1]
 
-    def _any_correct(self, task: Task, fraction: float | None, ctx: WorkflowContext) -> bool:
-        """Whether any of probe_samples samples is correct: unguided (fraction None) or guided."""
+    def _probe(self, tasks: list[Task], ctx: WorkflowContext, chunk: int = 32) -> None:
+        """probe_samples unguided samples of every task: none correct makes it hard."""
         n = self.options.probe_samples
-        # A seed of its own per problem and prefix, so the probe never replays a training step's samples.
-        sampling = dataclasses.replace(ctx.sampling, seed=None if ctx.sampling.seed is None else ctx.sampling.seed + 7 + hash_id(task.task_id, fraction))
-        if fraction is None:
-            group = self.sample([task], dataclasses.replace(ctx, n=n, sampling=sampling))[0]
-        else:
-            group = self._guided_group(task, fraction, ctx, n=n, sampling=sampling)
-        self.score([group], ctx)
-        self.counts.probe_samples += n
-        return any(self._correct(t) for t in group.trajectories)
+        probe = dataclasses.replace(ctx, n=n, sampling=_offset(ctx.sampling, "probe"))
+        for start in range(0, len(tasks), chunk):
+            groups = self.sample(tasks[start : start + chunk], probe)
+            self.score(groups, ctx)
+            for group in groups:
+                solved = any(self._correct(t) for t in group.trajectories)
+                (self.easy.add(group.task.task_id) if solved else self.hard.__setitem__(group.task.task_id, None))
+            done = min(start + chunk, len(tasks))
+            print(f"pope probe: {done}/{len(tasks)} problems, {len(self.hard)} hard so far", file=sys.stderr)
 
     def _read_hard_file(self, tasks: list[Task], path: Path) -> None:
         if not path.exists():
@@ -287,8 +291,10 @@ class Guided(SingleTurn):
         self.started = bool(state["started"])
 
 
-def hash_id(task_id: str, fraction: float | None) -> int:
-    """A stable small integer per (task, prefix): Python's hash() changes between processes."""
+def _offset(sampling: Any, purpose: str) -> Any:
+    """`sampling` with a seed of its own for `purpose` (stable across processes, unlike hash())."""
     import zlib
 
-    return zlib.crc32(f"{task_id}:{fraction}".encode()) % 1_000_003
+    if sampling.seed is None:
+        return sampling
+    return dataclasses.replace(sampling, seed=sampling.seed + 1 + zlib.crc32(purpose.encode()) % 1_000_003)
