@@ -63,7 +63,10 @@ def main() -> None:
     parser.add_argument("--held-out", type=int, default=100)
     parser.add_argument("--difficulty", type=int, default=2)
     parser.add_argument("--out", default="runs/pope_vs_grpo")
-    parser.add_argument("--set", action="append", default=[], help="extra recipe override for both runs (KEY=VALUE)")
+    parser.add_argument("--set", action="append", default=[], help="extra recipe override for every run (KEY=VALUE)")
+    parser.add_argument("--pope", action="append", default=[], metavar="NAME=OVERRIDE[,OVERRIDE]",
+                        help="a further POPE run named pope_NAME with these recipe overrides, e.g. "
+                             "'wide=rollout.workflow.prefix_grid=[0.25, 0.5, 0.75]' (the overrides split on ';')")
     args = parser.parse_args()
     out = (REPO / args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -78,6 +81,9 @@ def main() -> None:
               "rollout.workflow.include_easy=false", "eval.at_end=false", "logging.progress=false", "checkpoint.every=0", *args.set]
     variants = {"grpo": ["rollout.workflow.guided_copies=0", "train.prompts_per_step=8"],
                 "pope": ["rollout.workflow.guided_copies=1", "train.prompts_per_step=4"]}
+    for spec in args.pope:
+        name, _, overrides = spec.partition("=")
+        variants[f"pope_{name}"] = [*variants["pope"], *overrides.split(";")]
     models = {"base": ("smollm2-135m", None)}
     for name, overrides in variants.items():
         run_dir = out / f"train_{name}"

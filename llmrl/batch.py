@@ -93,12 +93,32 @@ def split_micro_batches(batch: Batch, micro_batch_size: int | None, micro_batch_
     return [select_rows(batch, g) for g in groups]
 
 
-def iter_mini_batches(num_rows: int, mini_batch_size: int, generator: torch.Generator | None = None) -> Iterator[list[int]]:
-    """Row indices of each mini-batch, shuffled when a generator is given."""
+def iter_mini_batches(
+    num_rows: int, mini_batch_size: int, generator: torch.Generator | None = None, strata: torch.Tensor | None = None
+) -> Iterator[list[int]]:
+    """Row indices of each mini-batch, shuffled when a generator is given. With `strata` ([B]
+    bool: CHORD's expert rows) mini_batch_size counts the other (on-policy) rows, and the strata
+    rows are dealt out over the same number of mini-batches, so each holds the step's share of
+    both (within one row)."""
     order = torch.randperm(num_rows, generator=generator).tolist() if generator is not None else list(range(num_rows))
-    for start in range(0, num_rows, mini_batch_size):
-        yield order[start : start + mini_batch_size]
+    if strata is None or not bool(strata.any()) or bool(strata.all()):
+        for start in range(0, num_rows, mini_batch_size):
+            yield order[start : start + mini_batch_size]
+        return
+    kinds = [[r for r in order if bool(strata[r]) == kind] for kind in (False, True)]
+    count = max(1, -(-len(kinds[0]) // mini_batch_size))
+    for index in range(count):
+        yield [r for rows in kinds for r in rows[len(rows) * index // count : len(rows) * (index + 1) // count]]
 
 
 def num_tokens(batch: Batch) -> int:
     return int(batch["attention_mask"].sum())
+
+
+def on_policy_mask(batch: Batch) -> torch.Tensor:
+    """`loss_mask` with expert rows (CHORD's demonstrations, never sampled) zeroed: the tokens whose
+    rollout logprobs and KL to the reference mean something."""
+    expert = batch.get("expert_mask")
+    if expert is None or not bool(expert.any()):
+        return batch["loss_mask"]
+    return batch["loss_mask"] * (~expert.bool())[:, None]

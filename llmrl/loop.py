@@ -31,7 +31,7 @@ from llmrl.distributed.cluster import build_cluster
 from llmrl.distributed.weight_sync import weight_sync_for
 from llmrl.eval.harness import evaluate_during_training, should_evaluate
 from llmrl.models import load_tokenizer
-from llmrl.recipe import Recipe, dump_recipe, resolve_recipe, trajectories_per_step
+from llmrl.recipe import Recipe, dump_recipe, mini_batched_rows_per_step, resolve_recipe
 from llmrl.reward import RewardComputer
 from llmrl.rollout.base import SamplingParams
 from llmrl.rollout.workflows import Workflow, WorkflowContext, build_workflow
@@ -62,11 +62,11 @@ def train(recipe: Recipe) -> Path:
         sampler = PromptSampler(taskset.tasks, recipe.train.prompts_per_step, seed=recipe.seed, shuffle=recipe.data.shuffle)
         rewards = RewardComputer(reward_config_with_overlong(recipe.reward, algo, recipe.rollout.max_new_tokens, taskset.kind), default_kind=taskset.kind)
         cleanup.callback(rewards.close)
-        total_updates = updates_per_run(recipe.train.steps, trajectories_per_step(recipe), algo, recipe.train.mini_batch_size)
+        total_updates = updates_per_run(recipe.train.steps, mini_batched_rows_per_step(recipe), algo, recipe.train.mini_batch_size)
         cluster = build_cluster(recipe)  # in this process, or Ray actors behind the same protocols
         cleanup.callback(cluster.shutdown)
         trainer = cluster.train_engine(recipe, total_updates, role="policy")
-        stages = build_stages(StageSetup(recipe, algo, trainer, total_updates, cluster))
+        stages = build_stages(StageSetup(recipe, algo, trainer, total_updates, cluster, tokenizer, taskset.tasks))
         rollout = cluster.rollout_engine(recipe, tokenizer)
         workflow = build_workflow(recipe.rollout.workflow)
         weight_sync = weight_sync_for(recipe.rollout, trainer, [rollout])
@@ -92,6 +92,7 @@ def train(recipe: Recipe) -> Path:
             context = WorkflowContext(rollout, rewards, sampling_for(recipe, step), tokenizer, group_ids, step, recipe.rollout.n, timer)
             groups = gather_groups(workflow, sampler, stages, context, recipe)
             trajectories = [t for g in groups for t in g.trajectories]
+            sampled = [t for t in trajectories if not t.expert]  # expert rows (CHORD, SFT) were not generated
 
             # 4. batch, with the logprobs the update needs before it changes the policy
             batch = collate(trajectories, tokenizer.pad_token_id)
@@ -122,10 +123,10 @@ def train(recipe: Recipe) -> Path:
                 synced = weight_sync.sync(step)
 
             metrics = {
-                **reward_metrics(trajectories, rewards.metrics()),
+                **reward_metrics(sampled, rewards.metrics()),
                 **{k: v for stage in stages for k, v in stage.metrics().items()},
                 **workflow.metrics(),
-                **response_metrics(trajectories),
+                **response_metrics(sampled),
                 **adv_metrics,
                 **stage_metrics,
                 **update_metrics,
@@ -133,7 +134,7 @@ def train(recipe: Recipe) -> Path:
                 **synced.metrics(),
                 **rollout.metrics(),
                 "perf/tokens_per_s": num_tokens(batch) / max(timer.total, 1e-9),
-                "perf/gen_tokens_per_s": sum(t.num_policy_tokens for t in trajectories) / max(timer.seconds["generate"], 1e-9),
+                "perf/gen_tokens_per_s": sum(t.num_policy_tokens for t in sampled) / max(timer.seconds.get("generate", 0.0), 1e-9),
             }
             if step == start_step + 1:
                 metrics.update({f"data/{k}": float(v) for k, v in taskset.stats.items()})
@@ -144,7 +145,7 @@ def train(recipe: Recipe) -> Path:
                 metrics.update(evaluate_during_training(rollout, tokenizer, recipe.eval, step, run_dir))
                 metrics["time/eval"] = time.perf_counter() - started
             tracker.log(step, metrics)
-            tracker.log_rollouts(step, trajectories)
+            tracker.log_rollouts(step, sampled)
             progress.update(step, metrics)
 
             due = recipe.checkpoint.every and step % recipe.checkpoint.every == 0
@@ -236,6 +237,8 @@ def resume_if_asked(
 
 
 def reward_metrics(trajectories: list[Trajectory], computer_metrics: dict[str, float]) -> dict[str, float]:
+    if not trajectories:  # a step without rollouts (SFT)
+        return dict(computer_metrics)
     scores = torch.tensor([t.reward for t in trajectories])
     out = {"reward/mean": float(scores.mean()), "reward/std": float(scores.std()) if len(scores) > 1 else 0.0}
     names = sorted({k for t in trajectories for k in t.reward_parts})
@@ -247,6 +250,8 @@ def reward_metrics(trajectories: list[Trajectory], computer_metrics: dict[str, f
 
 
 def response_metrics(trajectories: list[Trajectory]) -> dict[str, float]:
+    if not trajectories:
+        return {}
     lengths = [t.num_policy_tokens for t in trajectories]
     return {
         "response/length_mean": float(np.mean(lengths)),
@@ -310,7 +315,8 @@ class make_progress:
 
     def update(self, step: int, metrics: dict[str, float]) -> None:
         if self.bar is not None:
-            self.bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", len=f"{metrics['response/length_mean']:.0f}", refresh=False)
+            shown = {"reward": ("reward/mean", ".3f"), "len": ("response/length_mean", ".0f"), "sft": ("chord/sft_loss", ".3f")}
+            self.bar.set_postfix({k: format(metrics[m], f) for k, (m, f) in shown.items() if m in metrics}, refresh=False)
             self.bar.update(1)
 
     def close(self) -> None:

@@ -7,6 +7,7 @@ resolved recipe with every default filled in. Sections are owned by the package 
 from __future__ import annotations
 
 import difflib
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -16,6 +17,7 @@ from pydantic import BaseModel, Field, ValidationError
 from llmrl.algorithms.config import AlgorithmConfig
 from llmrl.config_base import Section
 from llmrl.data.config import DataConfig
+from llmrl.data.expert import ExpertConfig
 from llmrl.distributed.cluster import ClusterConfig
 from llmrl.eval.config import EvalConfig
 from llmrl.models import ModelConfig
@@ -48,6 +50,9 @@ class Recipe(Section):
     rollout: RolloutConfig = Field(default_factory=RolloutConfig, description="Rollout engine and sampling.")
     algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig, description="RL algorithm and its options.")
     reward: RewardConfig = Field(default_factory=RewardConfig, description="Reward functions.")
+    expert: ExpertConfig = Field(
+        default_factory=ExpertConfig, description="Expert data that CHORD and SFT train on (algorithms chord, chord_mu, sft)."
+    )
     train: TrainConfig = Field(default_factory=TrainConfig, description="Optimisation and batch sizes.")
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="Checkpointing.")
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Metrics and rollout logs.")
@@ -180,15 +185,44 @@ def resolve_recipe(recipe: Recipe) -> Recipe:
     return recipe.model_copy(update={"algorithm": algo, "rollout": rollout})
 
 
+def on_policy_rows_per_step(recipe: Recipe) -> int:
+    """Samples the workflow draws a step (POPE's guided copies aside): prompts x rollout.n, or 0
+    for a workflow that does not generate."""
+    from llmrl.rollout.base import WORKFLOWS
+
+    generates = WORKFLOWS[recipe.rollout.workflow.name].generates if recipe.rollout.workflow.name else True
+    return recipe.train.prompts_per_step * recipe.rollout.n if generates else 0
+
+
+def expert_rows_per_step(recipe: Recipe) -> int:
+    """Expert rows a step adds when the algorithm mixes them in (CHORD, SFT), else 0: the share
+    expert.expert_data_ratio of all the step's rows, or prompts x rollout.n without rollouts."""
+    from llmrl.stages import active_stage_names
+
+    if "expert_mix" not in active_stage_names(recipe.algorithm):
+        return 0
+    on_policy = on_policy_rows_per_step(recipe)
+    if on_policy == 0:
+        return recipe.train.prompts_per_step * recipe.rollout.n  # the rows an RL step would train on
+    ratio = recipe.expert.expert_data_ratio
+    return math.ceil(round(ratio / (1.0 - ratio) * on_policy, 9))
+
+
 def trajectories_per_step(recipe: Recipe) -> int:
-    return recipe.train.prompts_per_step * recipe.rollout.n
+    return on_policy_rows_per_step(recipe) + expert_rows_per_step(recipe)
+
+
+def mini_batched_rows_per_step(recipe: Recipe) -> int:
+    """The rows train.mini_batch_size counts: the on-policy samples (expert rows are dealt to the
+    mini-batches in proportion), or the expert rows of a step without rollouts."""
+    return on_policy_rows_per_step(recipe) or expert_rows_per_step(recipe)
 
 
 def check_recipe(recipe: Recipe, source: str) -> None:
     """Cross-section checks on the resolved recipe: batch sizes divide, and referenced names and files exist."""
     from llmrl.reward import RewardConfigError, resolve_reward
 
-    total = trajectories_per_step(recipe)
+    total = mini_batched_rows_per_step(recipe)
     mini = recipe.train.mini_batch_size or total
     if total % mini:
         raise RecipeError(
@@ -215,6 +249,13 @@ def check_recipe(recipe: Recipe, source: str) -> None:
         raise RecipeError(
             f"algorithm.kl_controller: 'adaptive' steers a KL penalty in the reward; it needs algorithm.kl_placement=reward "
             f"and algorithm.kl_coef > 0 (the starting coefficient), got {algo.kl_placement!r} and {algo.kl_coef} in {source}"
+        )
+    from llmrl.stages import active_stage_names
+
+    if expert_rows_per_step(recipe) and (algo.advantage == "gae" or "critic" in active_stage_names(algo)):
+        raise RecipeError(
+            f"algorithm.advantage: '{algo.advantage}' needs a critic, and expert rows (no rollout, no reward) cannot feed one; "
+            f"CHORD takes any critic-free estimator (grpo, rloo, lite, reinforce_pp, ...) in {source}"
         )
     for i, item in enumerate(recipe.reward.functions):
         spec = item if isinstance(item, str) else item.fn

@@ -31,11 +31,14 @@ from llmrl.algorithms.config import needs_reference
 from llmrl.algorithms.dapo import GroupFilter
 from llmrl.algorithms.kl import kl_reward_channel
 from llmrl.algorithms.kl_controller import build_kl_controller, mean_sequence_kl
+from llmrl.batch import on_policy_mask
 from llmrl.registry import Registry
 from llmrl.train.critic import old_values, value_targets
 from llmrl.train.engine import TrainEngine
 from llmrl.train.updates import run_updates
-from llmrl.types import Group
+from llmrl.data.expert import ExpertExample, build_expert_set
+from llmrl.data.sampler import PromptSampler
+from llmrl.types import Group, Span, Task, Trajectory
 
 Timer = Callable[[str], AbstractContextManager[None]]
 
@@ -49,6 +52,8 @@ class StageSetup:
     trainer: TrainEngine  # the policy's engine
     total_updates: int  # optimizer steps over the run (lr schedules)
     cluster: Any = None  # llmrl.distributed.cluster.Cluster: builds further engines where they run
+    tokenizer: Any = None  # the policy's tokenizer (expert rows are tokenized with it)
+    tasks: list[Task] | None = None  # the training tasks (their worked solutions are the default expert data)
 
 
 class Stage:
@@ -181,11 +186,10 @@ class KLInReward(Stage):
         self.controller = build_kl_controller(self.algo)
 
     def before_advantages(self, batch: Batch, timer: Timer) -> dict[str, float]:
-        channel, kl = kl_reward_channel(
-            batch["old_logprobs"], batch["ref_logprobs"], batch["loss_mask"], self.controller.value, self.algo.kl_estimator
-        )
+        mask = on_policy_mask(batch)  # expert rows were not sampled: no KL penalty, no share of the mean
+        channel, kl = kl_reward_channel(batch["old_logprobs"], batch["ref_logprobs"], mask, self.controller.value, self.algo.kl_estimator)
         batch[REWARD_PREFIX + "kl"] = channel
-        current_kl = mean_sequence_kl(kl, batch["loss_mask"])
+        current_kl = mean_sequence_kl(kl, mask)
         metrics = {"actor/reward_kl": current_kl, "actor/kl_coef": self.controller.value}
         self.controller.update(current_kl, batch["input_ids"].shape[0])
         return metrics
@@ -227,3 +231,50 @@ class Critic(Stage):
 
     def engines(self) -> dict[str, TrainEngine]:
         return {"critic": self.engine}
+
+
+@STAGES.register("expert_mix")
+class ExpertMix(Stage):
+    """CHORD and SFT (Zhang et al. 2025, arXiv 2508.11408): each step's groups are joined by
+    `expert_rows_per_step` rows of expert data (the `expert` recipe section), drawn in a seeded
+    order that a resumed run continues. An expert row is the prompt plus the expert's response as
+    its policy span; it has no rollout logprobs (zeros, never read), no reward, a group of its own
+    (negative id) and `expert=True`, which keeps it out of every advantage statistic."""
+
+    name = "expert_mix"
+
+    def __init__(self, setup: StageSetup) -> None:
+        super().__init__(setup)
+        from llmrl.recipe import expert_rows_per_step  # the recipe module imports this one's registry
+
+        recipe = setup.recipe
+        self.expert = build_expert_set(recipe.expert, recipe.data, setup.tokenizer, setup.tasks)
+        self.rows = expert_rows_per_step(recipe)
+        self.sampler = PromptSampler(self.expert.examples, max(self.rows, 1), seed=recipe.seed, shuffle=recipe.data.shuffle)
+        self.first_step = True
+
+    def gather(self, groups: list[Group]) -> list[Group] | None:
+        drawn = self.sampler.next_batch()[: self.rows]
+        return groups + [Group(-1 - i, ex.task, [expert_trajectory(ex, -1 - i)]) for i, ex in enumerate(drawn)]
+
+    def metrics(self) -> dict[str, float]:
+        out = {"chord/expert_rows": float(self.rows)}
+        if self.first_step:  # like the data/* figures: where the expert rows came from, once
+            out.update({f"data/expert_{k}": float(v) for k, v in self.expert.stats.items()})
+            self.first_step = False
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"sampler": self.sampler.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.sampler.load_state_dict(state["sampler"])
+
+
+def expert_trajectory(example: ExpertExample, group_id: int) -> Trajectory:
+    p, total = len(example.task.prompt_ids), len(example.task.prompt_ids) + len(example.response_ids)
+    return Trajectory(
+        task=example.task, token_ids=list(example.task.prompt_ids) + example.response_ids,
+        spans=[Span("prompt", 0, p), Span("policy", p, total)], rollout_logprobs=[0.0] * total, finish_reason="stop",
+        group_id=group_id, completion_text=example.response, turn_ends=[total - 1], expert=True,
+    )

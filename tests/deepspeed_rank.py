@@ -3,7 +3,8 @@ mini-batch, of which the engine takes this rank's share, then rank 0 writes the 
 
     python tests/deepspeed_rank.py BACKEND ZERO_STAGE OUT.pt [offload] [tokens=N]   (RANK/WORLD_SIZE/MASTER_* in the env)
 
-`tokens=N` splits micro-batches by a padded-token budget of N instead of MICRO rows.
+`tokens=N` splits micro-batches by a padded-token budget of N instead of MICRO rows. `chord` makes
+rows 0-2 expert rows and trains with the CHORD loss: rank 0 of 2 then holds all three of them.
 """
 import os
 import sys
@@ -55,8 +56,13 @@ def main() -> None:
         from llmrl.train.torch_engine import TorchTrainEngine
 
         engine = TorchTrainEngine(model, cfg, total_updates=1)
-    algo = resolve_algorithm(AlgorithmConfig(loss_agg_mode="token-mean"))
-    metrics = engine.step(fixed_batch(), LOSSES["ppo_clip"], LossContext(0, algo))
+    batch = fixed_batch()
+    if "chord" in options:
+        batch["expert_mask"] = torch.arange(ROWS) < 3
+        algo = resolve_algorithm(AlgorithmConfig(name="chord", mu_peak=0.3, mu_valley=0.3))
+    else:
+        algo = resolve_algorithm(AlgorithmConfig(loss_agg_mode="token-mean"))
+    metrics = engine.step(batch, LOSSES[algo.loss], LossContext(0, algo))
     # named_weights: under ZeRO-3 every rank takes part in gathering the partitioned weights.
     weights = {n: t.clone() for bucket in engine.named_weights(bucket_bytes=1 << 20) for n, t in bucket}
     if rank == 0:

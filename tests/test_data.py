@@ -134,7 +134,7 @@ def test_math_gold_from_answer_then_from_last_boxed(tokenizer, tmp_path):
     path = write_jsonl(tmp_path / "m.jsonl", rows)
     task_set = build_tasks(DataConfig(type="math", path=str(path), max_bad_fraction=0.5), tokenizer)
     assert [t.answer for t in task_set.tasks] == ["7", r"\frac{1}{2}"]
-    assert task_set.tasks[0].meta == {"solution": r"\boxed{9}", "oracle_solution": r"\boxed{9}", "subject": "Algebra", "level": 2}
+    assert task_set.tasks[0].meta == {"solution": r"\boxed{9}", "oracle_solution": r"\boxed{9}", "expert_response": r"\boxed{9}", "subject": "Algebra", "level": 2}
     assert task_set.stats["no_answer"] == 1
     assert "\\boxed{}" in task_set.tasks[0].messages[-1]["content"]
 

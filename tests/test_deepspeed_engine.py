@@ -62,6 +62,21 @@ def test_token_budget_micro_batches_stay_in_step_across_zero3_ranks(tmp_path):
         torch.testing.assert_close(two["weights"][name], value, rtol=0, atol=1e-5, msg=f"2 ZeRO-3 ranks vs torch: {name}")
 
 
+def test_chord_with_expert_rows_on_one_rank_makes_the_same_update(tmp_path):
+    """CHORD's two parts are each normalised over their own rows across micro-batches and ranks:
+    with rows 0-2 expert rows, rank 0 of 2 holds all of them (one micro-batch of experts only)
+    and rank 1 none, and the ZeRO-2 update must still be the one-process update on all 8 rows."""
+    plain = run_ranks("torch", 2, 1, tmp_path / "torch.pt", "chord")
+    two = run_ranks("deepspeed", 2, 2, tmp_path / "two.pt", "chord")
+    baseline = run_ranks("torch", 2, 1, tmp_path / "ppo.pt")
+    for name, value in plain["weights"].items():
+        torch.testing.assert_close(two["weights"][name], value, rtol=1e-5, atol=1e-6, msg=f"2 ranks vs torch: {name}")
+    assert plain["metrics"]["actor/grad_norm"] == pytest.approx(two["metrics"]["actor/grad_norm"], rel=1e-5)
+    assert two["metrics"]["chord/sft_loss"] == pytest.approx(plain["metrics"]["chord/sft_loss"], rel=1e-6)
+    assert plain["metrics"]["chord/mu"] == pytest.approx(0.3)
+    assert plain["metrics"]["actor/grad_norm"] != pytest.approx(baseline["metrics"]["actor/grad_norm"], rel=1e-3)
+
+
 def test_cpu_optimizer_offload_makes_the_same_update(tmp_path):
     """train.offload_optimizer (ZeRO-Offload: optimizer state and step on the CPU) on 2 ZeRO-2
     ranks: the same weights after the step as the plain torch engine."""

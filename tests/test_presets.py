@@ -8,7 +8,7 @@ from pydantic import ValidationError
 from llmrl.algorithms import ADVANTAGES, LOSSES, PRESETS, AlgorithmConfig, AlgorithmPreset, get_preset, needs_reference, register_preset, resolve_algorithm
 from llmrl.rollout.workflows import WORKFLOWS
 
-BUILT_IN = ["grpo", "dr_grpo", "dapo", "rloo", "reinforce_pp", "reinforce_pp_baseline", "gspo", "lite_ppo", "ppo"]
+BUILT_IN = ["grpo", "dr_grpo", "dapo", "rloo", "reinforce_pp", "reinforce_pp_baseline", "gspo", "lite_ppo", "ppo", "pope", "chord", "chord_mu", "sft"]
 
 
 def test_built_in_presets_are_registered_and_consistent():
@@ -41,6 +41,13 @@ def test_preset_contents():
     ppo = resolve_algorithm(AlgorithmConfig(name="ppo"))
     assert ppo.advantage == "gae" and "critic" in get_preset("ppo").stages
     assert [n for n in BUILT_IN if "critic" in get_preset(n).stages] == ["ppo"]
+    assert [n for n in BUILT_IN if "expert_mix" in get_preset(n).stages] == ["chord", "chord_mu", "sft"]
+    chord = resolve_algorithm(AlgorithmConfig(name="chord"))
+    assert (chord.loss, chord.rl_loss, chord.sft_phi, chord.mu_peak, chord.mu_valley) == ("chord", "ppo_clip", True, 0.1, 0.1)
+    sft = resolve_algorithm(AlgorithmConfig(name="sft"))
+    assert (sft.mu_peak, sft.mu_valley, sft.sft_phi, get_preset("sft").workflow) == (1.0, 1.0, False, "none")
+    with pytest.raises(ValidationError, match="rl_loss: 'sft' is not a policy-gradient loss"):
+        AlgorithmConfig(name="chord", rl_loss="sft")
 
 
 def test_defaults_are_grpo_verl():

@@ -17,6 +17,7 @@ from llmrl.algorithms.entropy import ENTROPY_CONTROLS
 from llmrl.algorithms.kl import KL_ESTIMATORS
 from llmrl.algorithms.kl_controller import KL_CONTROLLERS
 from llmrl.algorithms.losses import LOSSES
+from llmrl.algorithms import chord as _chord  # noqa: F401  registers the "chord" loss before names are checked
 from llmrl.algorithms.presets import PRESETS, get_preset
 from llmrl.config_base import Section
 from llmrl.registry import registered_name
@@ -36,7 +37,9 @@ class AlgorithmConfig(Section):
     advantage: registered_name(ADVANTAGES) | None = Field(
         None, description="Advantage estimator by registered name (grpo, dr_grpo, rloo, lite, reinforce_pp, reinforce_pp_baseline, gae); None = the preset's."
     )
-    loss: registered_name(LOSSES) | None = Field(None, description="Policy loss by registered name (ppo_clip, gspo, rloo_seq, sft); None = the preset's.")
+    loss: registered_name(LOSSES) | None = Field(
+        None, description="Policy loss by registered name (ppo_clip, gspo, rloo_seq, chord, sft); None = the preset's."
+    )
 
     # ---------------------------------------------------------------- advantages
     norm_adv_by_std: bool = Field(
@@ -169,11 +172,35 @@ class AlgorithmConfig(Section):
     )
     kl_cov_coef: float = Field(0.1, ge=0, description="KL-Cov: the penalty weight kappa (verl actor.yaml 0.1; PRIME-RL scripts 1).")
 
+    # ---------------------------------------------------------------- CHORD (Zhang et al. 2025, arXiv 2508.11408)
+    rl_loss: registered_name(LOSSES) = Field(
+        "ppo_clip", description="chord: the loss of the on-policy rows' part, (1 - mu) x L_RL (ppo_clip as the reference; gspo, rloo_seq)."
+    )
+    mu_warmup_steps: int = Field(0, ge=0, description="chord: steps over which mu rises linearly from 0 to mu_peak (Trinity default 0).")
+    mu_decay_steps: int = Field(0, ge=0, description="chord: steps of cosine decay from mu_peak to mu_valley after the warm-up (Trinity default 0).")
+    mu_peak: float = Field(0.1, ge=0, le=1, description="chord: the SFT weight mu after warm-up (Trinity default 0.1, the CHORD-phi setting).")
+    mu_valley: float = Field(0.1, ge=0, le=1, description="chord: the SFT weight mu after the decay, for the rest of the run (Trinity default 0.1).")
+    sft_phi: bool = Field(
+        True,
+        description="chord: weight each expert token's -log p by sg[p (1 - p)] of the current policy (CHORD-phi, Trinity "
+        "enable_phi_function); false: plain token NLL (CHORD-mu, and the sft preset).",
+    )
+    sft_cutoff_prob: float = Field(
+        1.0, gt=0, le=1, description="chord: clamp log p of expert tokens at log(cutoff) from above, so tokens above it carry no gradient (1.0 = off)."
+    )
+    sft_loss_agg_mode: Literal["token-mean", "seq-mean-token-mean"] = Field(
+        "token-mean",
+        description="chord: how the SFT part averages: over every expert token of the mini-batch (Trinity "
+        "use_token_level_loss_in_sft: true), or per expert row then over rows.",
+    )
+
     # ---------------------------------------------------------------- checks
     @model_validator(mode="after")
     def _consistent(self) -> "AlgorithmConfig":
         if self.clip_cov_lb >= self.clip_cov_ub:
             raise ValueError(f"clip_cov_lb ({self.clip_cov_lb}) must be below clip_cov_ub ({self.clip_cov_ub})")
+        if self.rl_loss in ("chord", "sft", "value"):
+            raise ValueError(f"rl_loss: '{self.rl_loss}' is not a policy-gradient loss; use ppo_clip, gspo or rloo_seq")
         return self
 
 

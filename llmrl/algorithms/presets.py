@@ -132,3 +132,33 @@ register_preset(
         description="PPO with a critic (Ouyang et al. 2022 style): GAE, whitened advantages, clipped value loss.",
     ),
 )
+
+# CHORD (Zhang et al. 2025, arXiv 2508.11408): expert rows (the `expert` recipe section) join every
+# step through the `expert_mix` stage; the `chord` loss mixes their SFT part with the RL part.
+# `chord` ships the authors' code defaults (CHORD-phi, mu fixed at 0.1): with phi weighting the paper
+# needs no schedule. `chord_mu` is their CHORD-mu setting, mu cosine-decayed 0.9 -> 0.05 over 200 steps.
+register_preset(
+    "chord",
+    AlgorithmPreset(
+        "single_turn", "grpo", "chord", {}, stages=("expert_mix",),
+        description="CHORD-phi: GRPO on the rollouts plus mu x SFT on expert rows, each expert token weighted by p(1-p).",
+    ),
+)
+
+register_preset(
+    "chord_mu",
+    AlgorithmPreset(
+        "single_turn", "grpo", "chord", {"sft_phi": False, "mu_peak": 0.9, "mu_valley": 0.05, "mu_decay_steps": 200},
+        stages=("expert_mix",),
+        description="CHORD-mu: GRPO plus plain SFT on expert rows, mu decayed from 0.9 to 0.05 (cosine, 200 steps).",
+    ),
+)
+
+register_preset(
+    "sft",
+    AlgorithmPreset(
+        "none", "grpo", "chord", {"sft_phi": False, "mu_peak": 1.0, "mu_valley": 1.0}, stages=("expert_mix",),
+        description="Supervised fine-tuning on the expert rows (CHORD with mu = 1 and no rollouts): no generation, "
+        "one forward/backward over prompts_per_step x rollout.n expert rows a step.",
+    ),
+)

@@ -6,6 +6,7 @@ answer is found, and what instruction follows the problem. Adding one is one dec
 """
 from __future__ import annotations
 
+import re
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from llmrl.registry import Registry
 from llmrl.types import Task
 
 ANSWER_MARKER = "####"
+CALCULATOR_NOTE = re.compile(r"<<[^<>]*>>")
 
 
 class RowError(Exception):
@@ -189,6 +191,9 @@ class Gsm8kTask(TaskType):
         gold = tail.strip().replace(",", "")
         if not marker or not gold:
             raise RowError("no_answer", f"no final answer after {ANSWER_MARKER!r}")
+        # CHORD/SFT's demonstration: the solution without GSM8K's calculator notes ("<<48/2=24>>"),
+        # which no prompt asks for and a policy should not learn to write
+        values.setdefault("expert_response", CALCULATOR_NOTE.sub("", solution).strip())
         return gold
 
 
@@ -208,6 +213,7 @@ class MathTask(TaskType):
     def gold(self, values: dict[str, Any]) -> str:
         if values.get("solution"):
             values.setdefault("oracle_solution", str(values["solution"]))
+            values.setdefault("expert_response", str(values["solution"]))
         answer = str(values.pop("answer", "")).strip()
         if answer:
             return answer
@@ -227,6 +233,7 @@ class ArithmeticTask(TaskType):
         "id": "id",
         "expression": "expression",
         "oracle_solution": "oracle_solution",
+        "expert_response": "oracle_solution",  # the worked solution ends in the "#### <number>" line asked for
     }
     instruction = "Solve it. End your reply with '#### <number>'."
 

@@ -220,7 +220,7 @@ class Guided(SingleTurn):
                 self.hard[task_id] = None
                 self.easy.discard(task_id)
 
-    def _search_prefixes(self, tasks: list[Task], ctx: WorkflowContext) -> None:
+    def _search_prefixes(self, tasks: list[Task], ctx: WorkflowContext, chunk: int = 32) -> None:
         """For each task without a prefix yet: the shortest grid fraction under which one of
         probe_samples guided samples is correct, else the longest. One engine call per fraction
         for all the tasks still searching."""
@@ -229,12 +229,18 @@ class Guided(SingleTurn):
         for fraction in grid:
             if not pending:
                 return
-            groups = self._guided_groups([(t, fraction) for t in pending], ctx, n, _offset(ctx.sampling, f"prefix {fraction}"))
-            self.score(groups, ctx)
-            self.counts.probe_samples += n * len(pending)
-            for group in groups:
-                if any(self._correct(t) for t in group.trajectories):
-                    self.hard[group.task.task_id] = fraction
+            for start in range(0, len(pending), chunk):
+                sampling = _offset(ctx.sampling, f"prefix {fraction} {start}")
+                groups = self._guided_groups([(t, fraction) for t in pending[start : start + chunk]], ctx, n, sampling)
+                self.score(groups, ctx)
+                self.counts.probe_samples += n * len(groups)
+                for group in groups:
+                    if any(self._correct(t) for t in group.trajectories):
+                        self.hard[group.task.task_id] = fraction
+                if len(tasks) > chunk:  # a start-of-run search is long enough to want progress; a step's is not
+                    solved = sum(self.hard[t.task_id] == fraction for t in pending[: start + chunk])
+                    print(f"pope prefix search at {fraction:g}: {min(start + chunk, len(pending))}/{len(pending)} problems, "
+                          f"{solved} solved", file=sys.stderr)
             pending = [t for t in pending if self.hard[t.task_id] is None]
         for task in pending:
             self.hard[task.task_id] = grid[-1]
@@ -242,8 +248,8 @@ class Guided(SingleTurn):
     def _probe(self, tasks: list[Task], ctx: WorkflowContext, chunk: int = 32) -> None:
         """probe_samples unguided samples of every task: none correct makes it hard."""
         n = self.options.probe_samples
-        probe = dataclasses.replace(ctx, n=n, sampling=_offset(ctx.sampling, "probe"))
         for start in range(0, len(tasks), chunk):
+            probe = dataclasses.replace(ctx, n=n, sampling=_offset(ctx.sampling, f"probe {start}"))
             groups = self.sample(tasks[start : start + chunk], probe)
             self.score(groups, ctx)
             for group in groups:

@@ -47,6 +47,7 @@ class Workflow(ABC):
     """Base class: `run` returns the step's scored groups."""
 
     Options: type[Section] = NoOptions
+    generates = True  # samples rollout.n completions per task (False: a step without rollouts, as SFT)
 
     def __init__(self, options: Section | None = None) -> None:
         self.options = options if options is not None else self.Options()
@@ -120,3 +121,13 @@ class SingleTurn(Workflow):
             completion_text=tokenizer.decode(completion.token_ids, skip_special_tokens=True),
             turn_ends=[total - 1] if total > p else [],
         )
+
+
+@WORKFLOWS.register("none")
+class NoRollout(Workflow):
+    """No generation at all: the step trains on what stages add (the `sft` preset's expert rows)."""
+
+    generates = False
+
+    def run(self, tasks: list[Task], ctx: WorkflowContext) -> list[Group]:
+        return []

@@ -9,7 +9,7 @@ from typing import Any, Iterator
 import torch
 
 from llmrl.algorithms.base import Batch, LossContext, LossFn
-from llmrl.batch import select_rows, split_micro_batches
+from llmrl.batch import on_policy_mask, select_rows, split_micro_batches
 from llmrl.models import export_policy, is_lora, merged_state_dict
 from llmrl.precision import resolve_precision
 from llmrl.train.engine import NonFiniteUpdateError, TrainConfig
@@ -198,9 +198,10 @@ class TorchTrainEngine:
             if "old_logprobs" not in mb and "logprobs" in out:
                 mb = {**mb, "old_logprobs": out["logprobs"].detach()}
             if track_rollout_diff and "logprobs" in out:
-                gap = ((mb["old_logprobs"] - mb["rollout_logprobs"]).abs() * mb["loss_mask"]).sum()
+                sampled = on_policy_mask(mb)  # expert rows have no rollout logprobs
+                gap = ((mb["old_logprobs"] - mb["rollout_logprobs"]).abs() * sampled).sum()
                 metric_sums["rollout/logprob_diff"] = metric_sums.get("rollout/logprob_diff", 0.0) + float(gap)
-                metric_counts["rollout/logprob_diff"] = metric_counts.get("rollout/logprob_diff", 0.0) + float(mb["loss_mask"].sum())
+                metric_counts["rollout/logprob_diff"] = metric_counts.get("rollout/logprob_diff", 0.0) + float(sampled.sum())
             result = loss_fn(mb, out, ctx)
             loss = None
             for part, value in result.sums.items():

@@ -37,7 +37,7 @@ def run_updates(
     sums: dict[str, float] = {}
     count = 0
     for _ in range(algo.ppo_epochs):
-        for mini_rows in iter_mini_batches(rows, mini, shuffle):
+        for mini_rows in iter_mini_batches(rows, mini, shuffle, strata=batch.get("expert_mask")):
             ctx.measure_rollout_gap = count == 0
             for k, v in engine.step(select_rows(batch, mini_rows), loss_fn, ctx).items():
                 sums[k] = sums.get(k, 0.0) + v
