@@ -18,6 +18,7 @@ from llmrl.algorithms.config import AlgorithmConfig
 from llmrl.config_base import Section
 from llmrl.data.config import DataConfig
 from llmrl.data.expert import ExpertConfig
+from llmrl.data.sources import looks_like_hub_id
 from llmrl.distributed.cluster import ClusterConfig
 from llmrl.eval.config import EvalConfig
 from llmrl.models import ModelConfig
@@ -257,6 +258,9 @@ def check_recipe(recipe: Recipe, source: str) -> None:
             f"algorithm.advantage: '{algo.advantage}' needs a critic, and expert rows (no rollout, no reward) cannot feed one; "
             f"CHORD takes any critic-free estimator (grpo, rloo, lite, reinforce_pp, ...) in {source}"
         )
+    expert_path = recipe.expert.path
+    if expert_rows_per_step(recipe) and expert_path and not Path(expert_path).expanduser().exists() and not looks_like_hub_id(expert_path):
+        raise RecipeError(f"expert.path: {expert_path!r} is not an existing file or directory, nor a hub id in {source}")
     for i, item in enumerate(recipe.reward.functions):
         spec = item if isinstance(item, str) else item.fn
         try:

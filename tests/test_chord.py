@@ -163,6 +163,12 @@ def test_kl_in_reward_and_rollout_gap_skip_expert_rows():
     assert on_policy_mask(batch).tolist() == [[1, 1], [0, 0], [1, 1]]
 
 
+def test_a_missing_expert_file_is_a_recipe_error():
+    with pytest.raises(RecipeError, match="expert.path: 'nowhere/e.jsonl' is not an existing file"):
+        load_recipe(None, ["algorithm.name=sft", "expert.path=nowhere/e.jsonl"])
+    load_recipe(None, ["expert.path=nowhere/e.jsonl"])  # grpo reads no expert data: not checked
+
+
 def test_a_critic_is_refused_with_expert_rows():
     with pytest.raises(RecipeError, match="algorithm.advantage: 'gae' needs a critic"):
         load_recipe(None, ["algorithm.name=chord", "algorithm.advantage=gae"])
