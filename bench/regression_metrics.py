@@ -29,7 +29,7 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 TOLERANCE = 1e-6
 # Wall-clock figures differ on every run; everything else is a function of the seed.
 VOLATILE_PREFIXES = ("time/", "perf/")
-VOLATILE_KEYS = {"reward/time_s"}
+VOLATILE_KEYS = {"reward/time_s", "agent/tool_latency_s"}
 
 TINY = [
     "model.name=tiny", "rollout.n=4", "train.prompts_per_step=2", "train.micro_batch_size=4", "rollout.max_new_tokens=8",

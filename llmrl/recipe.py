@@ -175,13 +175,15 @@ def resolve_recipe(recipe: Recipe) -> Recipe:
     if algo.loss_scale_factor is None:
         algo = algo.model_copy(update={"loss_scale_factor": recipe.rollout.max_new_tokens})
     workflow = recipe.rollout.workflow
-    if workflow.name is None:
-        name = get_preset(algo.name).workflow
+    preset = get_preset(algo.name)
+    if workflow.name is None or (workflow.name == preset.workflow and preset.workflow_options):
+        name = workflow.name or preset.workflow
+        options = {**preset.workflow_options, **workflow.options()}
         try:
-            check_workflow_options(name, workflow.options())
+            check_workflow_options(name, options)
         except ValueError as err:
             raise ValueError(f"rollout.workflow: {err}") from None
-        workflow = WorkflowConfig(name=name, **workflow.options())
+        workflow = WorkflowConfig(name=name, **options)
     rollout = recipe.rollout.model_copy(update={"workflow": workflow})
     return recipe.model_copy(update={"algorithm": algo, "rollout": rollout})
 

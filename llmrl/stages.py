@@ -273,8 +273,14 @@ class ExpertMix(Stage):
 
 def expert_trajectory(example: ExpertExample, group_id: int) -> Trajectory:
     p, total = len(example.task.prompt_ids), len(example.task.prompt_ids) + len(example.response_ids)
+    spans, turn_ends = [Span("prompt", 0, p)], []
+    for role, length in example.segments or [("policy", total - p)]:
+        start = spans[-1].end
+        spans.append(Span(role, start, start + length))  # type: ignore[arg-type]
+        if role == "policy" and length:
+            turn_ends.append(start + length - 1)
     return Trajectory(
         task=example.task, token_ids=list(example.task.prompt_ids) + example.response_ids,
-        spans=[Span("prompt", 0, p), Span("policy", p, total)], rollout_logprobs=[0.0] * total, finish_reason="stop",
-        group_id=group_id, completion_text=example.response, turn_ends=[total - 1], expert=True,
+        spans=spans, rollout_logprobs=[0.0] * total, finish_reason="stop",
+        group_id=group_id, completion_text=example.response, turn_ends=turn_ends, expert=True,
     )

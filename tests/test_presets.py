@@ -133,4 +133,4 @@ def test_recipe_wiring():
     cfg = resolve_algorithm(recipe.algorithm)
     assert cfg.clip_eps_high == 0.28 and cfg.norm_adv_by_std is False
     with pytest.raises(RecipeError, match=r"algorithm.name.*did you mean 'gspo'"):
-        load_recipe(None, ["algorithm.name=gpso"])
+        load_recipe(None, ["algorithm.name=gspoo"])

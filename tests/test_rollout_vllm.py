@@ -146,3 +146,53 @@ def test_training_loop_on_the_vllm_engine(tmp_path, engine):
     assert rows[0]["actor/grad_norm"] > 0
     for r in rows:
         assert r["rollout/logprob_diff"] < 1e-3, (r["step"], r["rollout/logprob_diff"])
+
+
+def test_multi_turn_episode_batch_on_the_vllm_engine(engine, tokenizer):
+    """One step's episodes through the multi_turn workflow on vLLM: stop strings end turns with
+    the closing tag among the sampled tokens, observations are appended, every prompt extends the
+    last, and the information-gain scoring runs through vLLM's `score`."""
+    from llmrl.data import build_tasks
+    from llmrl.data.config import DataConfig
+    from llmrl.reward import RewardComputer
+    from llmrl.reward.config import RewardConfig
+    from llmrl.rollout.multi_turn import MultiTurn, MultiTurnOptions
+    from llmrl.rollout.workflows import WorkflowContext
+    from llmrl.types import GroupIds
+
+    tasks = build_tasks(DataConfig(type="multihop", limit=2), tokenizer).tasks
+    name = tasks[0].meta["expert_turns"][0]["text"]  # "<search>NAME</search>"
+    # Begin the first task's reply inside a search call, so a turn that ends at the stop string is sure.
+    tasks[0].prompt_ids = tasks[0].prompt_ids + tokenizer.encode(name[: -len("</search>")], add_special_tokens=False)
+    seen: list[list[int]] = []
+
+    class Recording:
+        def generate(self, prompts, sampling):
+            seen.extend(list(p) for p in prompts)
+            return engine.generate(prompts, sampling)
+
+        def score(self, *args, **kw):
+            return engine.score(*args, **kw)
+
+    workflow = MultiTurn(MultiTurnOptions(tools={"search": {"corpus": "multihop", "topk": 2}}, max_turns=3, max_turn_tokens=24, info_gain="log_prob_diff"))
+    rewards = RewardComputer(RewardConfig(functions=["search_f1"]))
+    ctx = WorkflowContext(Recording(), rewards, SamplingParams(temperature=0.0, max_new_tokens=24, seed=0), tokenizer, GroupIds(), 1, 2)
+    groups = workflow.run(tasks, ctx)
+    trajectories = [t for g in groups for t in g.trajectories]
+    assert len(trajectories) == 4
+    for prompt in seen:
+        assert any(t.token_ids[: len(prompt)] == prompt for t in trajectories)
+    for traj in trajectories:
+        assert traj.spans[-1].end == len(traj.token_ids) and traj.turn_ends
+    assert workflow.metrics()["agent/score_calls"] >= 1
+    rewards.close()
+
+    # A stop string ends the turn with the string's tokens kept among the sampled ones (the workflow
+    # parses the closing tag from them): stop greedy generation at a word it is known to write.
+    prompt = tasks[1].prompt_ids
+    free = engine.generate([prompt], SamplingParams(temperature=0.0, max_new_tokens=24, seed=0))[0]
+    words = tokenizer.decode(free.token_ids).split()
+    stop = words[len(words) // 2]
+    cut = engine.generate([prompt], SamplingParams(temperature=0.0, max_new_tokens=24, stop=[stop], seed=0))[0]
+    assert cut.finish_reason == "stop" and stop in tokenizer.decode(cut.token_ids)
+    assert cut.token_ids == free.token_ids[: len(cut.token_ids)] and len(cut.token_ids) < len(free.token_ids)

@@ -18,6 +18,7 @@ from llmrl.algorithms.kl import KL_ESTIMATORS
 from llmrl.algorithms.kl_controller import KL_CONTROLLERS
 from llmrl.algorithms.losses import LOSSES
 from llmrl.algorithms import chord as _chord  # noqa: F401  registers the "chord" loss before names are checked
+from llmrl.algorithms import igpo as _igpo  # noqa: F401  registers the "igpo" advantage before names are checked
 from llmrl.algorithms.presets import PRESETS, get_preset
 from llmrl.config_base import Section
 from llmrl.registry import registered_name
@@ -35,7 +36,7 @@ class AlgorithmConfig(Section):
         ),
     )
     advantage: registered_name(ADVANTAGES) | None = Field(
-        None, description="Advantage estimator by registered name (grpo, dr_grpo, rloo, lite, reinforce_pp, reinforce_pp_baseline, gae); None = the preset's."
+        None, description="Advantage estimator by registered name (grpo, dr_grpo, rloo, lite, reinforce_pp, reinforce_pp_baseline, gae, igpo); None = the preset's."
     )
     loss: registered_name(LOSSES) | None = Field(
         None, description="Policy loss by registered name (ppo_clip, gspo, rloo_seq, chord, sft); None = the preset's."
@@ -59,7 +60,11 @@ class AlgorithmConfig(Section):
             "A = r/(1+eps) (verl grpo: mean 0, std 1), RLOO A = r (verl rloo)."
         ),
     )
-    gamma: float = Field(1.0, ge=0, le=1, description="Discount for GAE and REINFORCE++ returns (verl 1.0).")
+    gamma: float = Field(1.0, ge=0, le=1, description="Discount for GAE, REINFORCE++ returns and IGPO's turn accumulation (verl and IGPO 1.0).")
+    igpo_norm_mode: Literal["separate", "joint"] = Field(
+        "separate",
+        description="igpo: group-normalise information-gain and outcome rewards in separate pools (the authors' train.sh) or in one joint pool.",
+    )
     lam: float = Field(1.0, ge=0, le=1, description="GAE lambda (verl 1.0; TRL PPO uses 0.95).")
     whiten_advantages: bool = Field(
         True,

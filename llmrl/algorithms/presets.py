@@ -24,6 +24,8 @@ class AlgorithmPreset:
     # PPO's `critic` builds a value model and fits it.
     stages: tuple[str, ...] = ()
     description: str = ""
+    # Options the preset's workflow gets unless the recipe sets them (IGPO switches on info_gain).
+    workflow_options: dict[str, Any] = field(default_factory=dict)
 
 
 def register_preset(name: str, preset: AlgorithmPreset) -> AlgorithmPreset:
@@ -160,5 +162,18 @@ register_preset(
         "none", "grpo", "chord", {"sft_phi": False, "mu_peak": 1.0, "mu_valley": 1.0}, stages=("expert_mix",),
         description="Supervised fine-tuning on the expert rows (CHORD with mu = 1 and no rollouts): no generation, "
         "one forward/backward over prompts_per_step x rollout.n expert rows a step.",
+    ),
+)
+
+# IGPO (Wang et al. 2025, arXiv 2510.14967): multi-turn agent rollouts whose non-final turns earn the
+# information gain on the gold answer; turn-level advantage (llmrl/algorithms/igpo.py). The IG
+# definition ships as log_prob_diff, the authors' updated train.sh setting.
+register_preset(
+    "igpo",
+    AlgorithmPreset(
+        "multi_turn", "igpo", "ppo_clip", {},
+        workflow_options={"info_gain": "log_prob_diff"},
+        description="IGPO: multi_turn rollouts, information-gain turn rewards (rollout.workflow.info_gain) plus the final "
+        "F1, normalised per group (separate pools), accumulated over turns with gamma and broadcast over each turn's tokens.",
     ),
 )

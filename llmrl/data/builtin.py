@@ -254,6 +254,47 @@ class ArithmeticTask(TaskType):
         return rows, f"arithmetic generator (difficulty {cfg.difficulty}, seed {cfg.data_seed})"
 
 
+SEARCH_INSTRUCTION = (
+    "Answer the question. You can look facts up: write <search>query</search> and the results come back "
+    "between <information> and </information>. Search as often as you need. When you know the answer, write "
+    "it as <answer>answer</answer>."
+)
+
+
+@register_task_type("qa")
+class QaTask(TaskType):
+    """Questions with one or more gold answers, for search agents: `question` and `golden_answers`
+    (a list, or one string) by default, as the Search-R1 family's data has them. Every gold answer
+    is kept in meta `answers`; the F1 reward takes the best match."""
+
+    default_fields = {"prompt": "question", "answer": "golden_answers", "id": "id"}
+    required_fields = frozenset({"prompt", "answer"})
+    instruction = SEARCH_INSTRUCTION
+
+    def gold(self, values: dict[str, Any]) -> str:
+        golds = values.pop("answer")
+        golds = [golds] if isinstance(golds, str) else list(golds)
+        golds = [str(g).strip() for g in golds if str(g).strip()]
+        if not golds:
+            raise RowError("no_answer", "no gold answer")
+        values["answers"] = golds
+        return golds[0]
+
+
+@register_task_type("multihop")
+class MultihopTask(QaTask):
+    """The generated multi-hop knowledge-base questions (llmrl/data/multihop.py): no download; the
+    search tool's built-in corpus `multihop` holds the facts. Each task carries a demonstration of
+    the tag protocol in meta `expert_turns`, for warm starts."""
+
+    default_fields = {"prompt": "question", "answer": "answer", "id": "id", "expert_turns": "expert_turns"}
+
+    def load_rows(self, cfg: DataConfig, split: str) -> tuple[list[Row], str]:
+        from llmrl.data.multihop import multihop_rows
+
+        return multihop_rows(split, cfg.limit), "multi-hop knowledge-base generator"
+
+
 # ---------------------------------------------------------------- building a task set
 
 

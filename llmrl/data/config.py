@@ -14,9 +14,11 @@ class DataConfig(Section):
     type: str = Field(
         "arithmetic",
         description=(
-            "Built-in task type: `arithmetic` (generated, no download), `gsm8k`, `math`, or "
-            "`generic` (any dataset, columns chosen with `fields`). It decides how the gold "
-            "answer is read, the default instruction, and the default reward."
+            "Built-in task type: `arithmetic` (generated, no download), `gsm8k`, `math`, "
+            "`multihop` (generated knowledge-base questions for search agents, no download), `qa` "
+            "(question + golden_answers rows for search agents), or `generic` (any dataset, columns "
+            "chosen with `fields`). It decides how the gold answer is read, the default "
+            "instruction, and the default reward."
         ),
     )
     path: str | None = Field(
@@ -24,7 +26,7 @@ class DataConfig(Section):
         description=(
             "Where rows come from: a .jsonl/.json/.parquet file, a directory (holding "
             "`<split>.jsonl` directly or under a per-type folder such as `gsm8k/` or `math500/`), "
-            "or a hub dataset id like `openai/gsm8k`. Ignored by `arithmetic`."
+            "or a hub dataset id like `openai/gsm8k`. Ignored by `arithmetic` and `multihop`."
         ),
     )
     eval_path: str | None = Field(

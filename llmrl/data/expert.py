@@ -62,6 +62,9 @@ class ExpertExample:
     task: Task  # the prompt (messages, templated ids), as for an RL task
     response: str
     response_ids: list[int]  # the response's tokens and the EOS that ends the reply
+    # A multi-turn demonstration: (role, token count) of each consecutive piece of response_ids,
+    # `policy` (trained on) or `observation` (a tool result: context only). None: all policy.
+    segments: list[tuple[str, int]] | None = None
 
 
 @dataclass
@@ -85,17 +88,22 @@ def build_expert_set(cfg: ExpertConfig, data: DataConfig, tokenizer: Any, train_
     fields = {**DEFAULT_FIELDS, **cfg.fields}
     for index, row in enumerate(rows):
         try:
-            if isinstance(row, Task):
-                task, response = row, _task_solution(row)
+            segments = None
+            if isinstance(row, Task) and row.meta.get("expert_turns"):
+                task = row
+                response, response_ids, segments = _demonstration(row.meta["expert_turns"], tokenizer)
             else:
-                task, response = _parse_row(row, index, fields, instruction, data.system_prompt, tokenizer)
-            response_ids = tokenizer.encode(response, add_special_tokens=False) + [tokenizer.eos_token_id]
+                if isinstance(row, Task):
+                    task, response = row, _task_solution(row)
+                else:
+                    task, response = _parse_row(row, index, fields, instruction, data.system_prompt, tokenizer)
+                response_ids = tokenizer.encode(response, add_special_tokens=False) + [tokenizer.eos_token_id]
             if len(task.prompt_ids) + len(response_ids) > cfg.max_tokens:
                 raise RowError("too_long", f"{len(task.prompt_ids) + len(response_ids)} tokens > expert.max_tokens {cfg.max_tokens}")
         except RowError as error:
             skipped.add(index, error)
             continue
-        examples.append(ExpertExample(task, response, response_ids))
+        examples.append(ExpertExample(task, response, response_ids, segments))
     if not rows:
         raise DataConfigError(f"expert.path: {source} has no rows")
     try:
@@ -103,6 +111,24 @@ def build_expert_set(cfg: ExpertConfig, data: DataConfig, tokenizer: Any, train_
     except DataConfigError as err:
         raise DataConfigError(str(err).replace("data.max_bad_fraction", "expert.max_bad_fraction", 1)) from None
     return ExpertSet(examples, source, skipped.stats(len(rows)))
+
+
+def _demonstration(turns: Any, tokenizer: Any) -> tuple[str, list[int], list[tuple[str, int]]]:
+    """A multi-turn demonstration (meta `expert_turns`: [{"role": "policy" | "observation", "text"}]),
+    tokenised piece by piece as the multi_turn workflow extends its sequences. It ends with its
+    last policy piece: an agent episode stops at its closing tag, not at EOS."""
+    if not isinstance(turns, list) or not turns:
+        raise RowError("bad_expert_turns", "expert_turns must be a non-empty list of {role, text}")
+    ids: list[int] = []
+    segments: list[tuple[str, int]] = []
+    for turn in turns:
+        role, text = (turn.get("role"), turn.get("text")) if isinstance(turn, Mapping) else (None, None)
+        if role not in ("policy", "observation") or not isinstance(text, str):
+            raise RowError("bad_expert_turns", f"expert_turns entry {turn!r} needs role policy|observation and a text")
+        piece = tokenizer.encode(text, add_special_tokens=False)
+        ids.extend(piece)
+        segments.append((role, len(piece)))
+    return "".join(t["text"] for t in turns), ids, segments
 
 
 def _task_solution(task: Task) -> str:

@@ -39,10 +39,12 @@ def build_messages(
     return messages
 
 
-def tokenize_prompt(tokenizer: Any, messages: Sequence[Mapping[str, str]]) -> list[int]:
-    """Token ids of the chat with the assistant's generation prompt at the end."""
+def tokenize_prompt(tokenizer: Any, messages: Sequence[Mapping[str, str]], tools: list[dict] | None = None) -> list[int]:
+    """Token ids of the chat with the assistant's generation prompt at the end; `tools` (function
+    schemas) are rendered by templates that support them."""
+    extra = {"tools": tools} if tools else {}
     encoded = tokenizer.apply_chat_template(
-        list(messages), add_generation_prompt=True, tokenize=True
+        list(messages), add_generation_prompt=True, tokenize=True, **extra
     )
     # transformers 5 returns a BatchEncoding (a Mapping); older versions a bare list.
     if isinstance(encoded, Mapping):

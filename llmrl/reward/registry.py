@@ -42,6 +42,7 @@ BUILTIN_REWARD_MODULES = (
     "llmrl.reward.builtin.gsm8k",
     "llmrl.reward.builtin.length",
     "llmrl.reward.builtin.math",
+    "llmrl.reward.builtin.search_qa",
     "llmrl.reward.builtin.toy",
 )
 
@@ -109,7 +110,7 @@ def known_reward_names() -> list[str]:
 
 def default_reward_for_kind(kind: str) -> str:
     """The reward a task type uses when the recipe lists none."""
-    defaults = {"arithmetic": "arithmetic", "gsm8k": "gsm8k", "math": "math"}
+    defaults = {"arithmetic": "arithmetic", "gsm8k": "gsm8k", "math": "math", "qa": "search_f1", "multihop": "search_f1"}
     if kind not in defaults:
         raise RewardConfigError(
             f"data type {kind!r} has no default reward; list one in reward.functions "

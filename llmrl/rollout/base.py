@@ -43,7 +43,7 @@ def _import_builtin_engines() -> None:
 
 ROLLOUT_ENGINES: Registry[Callable[..., "RolloutEngine"]] = Registry("rollout engine", loader=_import_builtin_engines)
 WORKFLOWS: Registry[Any] = Registry(
-    "workflow", loader=lambda: [importlib.import_module(m) for m in ("llmrl.rollout.workflows", "llmrl.rollout.guided")]
+    "workflow", loader=lambda: [importlib.import_module(m) for m in ("llmrl.rollout.workflows", "llmrl.rollout.guided", "llmrl.rollout.multi_turn")]
 )
 
 
