@@ -168,9 +168,6 @@ class MultiTurn(Workflow):
             self._observe(pending, counts, ctx)
             if opts.info_gain:
                 self._score_gold([ep for ep in episodes if ep.live], ctx, counts)
-        for ep in episodes:
-            if ep.live:  # only reachable when max_turns ended the loop with observations pending
-                ep.end = "max_turns"
         groups = [Group(gid, task, []) for gid, task in zip(groups_of, tasks)]
         for ep, group in zip(episodes, [g for g in groups for _ in range(ctx.n)]):
             group.trajectories.append(self._trajectory(ep, ctx.tokenizer))
@@ -229,16 +226,20 @@ class MultiTurn(Workflow):
     # ------------------------------------------------------------------ information gain
     def _score_gold(self, episodes: list[Episode], ctx: WorkflowContext, counts: StepCounts) -> None:
         """l for each episode's current history: one engine.score call for all of them."""
-        if not episodes:
-            return
         tok = ctx.tokenizer
         lead = tok.encode(self.options.info_gain_lead_in + ANSWER_OPEN, add_special_tokens=False)
         golds = [tok.encode(str(ep.task.answer or ""), add_special_tokens=False) for ep in episodes]
+        for ep, gold in zip(episodes, golds):
+            if not gold:  # no gold answer: no gain to measure (its IG turns are skipped)
+                ep.ell.append(math.nan)
+        scored_eps = [(ep, gold) for ep, gold in zip(episodes, golds) if gold]
+        if not scored_eps:
+            return
         with ctx.timer("info_gain"):
-            scored = ctx.engine.score([ep.ids + lead for ep in episodes], golds, temperature=1.0)
+            scored = ctx.engine.score([ep.ids + lead for ep, _ in scored_eps], [gold for _, gold in scored_eps], temperature=1.0)
         counts.score_calls += 1
-        for ep, logprobs in zip(episodes, scored):
-            ep.ell.append(float(np.mean(logprobs)) if len(logprobs) else math.nan)
+        for (ep, _), logprobs in zip(scored_eps, scored):
+            ep.ell.append(float(np.mean(logprobs)))
 
     def _add_info_gain(self, groups: list[Group], episodes: list[Episode]) -> None:
         if not self.options.info_gain:

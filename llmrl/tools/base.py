@@ -9,10 +9,9 @@ and counts it; a failing tool never stops a run.
 from __future__ import annotations
 
 import importlib
+import threading
 import time
 from abc import ABC, abstractmethod
-from concurrent.futures import ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -82,48 +81,52 @@ class ToolResult:
 
 
 class ToolRunner:
-    """Runs a turn's tool calls concurrently in threads, each under `timeout_s`. A call that
-    raises or overruns becomes an error observation; an overrunning thread is abandoned, not
-    killed (Python cannot kill threads), so a tool that can hang should have its own timeout."""
+    """Runs a turn's tool calls concurrently, each in a daemon thread, all under `timeout_s` from
+    the start of the turn's calls. A call that raises or overruns becomes an error observation;
+    an overrunning thread is abandoned, not killed (Python cannot kill threads; being a daemon it
+    cannot hold the process open at exit), so a tool that can hang should have its own timeout."""
 
-    def __init__(self, tools: dict[str, Tool], timeout_s: float, workers: int = 8) -> None:
+    def __init__(self, tools: dict[str, Tool], timeout_s: float) -> None:
         self.tools = tools
         self.timeout_s = timeout_s
-        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="llmrl-tool")
 
     def run(self, calls: list[tuple[str, dict[str, Any]]]) -> list[ToolResult]:
-        started = time.perf_counter()
-        futures = []
-        for name, arguments in calls:
+        slots: list[dict[str, Any]] = [{} for _ in calls]
+        threads: list[threading.Thread | None] = []
+        for (name, arguments), slot in zip(calls, slots):
             tool = self.tools.get(name)
             if tool is None:
-                futures.append(None)
+                threads.append(None)
                 continue
-            futures.append(self.pool.submit(_timed, tool, arguments))
+            thread = threading.Thread(target=_timed, args=(tool, arguments, slot), daemon=True, name=f"llmrl-tool-{name}")
+            thread.start()
+            threads.append(thread)
+        deadline = time.perf_counter() + self.timeout_s
         results = []
-        for (name, _), future in zip(calls, futures):
-            if future is None:
+        for (name, _), thread, slot in zip(calls, threads, slots):
+            if thread is None:
                 known = ", ".join(sorted(self.tools)) or "none"
                 results.append(ToolResult(f"error: no tool named '{name}' (tools: {known})", False, False, 0.0))
                 continue
-            remaining = max(self.timeout_s - (time.perf_counter() - started), 0.0)
-            try:
-                text, seconds = future.result(timeout=remaining)
-                results.append(ToolResult(text, True, False, seconds))
-            except FutureTimeout:
-                future.cancel()
+            thread.join(max(deadline - time.perf_counter(), 0.0))
+            if thread.is_alive():
                 results.append(ToolResult(f"error: {name} timed out after {self.timeout_s:g} s", False, True, self.timeout_s))
-            except Exception as exc:  # noqa: BLE001 - any tool failure becomes an observation
-                results.append(ToolResult(f"error: {name} failed: {type(exc).__name__}: {exc}"[:500], False, False, 0.0))
+            elif "error" in slot:
+                err = slot["error"]
+                results.append(ToolResult(f"error: {name} failed: {type(err).__name__}: {err}"[:500], False, False, slot["seconds"]))
+            else:
+                results.append(ToolResult(slot["text"], True, False, slot["seconds"]))
         return results
 
     def close(self) -> None:
-        self.pool.shutdown(wait=False, cancel_futures=True)
         for tool in self.tools.values():
             tool.close()
 
 
-def _timed(tool: Tool, arguments: dict[str, Any]) -> tuple[str, float]:
+def _timed(tool: Tool, arguments: dict[str, Any], slot: dict[str, Any]) -> None:
     started = time.perf_counter()
-    text = tool(**arguments)
-    return str(text), time.perf_counter() - started
+    try:
+        slot["text"] = str(tool(**arguments))
+    except Exception as exc:  # noqa: BLE001 - any tool failure becomes an observation
+        slot["error"] = exc
+    slot["seconds"] = time.perf_counter() - started
