@@ -188,11 +188,13 @@ def test_multi_turn_episode_batch_on_the_vllm_engine(engine, tokenizer):
     rewards.close()
 
     # A stop string ends the turn with the string's tokens kept among the sampled ones (the workflow
-    # parses the closing tag from them): stop greedy generation at a word it is known to write.
+    # parses the closing tag from them): stop greedy generation at text it is known to write by
+    # its middle (whatever the weights earlier tests in this module left).
     prompt = tasks[1].prompt_ids
     free = engine.generate([prompt], SamplingParams(temperature=0.0, max_new_tokens=24, seed=0))[0]
-    words = tokenizer.decode(free.token_ids).split()
-    stop = words[len(words) // 2]
+    middle = len(free.token_ids) // 2
+    stop = tokenizer.decode(free.token_ids[middle - 2 : middle])
+    assert stop.strip(), "the greedy text has something to stop at"
     cut = engine.generate([prompt], SamplingParams(temperature=0.0, max_new_tokens=24, stop=[stop], seed=0))[0]
     assert cut.finish_reason == "stop" and stop in tokenizer.decode(cut.token_ids)
-    assert cut.token_ids == free.token_ids[: len(cut.token_ids)] and len(cut.token_ids) < len(free.token_ids)
+    assert cut.token_ids == free.token_ids[: len(cut.token_ids)] and len(cut.token_ids) <= middle + 1

