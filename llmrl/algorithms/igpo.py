@@ -53,11 +53,12 @@ def igpo(inputs: AdvantageInputs) -> tuple[torch.Tensor, dict[str, float]]:
     separate = cfg.igpo_norm_mode == "separate"
 
     # raw turn rewards per row: IG for every turn but the last, the outcome for the last
-    rows: list[tuple[list[int], list[float], float]] = []  # (turns, IG per non-final turn, outcome)
+    # (turns, IG per non-final turn, outcome, the row's turn id per token)
+    rows: list[tuple[list[int], list[float], float, torch.Tensor]] = []
     for i in range(mask.shape[0]):
         turns, row_turns = _row_turns(None if inputs.turn_ids is None else inputs.turn_ids[i], mask[i])
         ig = [float(gains[i][row_turns == k].sum()) for k in turns[:-1]]
-        rows.append((turns, ig, float(outcome[i].sum())))
+        rows.append((turns, ig, float(outcome[i].sum()), row_turns))
 
     advantages = torch.zeros_like(mask, dtype=torch.float32)
     group_ids = inputs.group_ids.tolist()
@@ -82,10 +83,9 @@ def igpo(inputs: AdvantageInputs) -> tuple[torch.Tensor, dict[str, float]]:
 
         any_nonzero = False
         for i in members:
-            turns, ig, final = rows[i]
+            turns, ig, final, row_turns = rows[i]
             scaled = [0.0 if (separate and x == 0.0) else normalise(x, ig_stats) for x in ig] + [normalise(final, final_stats)]
             running = 0.0
-            _, row_turns = _row_turns(None if inputs.turn_ids is None else inputs.turn_ids[i], mask[i])
             for k, r in reversed(list(zip(turns, scaled))):
                 running = r + cfg.gamma * running
                 tokens = (row_turns == k) & (mask[i] > 0)

@@ -27,6 +27,7 @@ fit is cut there and the episode ends) and `tool_timeout_s` (the call's observat
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -85,7 +86,6 @@ class Episode:
     end: str = ""
     finish_reason: FinishReason = "stop"
     tool_calls: int = 0
-    tool_errors: int = 0
 
     @property
     def live(self) -> bool:
@@ -148,17 +148,15 @@ class MultiTurn(Workflow):
         if opts.info_gain:
             self._score_gold(episodes, ctx, counts)
         sampling = ctx.sampling
-        turn_sampling = type(sampling)(
-            sampling.temperature, sampling.top_p, sampling.top_k, opts.max_turn_tokens,
-            sorted(set(sampling.stop) | set(self.protocol.stop)), sampling.seed,
-        )
+        stop = sorted(set(sampling.stop) | set(self.protocol.stop))
         for turn in range(opts.max_turns):
             live = [ep for ep in episodes if ep.live]
             if not live:
                 break
+            # a fresh, reproducible sampling stream per turn
+            seed = None if sampling.seed is None else sampling.seed + 104_729 * turn
+            turn_sampling = dataclasses.replace(sampling, max_new_tokens=opts.max_turn_tokens, stop=stop, seed=seed)
             with ctx.timer("generate"):
-                if turn_sampling.seed is not None:
-                    turn_sampling.seed = sampling.seed + 104_729 * turn  # a fresh stream per turn, reproducible
                 completions = ctx.engine.generate([ep.ids for ep in live], turn_sampling)
             pending: list[tuple[Episode, list[tuple[str, dict[str, Any]]], str | None]] = []
             for ep, completion in zip(live, completions):
@@ -207,7 +205,6 @@ class MultiTurn(Workflow):
         for ep, episode_calls, malformed in pending:
             texts = [] if malformed is None else [f"error: {malformed}"]
             ep.tool_calls += len(episode_calls)
-            ep.tool_errors += malformed is not None
             counts.tool_errors += malformed is not None
             for _ in episode_calls:
                 result = next(results)
@@ -216,7 +213,6 @@ class MultiTurn(Workflow):
                 counts.tool_errors += not result.ok
                 counts.tool_timeouts += result.timed_out
                 counts.tool_seconds.append(result.seconds)
-                ep.tool_errors += not result.ok
             obs = self.protocol.observation_ids(texts)
             room = self.options.max_context_tokens - len(ep.ids)
             ep.append("observation", obs[:room])
