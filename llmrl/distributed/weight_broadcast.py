@@ -63,13 +63,20 @@ def send_buckets(group: Any, buckets: Iterable[list[tuple[str, torch.Tensor]]]) 
     """Rank 0's side: every bucket, then the end marker. Returns the bytes of weights sent."""
     sent = 0
     for bucket in buckets:
-        flat = [t.detach().contiguous().cpu().reshape(-1).view(torch.uint8) for _, t in bucket]
-        header = [(name, str(t.dtype), tuple(t.shape), f.numel()) for (name, t), f in zip(bucket, flat)]
-        _send_blob(group, torch.frombuffer(bytearray(pickle.dumps(header)), dtype=torch.uint8))
-        _send_blob(group, torch.cat(flat) if flat else torch.empty(0, dtype=torch.uint8))
-        sent += sum(f.numel() for f in flat)
+        sent += _send_bucket(group, bucket)
+        # Under ZeRO-3 the tensors are views of a gathered bucket: holding them while the next one
+        # is gathered would keep two gathered buckets alive at once.
+        del bucket
     _send_blob(group, torch.empty(0, dtype=torch.uint8))  # an empty header ends the sync
     return sent
+
+
+def _send_bucket(group: Any, bucket: list[tuple[str, torch.Tensor]]) -> int:
+    flat = [t.detach().contiguous().cpu().reshape(-1).view(torch.uint8) for _, t in bucket]
+    header = [(name, str(t.dtype), tuple(t.shape), f.numel()) for (name, t), f in zip(bucket, flat)]
+    _send_blob(group, torch.frombuffer(bytearray(pickle.dumps(header)), dtype=torch.uint8))
+    _send_blob(group, torch.cat(flat) if flat else torch.empty(0, dtype=torch.uint8))
+    return sum(f.numel() for f in flat)
 
 
 def receive_buckets(group: Any) -> Iterator[list[tuple[str, torch.Tensor]]]:
