@@ -14,12 +14,19 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from llmrl.models import ModelError
     from llmrl.recipe import RecipeError
     from llmrl.reward import RewardConfigError
+    from llmrl.run_dir import RunDirError
 
-    return (RecipeError, ModelError, DataConfigError, RewardConfigError)
+    return (RecipeError, ModelError, DataConfigError, RewardConfigError, RunDirError)
+
+
+# A run stopped by SIGTERM or Ctrl-C after saving its checkpoint: sysexits.h's EX_TEMPFAIL ("try
+# again later"), so a scheduler or script can tell "stopped early, resumable" from "finished" (0),
+# "failed" (1) and "bad input" (2).
+EXIT_STOPPED = 75
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from llmrl.loop import train
+    from llmrl.loop import TrainingStopped, train
     from llmrl.recipe import load_recipe
     from llmrl.distributed.ray_calls import ClusterError
     from llmrl.train.engine import NonFiniteUpdateError
@@ -27,7 +34,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     overrides = list(args.overrides) + (["resume=auto"] if args.resume else [])
     recipe = load_recipe(args.recipe, overrides)
     try:
-        run_dir = train(recipe)
+        run_dir = train(recipe, overwrite=args.overwrite)
+    except TrainingStopped as stopped:
+        print(f"\nllmrl: {stopped}", file=sys.stderr)
+        return EXIT_STOPPED
     except NonFiniteUpdateError as err:
         print(f"llmrl: training aborted: {err}", file=sys.stderr)
         return 1
@@ -61,7 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a recipe")
     p.add_argument("recipe", help="recipe YAML")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=2 model.name=tiny")
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
+    start = p.add_mutually_exclusive_group()
+    start.add_argument("--resume", action="store_true", help="continue from the newest intact checkpoint in output_dir")
+    start.add_argument("--overwrite", action="store_true", help="delete the run already in output_dir (its checkpoints too) and start afresh")
     p.set_defaults(fn=cmd_train)
 
     p = sub.add_parser("validate", help="check a recipe and print it with every default filled in")
@@ -83,6 +95,12 @@ def main(argv: list[str] | None = None) -> int:
     except user_errors() as err:
         print(f"llmrl: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:
+        # A full disk or a vanished mount mid-run is no bug of ours or the user's input: one line
+        # that says which file, and what is safe (checkpoints are written atomically).
+        where = f" ({err.filename})" if err.filename else ""
+        print(f"llmrl: error: {err.strerror or err}{where}; files written before it are intact", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
