@@ -59,7 +59,7 @@ class OpenRun:
 
     def release(self) -> None:
         try:
-            os.close(self.lock_fd)  # closing drops the flock
+            os.close(self.lock_fd)  # closing drops the lock
         except OSError:
             pass
         (self.path / LOCK_FILE).unlink(missing_ok=True)
@@ -102,13 +102,14 @@ def _make_dir(run_dir: Path) -> None:
 
 
 def _claim(run_dir: Path) -> int:
-    """An exclusive flock on run.lock, which records the holder's pid and host. The kernel drops
-    the flock when its process dies, however it dies, so a lock file left by a dead process is
-    simply taken over."""
+    """An exclusive lock on run.lock, which records the holder's pid and host. The kernel drops
+    it when its process dies, however it dies, so a lock file left by a dead process is simply
+    taken over. A POSIX record lock (lockf), not flock: forked children (reward workers) do not
+    inherit it, so one that outlives a killed trainer cannot keep its directory locked."""
     path = run_dir / LOCK_FILE
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         holder = _read_holder(fd)
         os.close(fd)

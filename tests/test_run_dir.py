@@ -57,27 +57,33 @@ def test_overwrite_deletes_only_what_llmrl_wrote(tmp_path):
 
 
 def test_a_second_process_cannot_train_into_a_locked_directory_and_a_stale_lock_is_taken_over(tmp_path, capsys):
-    import fcntl
     import socket
 
     out = tmp_path / "run"
     out.mkdir()
-    # A live holder: another open file description holding the flock (as a second trainer would).
-    fd = os.open(out / "run.lock", os.O_RDWR | os.O_CREAT)
-    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    os.write(fd, json.dumps({"pid": 4242, "host": "gpu-node-7"}).encode())
+    # A live holder: another process holding the lock, as a second trainer would.
+    hold = (
+        "import fcntl, json, os, sys, time\n"
+        f"fd = os.open({str(out / 'run.lock')!r}, os.O_RDWR | os.O_CREAT)\n"
+        "fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)\n"
+        "os.write(fd, json.dumps({'pid': 4242, 'host': 'gpu-node-7'}).encode())\n"
+        "print('held', flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", hold], stdout=subprocess.PIPE, text=True)
     try:
+        assert holder.stdout.readline().strip() == "held"
         assert train_cli(out, "train.steps=1") == 2
         err = capsys.readouterr().err
         assert "in use by another training process (pid 4242 on host gpu-node-7)" in err
         assert not (out / "metrics.jsonl").exists()
     finally:
-        os.close(fd)
-    # The holder died without cleaning up: its lock file stays, the flock is gone with it.
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    (out / "run.lock").write_text(json.dumps({"pid": int(dead.stdout), "host": socket.gethostname()}))
+        holder.kill()
+        holder.wait()
+    # The holder died without cleaning up: its lock file stays, the lock is gone with it.
+    (out / "run.lock").write_text(json.dumps({"pid": holder.pid, "host": socket.gethostname()}))
     assert train_cli(out, "train.steps=1") == 0
-    assert f"taking over a stale lock in {out} (pid {int(dead.stdout)}" in capsys.readouterr().err
+    assert f"taking over a stale lock in {out} (pid {holder.pid}" in capsys.readouterr().err
     assert not (out / "run.lock").exists()  # released at the end
 
 
@@ -214,3 +220,31 @@ def test_a_full_disk_is_one_line_and_leaves_every_good_file_intact(tmp_path):
         assert not list((out / "checkpoints").glob(".step_*.tmp"))  # its space given back
     finally:
         subprocess.run(["umount", str(disk)])
+
+
+@pytest.mark.slow
+def test_kill_9_then_resume_ends_on_the_weights_of_an_uninterrupted_run(tmp_path):
+    import signal
+    import time
+
+    import torch
+    from safetensors.torch import load_file
+
+    common = [*TINY, "train.lr=1e-3", "train.steps=6", "checkpoint.every=2"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert main(["train", QUICKSTART, *common, f"output_dir={straight}"]) == 0
+    proc = subprocess.Popen([sys.executable, "-m", "llmrl.cli", "train", QUICKSTART, *common, f"output_dir={split}"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and not (split / "checkpoints" / "step_2").exists():
+        time.sleep(0.2)
+    time.sleep(1.0)  # into step 3: its rows and rollouts may be half-written
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (split / "run.lock").exists()  # left behind by the dead process; its lock went with it
+    assert main(["train", QUICKSTART, *common, f"output_dir={split}", "--resume"]) == 0
+    assert steps_logged(split) == [1, 2, 3, 4, 5, 6]
+    final = "checkpoints/step_6/policy/model.safetensors"
+    wa, wb = load_file(straight / final), load_file(split / final)
+    for name in wa:
+        assert torch.equal(wa[name], wb[name]), name
