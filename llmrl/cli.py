@@ -12,11 +12,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 def user_errors() -> tuple[type[BaseException], ...]:
     from llmrl.data.config import DataConfigError
     from llmrl.models import ModelError
+    from llmrl.plot import PlotError
     from llmrl.recipe import RecipeError
     from llmrl.reward import RewardConfigError
     from llmrl.run_dir import RunDirError
 
-    return (RecipeError, ModelError, DataConfigError, RewardConfigError, RunDirError)
+    return (RecipeError, ModelError, DataConfigError, RewardConfigError, RunDirError, PlotError)
 
 
 # A run stopped by SIGTERM or Ctrl-C after saving its checkpoint: sysexits.h's EX_TEMPFAIL ("try
@@ -64,6 +65,21 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plot(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    try:
+        from llmrl.plot import save_plot
+    except ImportError:
+        print("llmrl: error: llmrl plot needs matplotlib: pip install 'llmrl[plot]'", file=sys.stderr)
+        return 2
+    runs = [Path(r) for r in args.runs]
+    out = Path(args.out) if args.out else (runs[0] / "curves.png" if len(runs) == 1 else Path("curves.png"))
+    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None
+    print(f"wrote {save_plot(runs, out, metrics)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llmrl", description="RL post-training for LLMs")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -80,6 +96,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("recipe", help="recipe YAML")
     p.add_argument("overrides", nargs="*", help="dotted overrides")
     p.set_defaults(fn=cmd_validate)
+
+    p = sub.add_parser("plot", help="draw training curves of one or more runs into a PNG")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories (output_dir of `llmrl train`)")
+    p.add_argument("--out", help="PNG to write (default: RUN_DIR/curves.png for one run, curves.png here for several)")
+    p.add_argument("--metrics", help="comma-separated metric names or globs, one panel each (default: reward, accuracy, "
+                   "length, truncation, entropy, KL, clip fraction, eval pass@1, time per phase)")
+    p.set_defaults(fn=cmd_plot)
 
     from llmrl.eval.cli import add_eval_parser
 

@@ -31,6 +31,7 @@ from llmrl.distributed.cluster import build_cluster
 from llmrl.distributed.weight_sync import weight_sync_for
 from llmrl.eval.harness import evaluate_during_training, should_evaluate
 from llmrl.models import load_tokenizer
+from llmrl.plot import write_run_curves
 from llmrl.recipe import Recipe, mini_batched_rows_per_step, resolve_recipe
 from llmrl.run_dir import open_run_dir
 from llmrl.reward import RewardComputer
@@ -162,6 +163,8 @@ def train(recipe: Recipe, overwrite: bool = False) -> Path:
             if stop.requested:
                 stopped = TrainingStopped(run_dir, step, stop.signal_name)
                 break
+    if recipe.logging.curves:
+        write_run_curves(run_dir)
     if stopped is not None:
         raise stopped
     return run_dir
