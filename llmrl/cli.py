@@ -80,6 +80,18 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_models(args: argparse.Namespace) -> int:
+    from llmrl.model_catalog import as_json, catalog, format_catalog, prepare
+
+    if args.prepare:
+        entry = prepare(args.prepare)
+        print(f"prepared {entry.name}: {entry.path} ({entry.params / 1e6:.1f}M parameters)")
+        return 0
+    entries = catalog()
+    print(as_json(entries) if args.json else "\n".join(format_catalog(entries)))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llmrl", description="RL post-training for LLMs")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -103,6 +115,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics", help="comma-separated metric names or globs, one panel each (default: reward, accuracy, "
                    "length, truncation, entropy, KL, clip fraction, eval pass@1, time per phase)")
     p.set_defaults(fn=cmd_plot)
+
+    p = sub.add_parser("models", help="list the built-in models (size, source, cached or not); --prepare one ahead of time")
+    p.add_argument("--prepare", metavar="NAME", help="convert and cache this built-in model now (for offline nodes)")
+    p.add_argument("--json", action="store_true", help="print the list as JSON")
+    p.set_defaults(fn=cmd_models)
 
     from llmrl.eval.cli import add_eval_parser
 
