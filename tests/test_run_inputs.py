@@ -27,3 +27,18 @@ def test_data_split_picks_the_prompts_training_draws(tmp_path):
     run_dir = train(load_recipe(QUICKSTART, TINY + ["data.split=test", f"output_dir={tmp_path}"]))
     ids = rollout_task_ids(run_dir, 1)
     assert ids and all(i.startswith("arith-test-") for i in ids), ids
+
+
+def test_train_started_once_per_rank_is_refused_before_anything_runs(tmp_path):
+    # What torchrun --nproc_per_node=2 gives each copy: two controllers would each sample, log and save.
+    env = {**os.environ, "WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"}
+    run_dir = tmp_path / "run"
+    done = subprocess.run(
+        [sys.executable, "-m", "llmrl.cli", "train", QUICKSTART, *TINY, "train.backend=deepspeed", f"output_dir={run_dir}"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 2, done.stderr
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith("llmrl: error: WORLD_SIZE=2 in the environment")
+    assert "cluster.backend=ray" in line and "docs/cluster.md" in line
+    assert not run_dir.exists()
