@@ -18,6 +18,18 @@ from llmrl.reward import RewardConfig, RewardFunctionSpec, default_reward_for_ki
 from llmrl.types import Group
 
 
+def overlong_buffer_len(algo: Any, max_new_tokens: int) -> int:
+    """The overlong penalty's buffer: `algo.overlong_buffer_len`, by default a fifth of L_max
+    (DAPO used 4096 of 20480). `llmrl validate` asks this too, so a buffer longer than L_max is
+    refused before the run starts."""
+    buffer_len = algo.overlong_buffer_len or max(1, max_new_tokens // 5)
+    if buffer_len > max_new_tokens:
+        raise ValueError(
+            f"algorithm.overlong_buffer_len ({buffer_len}) must not exceed rollout.max_new_tokens ({max_new_tokens})"
+        )
+    return buffer_len
+
+
 def reward_config_with_overlong(reward: RewardConfig, algo: Any, max_new_tokens: int, data_kind: str | None) -> RewardConfig:
     """The recipe's rewards, plus the `overlong` penalty when `algo.overlong_shaping` is on.
 
@@ -29,11 +41,7 @@ def reward_config_with_overlong(reward: RewardConfig, algo: Any, max_new_tokens:
     functions = list(reward.functions)
     if not functions and data_kind is not None:
         functions = [default_reward_for_kind(data_kind)]  # keep the task reward the empty list implied
-    buffer_len = algo.overlong_buffer_len or max(1, max_new_tokens // 5)
-    if buffer_len > max_new_tokens:
-        raise ValueError(
-            f"algorithm.overlong_buffer_len ({buffer_len}) must not exceed rollout.max_new_tokens ({max_new_tokens})"
-        )
+    buffer_len = overlong_buffer_len(algo, max_new_tokens)
     functions.append(
         RewardFunctionSpec(
             fn="overlong",
