@@ -53,7 +53,15 @@ def reward_config_with_overlong(reward: RewardConfig, algo: Any, max_new_tokens:
 
 @dataclass
 class GroupFilter:
-    """Accumulates the groups dynamic sampling keeps over one step's generation rounds."""
+    """Accumulates the groups dynamic sampling keeps over one step's generation rounds.
+
+    Every generated group ends in exactly one of three counts, so that
+    groups_generated = groups_trained + groups_dropped + groups_surplus:
+      trained  its metric varies (or it has one member) and it is in the step's batch;
+      dropped  its metric is the same for every member: no learning signal;
+      surplus  it varies, but came in the round that filled the step, past prompts_per_step,
+               and is discarded (verl trims the surplus the same way).
+    """
 
     wanted_groups: int
     metric: str
@@ -62,6 +70,7 @@ class GroupFilter:
     rounds: int = 0
     generated_groups: int = 0
     dropped_groups: int = 0
+    surplus_groups: int = 0
 
     @property
     def kept_groups(self) -> int:
@@ -84,18 +93,24 @@ class GroupFilter:
         self.dropped_groups += len(groups) - len(kept_now)
         room = self.wanted_groups - self.kept_groups
         accepted = set(sorted(kept_now)[: max(room, 0)])  # verl also trims the surplus of the last round
+        self.surplus_groups += len(kept_now) - len(accepted)
         self.kept.extend(g for g in groups if g.group_id in accepted)
 
     def result(self) -> tuple[list[Group], dict[str, float]]:
-        """The step's groups and the sampling metrics.
+        """The step's groups and the sampling metrics (meanings in the class docstring).
 
         If the round cap came first with no group kept, the last round is trained as it is: its
-        advantages are all zero, so the step changes nothing but stays a normal step.
+        advantages are all zero, so the step changes nothing but stays a normal step. Its groups
+        stay counted as dropped (they carry no signal), and `sampling/groups_fallback` says how
+        many of them the batch holds (0 on every other step).
         """
+        fallback = [] if self.kept else self.last_round
         metrics = {
             "sampling/rounds": float(self.rounds),
             "sampling/groups_generated": float(self.generated_groups),
-            "sampling/groups_dropped": float(self.dropped_groups),
             "sampling/groups_trained": float(self.kept_groups),
+            "sampling/groups_dropped": float(self.dropped_groups),
+            "sampling/groups_surplus": float(self.surplus_groups),
+            "sampling/groups_fallback": float(len(fallback)),
         }
-        return self.kept or self.last_round, metrics
+        return self.kept or fallback, metrics
