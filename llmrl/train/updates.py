@@ -8,7 +8,7 @@ import torch
 
 from llmrl.algorithms.base import Batch, LossContext, LossFn
 from llmrl.algorithms.config import needs_reference
-from llmrl.batch import iter_mini_batches, select_rows
+from llmrl.batch import ROLLOUT_GAP, iter_mini_batches, rollout_gap_sums, select_rows
 from llmrl.train.engine import TrainConfig, TrainEngine
 
 
@@ -34,16 +34,26 @@ def run_updates(
     mini = train.mini_batch_size or rows
     shuffle = torch.Generator().manual_seed(seed * 7919 + step) if mini < rows else None
     ctx = LossContext(step=step - 1, cfg=algo, generator=torch.Generator().manual_seed(seed * 104729 + step))
+    # rollout/logprob_diff, once a step over every sampled token, before the policy moves: from
+    # the batch's old logprobs when it has them (several updates, or a stage read them), else
+    # the single on-policy update measures it in its own forward, skipped rows included.
+    gap: dict[str, float] = {}
+    if "logprobs" in getattr(loss_fn, "outputs", ("logprobs",)):
+        if "old_logprobs" in batch:
+            total, tokens = rollout_gap_sums(batch, batch["old_logprobs"])
+            gap = {ROLLOUT_GAP: total / tokens} if tokens else {}
+        else:
+            ctx.measure_rollout_gap = True
     sums: dict[str, float] = {}
     count = 0
     for _ in range(algo.ppo_epochs):
         for mini_rows in iter_mini_batches(rows, mini, shuffle, strata=batch.get("expert_mask")):
-            ctx.measure_rollout_gap = count == 0
             for k, v in engine.step(select_rows(batch, mini_rows), loss_fn, ctx).items():
                 sums[k] = sums.get(k, 0.0) + v
             count += 1
     averaged = {k: v / count for k, v in sums.items() if not k.startswith("rollout/")}
     averaged.update({k: v for k, v in sums.items() if k.startswith("rollout/")})
+    averaged.update(gap)
     averaged["actor/updates"] = float(count)
     if prefix != "actor":
         averaged = {f"{prefix}/{k[len('actor/'):]}" if k.startswith("actor/") else k: v for k, v in averaged.items()}
