@@ -107,3 +107,17 @@ def test_every_step_logs_the_gap_when_all_rewards_are_equal(tmp_path, mini):
     trained, frac = gaps(tmp_path / "all", f"train.mini_batch_size={mini}", "train.skip_zero_advantage_rows=false")
     assert frac == [1.0, 1.0]
     assert skipped == pytest.approx(trained, abs=1e-6) and min(skipped) > 0  # rollout copy in bf16 here (rollout.dtype auto), trainer in fp32
+
+
+def test_a_critic_warm_up_step_logs_the_gap_too(tmp_path):
+    # During the warm-up only the critic learns: no policy update runs to measure the gap, yet
+    # the step logs it, equal to the one the first policy update measures on the same rollouts.
+    def first_row(warmup, name):
+        overrides = TINY[:-1] + ["train.steps=1", f"algorithm.critic_warmup_steps={warmup}", f"output_dir={tmp_path / name}"]
+        run_dir = train(load_recipe(str(REPO / "recipes" / "arith_ppo.yaml"), overrides))
+        (row,) = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        return row
+
+    warm, plain = first_row(1, "warm"), first_row(0, "plain")
+    assert "actor/updates" not in warm and plain["actor/updates"] == 1
+    assert warm["rollout/logprob_diff"] == pytest.approx(plain["rollout/logprob_diff"], abs=1e-6) and warm["rollout/logprob_diff"] > 0

@@ -24,6 +24,14 @@ def add_policy_logprobs(batch: Batch, trainer: TrainEngine, algo: Any, train: Tr
         batch["old_logprobs"] = trainer.forward(batch, {"logprobs"})["logprobs"]
 
 
+def rollout_gap_metric(batch: Batch, policy: TrainEngine) -> dict[str, float]:
+    """rollout/logprob_diff over every sampled token of the batch, against the batch's old
+    logprobs, or the policy's no-grad forward when it has none; {} without sampled tokens."""
+    trainer = batch["old_logprobs"] if "old_logprobs" in batch else policy.forward(batch, {"logprobs"})["logprobs"]
+    total, tokens = rollout_gap_sums(batch, trainer)
+    return {ROLLOUT_GAP: total / tokens} if tokens else {}
+
+
 def run_updates(
     engine: TrainEngine, batch: Batch, loss_fn: LossFn, algo: Any, train: TrainConfig, seed: int, step: int, prefix: str
 ) -> dict[str, float]:
@@ -40,8 +48,7 @@ def run_updates(
     gap: dict[str, float] = {}
     if "logprobs" in getattr(loss_fn, "outputs", ("logprobs",)):
         if "old_logprobs" in batch:
-            total, tokens = rollout_gap_sums(batch, batch["old_logprobs"])
-            gap = {ROLLOUT_GAP: total / tokens} if tokens else {}
+            gap = rollout_gap_metric(batch, engine)
         else:
             ctx.measure_rollout_gap = True
     sums: dict[str, float] = {}
