@@ -122,3 +122,14 @@ def on_policy_mask(batch: Batch) -> torch.Tensor:
     if expert is None or not bool(expert.any()):
         return batch["loss_mask"]
     return batch["loss_mask"] * (~expert.bool())[:, None]
+
+
+ROLLOUT_GAP = "rollout/logprob_diff"
+
+
+def rollout_gap_sums(batch: Batch, trainer_logprobs: torch.Tensor) -> tuple[float, float]:
+    """Sum over the sampled policy tokens of |rollout engine logprob - trainer logprob|, and the
+    number of those tokens: `rollout/logprob_diff` is their ratio. Expert rows were not sampled."""
+    sampled = on_policy_mask(batch)
+    gap = (trainer_logprobs.double() - batch["rollout_logprobs"].double()).abs() * sampled
+    return float(gap.sum()), float(sampled.sum())

@@ -4,9 +4,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Callable
+from typing import Callable, Mapping
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+class LaunchError(RuntimeError):
+    """`llmrl train` started in a way it cannot run (several copies of the controller)."""
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
@@ -17,7 +21,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from llmrl.reward import RewardConfigError
     from llmrl.run_dir import RunDirError
 
-    return (RecipeError, ModelError, DataConfigError, RewardConfigError, RunDirError, PlotError)
+    return (RecipeError, ModelError, DataConfigError, RewardConfigError, RunDirError, PlotError, LaunchError)
 
 
 # A run stopped by SIGTERM or Ctrl-C after saving its checkpoint: sysexits.h's EX_TEMPFAIL ("try
@@ -26,12 +30,30 @@ def user_errors() -> tuple[type[BaseException], ...]:
 EXIT_STOPPED = 75
 
 
+def refuse_per_rank_launch(environ: Mapping[str, str]) -> None:
+    """`llmrl train` is the one controller of a run: it samples, scores, logs and saves. A launcher
+    that starts it once per rank (torchrun, the deepspeed launcher, accelerate: they set WORLD_SIZE)
+    gets independent controllers that duplicate every rollout and metric row and collide on the
+    checkpoint files, so it is refused before anything starts. Data-parallel ranks are Ray actors
+    that the one controller starts (docs/cluster.md)."""
+    raw = environ.get("WORLD_SIZE", "1").strip()
+    world = int(raw) if raw.isdigit() else 1
+    if world > 1:
+        raise LaunchError(
+            f"WORLD_SIZE={world} in the environment: `llmrl train` is one controller process and must be started once, "
+            "not once per rank (torchrun and the deepspeed launcher would duplicate every rollout and metric row). "
+            "For N DeepSpeed train ranks, start it once with cluster.backend=ray cluster.train_workers.count=N "
+            "train.backend=deepspeed rollout.weight_sync=broadcast (recipes/distributed_cpu.yaml, docs/cluster.md)"
+        )
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from llmrl.loop import TrainingStopped, train
     from llmrl.recipe import load_recipe
     from llmrl.distributed.ray_calls import ClusterError
     from llmrl.train.engine import NonFiniteUpdateError
 
+    refuse_per_rank_launch(os.environ)
     overrides = list(args.overrides) + (["resume=auto"] if args.resume else [])
     recipe = load_recipe(args.recipe, overrides)
     try:

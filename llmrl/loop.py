@@ -64,7 +64,7 @@ def train(recipe: Recipe, overwrite: bool = False) -> Path:
         # workers stay small), the policy's train engine, the algorithm's stages, the rollout engine,
         # each placed by the cluster backend.
         tokenizer = load_tokenizer(recipe.model.name, recipe.model.revision)
-        taskset = build_tasks(recipe.data, tokenizer, split="train")
+        taskset = build_tasks(recipe.data, tokenizer, split=recipe.data.split)
         sampler = PromptSampler(taskset.tasks, recipe.train.prompts_per_step, seed=recipe.seed, shuffle=recipe.data.shuffle)
         rewards = RewardComputer(reward_config_with_overlong(recipe.reward, algo, recipe.rollout.max_new_tokens, taskset.kind), default_kind=taskset.kind)
         cleanup.callback(rewards.close)

@@ -189,6 +189,19 @@ def resolve_model_path(name: str) -> str:
     return name  # a hub id; from_pretrained reports a missing hub itself
 
 
+def local_head_dim(cfg: ModelConfig) -> int | None:
+    """The attention head size of a built-in or local model, read from its config.json; None for a
+    hub id (validation does not reach the network for it)."""
+    if cfg.name not in BUILTIN_MODELS and not Path(cfg.name).expanduser().exists():
+        return None
+    config = json.loads((Path(resolve_model_path(cfg.name)) / "config.json").read_text())
+    if config.get("head_dim"):
+        return int(config["head_dim"])
+    if config.get("hidden_size") and config.get("num_attention_heads"):
+        return int(config["hidden_size"]) // int(config["num_attention_heads"])
+    return None
+
+
 def load_tokenizer(name: str, revision: str | None = None):
     from transformers import AutoTokenizer
 

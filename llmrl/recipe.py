@@ -247,6 +247,12 @@ def check_recipe(recipe: Recipe, source: str) -> None:
         reason = registry.unavailable(name)
         if reason:
             raise RecipeError(f"{key}: '{name}': {reason} in {source}")
+    if recipe.rollout.engine == "vllm":
+        from llmrl.rollout.vllm_engine import vllm_model_unsupported
+
+        reason = vllm_model_unsupported(recipe.model)
+        if reason:
+            raise RecipeError(f"rollout.engine: 'vllm': {reason} in {source}")
     check_cluster(recipe, source)
     algo = recipe.algorithm  # resolved: the preset's values are in
     if algo.kl_controller == "adaptive" and not (algo.kl_placement == "reward" and algo.kl_coef > 0):
@@ -261,6 +267,7 @@ def check_recipe(recipe: Recipe, source: str) -> None:
             f"algorithm.advantage: '{algo.advantage}' needs a critic, and expert rows (no rollout, no reward) cannot feed one; "
             f"CHORD takes any critic-free estimator (grpo, rloo, lite, reinforce_pp, ...) in {source}"
         )
+    check_algorithm_combination(recipe, source)
     expert_path = recipe.expert.path
     if expert_rows_per_step(recipe) and expert_path and not Path(expert_path).expanduser().exists() and not looks_like_hub_id(expert_path):
         raise RecipeError(f"expert.path: {expert_path!r} is not an existing file or directory, nor a hub id in {source}")
@@ -270,6 +277,34 @@ def check_recipe(recipe: Recipe, source: str) -> None:
             resolve_reward(spec)
         except RewardConfigError as err:
             raise RecipeError(f"reward.functions[{i}]: {err} in {source}") from None
+
+
+def check_algorithm_combination(recipe: Recipe, source: str) -> None:
+    """Choices that validate one by one but cannot run together, refused here rather than after
+    the first step's rollouts: an option the loss has no place for, an advantage whose stage the
+    algorithm does not run, an overlong buffer longer than the generation limit."""
+    from llmrl.algorithms import ADVANTAGES
+    from llmrl.algorithms.dapo import overlong_buffer_len
+    from llmrl.algorithms.losses import loss_options_problem
+    from llmrl.stages import active_stage_names
+
+    algo = recipe.algorithm
+    problem = loss_options_problem(algo.loss, algo)
+    if problem:
+        raise RecipeError(f"{problem} in {source}")
+    stages = active_stage_names(algo)
+    for stage in getattr(ADVANTAGES[algo.advantage], "required_stages", ()):
+        if stage not in stages:
+            raise RecipeError(
+                f"algorithm.advantage: '{algo.advantage}' needs the {stage} stage, which algorithm '{algo.name}' does not run "
+                f"(stages: {', '.join(stages) or 'none'}); use an algorithm that runs it (ppo) or a {stage}-free estimator "
+                f"(grpo, rloo, lite, reinforce_pp, ...) in {source}"
+            )
+    if algo.overlong_shaping:
+        try:
+            overlong_buffer_len(algo, recipe.rollout.max_new_tokens)
+        except ValueError as err:
+            raise RecipeError(f"{err} in {source}") from None
 
 
 def check_cluster(recipe: Recipe, source: str) -> None:

@@ -35,7 +35,7 @@ from llmrl.batch import on_policy_mask
 from llmrl.registry import Registry
 from llmrl.train.critic import old_values, value_targets
 from llmrl.train.engine import TrainEngine
-from llmrl.train.updates import run_updates
+from llmrl.train.updates import rollout_gap_metric, run_updates
 from llmrl.data.expert import ExpertExample, build_expert_set
 from llmrl.data.sampler import PromptSampler
 from llmrl.types import Group, Span, Task, Trajectory
@@ -224,7 +224,10 @@ class Critic(Stage):
     def update(self, batch: Batch, step: int, timer: Timer) -> dict[str, float]:
         recipe = self.setup.recipe
         with timer("critic_update"):
-            return run_updates(self.engine, batch, LOSSES["value"], self.algo, recipe.train, recipe.seed, step, prefix="critic")
+            metrics = run_updates(self.engine, batch, LOSSES["value"], self.algo, recipe.train, recipe.seed, step, prefix="critic")
+        if not self.policy_learns(step):  # no policy update measures the rollout gap this step
+            metrics.update(rollout_gap_metric(batch, self.setup.trainer))
+        return metrics
 
     def policy_learns(self, step: int) -> bool:
         return step > self.algo.critic_warmup_steps

@@ -40,7 +40,30 @@ def test_group_filter_keeps_varied_groups_up_to_the_wanted_count():
     groups, metrics = f.result()
     trajectories = [t for g in groups for t in g.trajectories]
     assert sorted({t.group_id for t in trajectories}) == [1, 2]  # the surplus group 3 is trimmed
-    assert metrics == {"sampling/rounds": 2.0, "sampling/groups_generated": 4.0, "sampling/groups_dropped": 1.0, "sampling/groups_trained": 2.0}
+    assert metrics == {"sampling/rounds": 2.0, "sampling/groups_generated": 4.0, "sampling/groups_dropped": 1.0, "sampling/groups_trained": 2.0,
+                       "sampling/groups_surplus": 1.0, "sampling/groups_fallback": 0.0}
+
+
+def adds_up(metrics):
+    return metrics["sampling/groups_generated"] == (
+        metrics["sampling/groups_trained"] + metrics["sampling/groups_dropped"] + metrics["sampling/groups_surplus"]
+    )
+
+
+def test_group_counters_add_up_when_the_last_round_is_cut():
+    # Worked example, 3 groups wanted (metric acc):
+    #   round 1: g0 [1,1] same -> dropped, g1 [0,1] varies -> trained, g2 [0,0] same -> dropped
+    #   round 2: g3 [1,0], g4 [0,1], g5 [0,1] vary, g6 [1,1] same -> dropped; room for 2 of the
+    #            3 varied groups: g3, g4 trained, g5 cut as surplus
+    #   generated 7 = trained 3 (g1 g3 g4) + dropped 3 (g0 g2 g6) + surplus 1 (g5)
+    f = GroupFilter(wanted_groups=3, metric="acc")
+    f.add(scored(0, [1, 1], acc=[1, 1]) + scored(1, [0, 1], acc=[0, 1]) + scored(2, [0, 0], acc=[0, 0]))
+    f.add(scored(3, [1, 0], acc=[1, 0]) + scored(4, [0, 1], acc=[0, 1]) + scored(5, [0, 1], acc=[0, 1]) + scored(6, [1, 1], acc=[1, 1]))
+    groups, metrics = f.result()
+    assert [g.group_id for g in groups] == [1, 3, 4]
+    assert metrics == {"sampling/rounds": 2.0, "sampling/groups_generated": 7.0, "sampling/groups_trained": 3.0,
+                       "sampling/groups_dropped": 3.0, "sampling/groups_surplus": 1.0, "sampling/groups_fallback": 0.0}
+    assert adds_up(metrics)
 
 
 def test_group_filter_with_nothing_kept_returns_the_last_round():
@@ -50,6 +73,8 @@ def test_group_filter_with_nothing_kept_returns_the_last_round():
     groups, metrics = f.result()
     trajectories = [t for g in groups for t in g.trajectories]
     assert {t.group_id for t in trajectories} == {1} and metrics["sampling/groups_trained"] == 0.0
+    # the round cap came with nothing kept: the last round (1 group) is in the batch, counted as dropped
+    assert (metrics["sampling/groups_dropped"], metrics["sampling/groups_fallback"]) == (2.0, 1.0) and adds_up(metrics)
 
 
 def test_overlong_shaping_adds_the_penalty_after_the_task_reward():
@@ -77,6 +102,7 @@ def test_dynamic_sampling_trains_only_groups_whose_reward_varies(tmp_path):
     for row in rows:
         assert row["sampling/groups_trained"] == 2
         assert row["sampling/groups_generated"] == row["sampling/rounds"] * 2
+        assert adds_up(row)
         step_rollouts = [json.loads(l) for l in (tmp_path / "rollouts" / f"step_{row['step']}.jsonl").read_text().splitlines()]
         assert len(step_rollouts) == 8
         assert all(int(r["task_id"].rsplit("-", 1)[-1]) % 2 == 1 for r in step_rollouts)  # no constant group trained
@@ -90,6 +116,7 @@ def test_dynamic_sampling_stops_at_the_round_cap(tmp_path):
                                              "train.steps=1", f"output_dir={tmp_path}"])
     (row,) = read_metrics(train(recipe))
     assert (row["sampling/rounds"], row["sampling/groups_trained"], row["sampling/groups_dropped"]) == (2, 0, 4)
+    assert row["sampling/groups_fallback"] == 2 and adds_up(row)
     assert row["actor/rows_trained_frac"] == 0.0
 
 

@@ -310,6 +310,9 @@ def gae(inputs: AdvantageInputs) -> tuple[torch.Tensor, dict[str, float]]:
     return adv, metrics
 
 
+gae.required_stages = ("critic",)  # type: ignore[attr-defined]  # its values; `llmrl validate` checks the stage runs
+
+
 # --------------------------------------------------------------------------- DAPO batch helpers
 
 

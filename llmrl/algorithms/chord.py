@@ -69,6 +69,9 @@ class ChordLoss:
     def _rl_loss(self, cfg: Any) -> Any:
         return LOSSES[cfg.rl_loss]  # a policy-gradient loss: AlgorithmConfig refuses the others
 
+    def on_policy_loss_name(self, cfg: Any) -> str:
+        return cfg.rl_loss
+
     def denominators(self, mb: Batch, ctx: LossContext) -> dict[str, float]:
         expert = _expert_rows(mb)
         out: dict[str, float] = {}

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from llmrl.algorithms.advantages import ADVANTAGES
 from llmrl.algorithms.aggregation import AGG_MODES
@@ -161,7 +161,7 @@ class AlgorithmConfig(Section):
     # ---------------------------------------------------------------- entropy control (Cui et al. 2025)
     entropy_control: registered_name(ENTROPY_CONTROLS) = Field(
         "none",
-        description="Restrain high-covariance tokens in the ppo_clip loss: clip_cov drops a random few from the gradient, kl_cov adds kl_cov_coef*|logp - old| to the top few.",
+        description="Restrain high-covariance tokens in the ppo_clip loss: clip_cov drops a random few from the gradient, kl_cov adds kl_cov_coef*|logp - old| to the top few. ppo_clip only (validate refuses other losses).",
     )
     clip_cov_ratio: float = Field(0.0002, gt=0, le=1, description="Clip-Cov: fraction of valid tokens to drop (at least 1).")
     clip_cov_lb: float = Field(1.0, description="Clip-Cov: lower covariance bound of candidate tokens (exclusive).")
@@ -200,6 +200,13 @@ class AlgorithmConfig(Section):
     )
 
     # ---------------------------------------------------------------- checks
+    @field_validator("loss")
+    @classmethod
+    def _policy_loss(cls, loss: str | None) -> str | None:
+        if loss == "value":
+            raise ValueError("'value' is the critic's loss (the ppo preset fits it); the policy trains with ppo_clip, gspo, rloo_seq, chord or sft")
+        return loss
+
     @model_validator(mode="after")
     def _consistent(self) -> "AlgorithmConfig":
         if self.clip_cov_lb >= self.clip_cov_ub:

