@@ -60,13 +60,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a recipe")
     p.add_argument("recipe", help="recipe YAML")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=2 model.name=tiny")
+    # default=[]: argparse counts a '*' positional without a default as required, and then names it
+    # beside `recipe` when the recipe is missing
+    p.add_argument("overrides", nargs="*", default=[], help="dotted overrides, e.g. train.steps=2 model.name=tiny")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
     p.set_defaults(fn=cmd_train)
 
     p = sub.add_parser("validate", help="check a recipe and print it with every default filled in")
     p.add_argument("recipe", help="recipe YAML")
-    p.add_argument("overrides", nargs="*", help="dotted overrides")
+    p.add_argument("overrides", nargs="*", default=[], help="dotted overrides")
     p.set_defaults(fn=cmd_validate)
 
     from llmrl.eval.cli import add_eval_parser
