@@ -152,6 +152,17 @@ def test_evaluate_during_training_reports_named_metrics(tokenizer, tmp_path):
     assert not should_evaluate(EvalConfig(every=1), 1, 10)  # no benches: never
 
 
+def test_eval_every_zero_never_evaluates_not_even_at_the_end():
+    """Before: eval.every=0 still evaluated after the last step (at_end defaulted to true)."""
+    cfg = EvalConfig(benches=["arithmetic"])
+    assert cfg.every is None
+    assert [s for s in range(1, 11) if should_evaluate(cfg, s, 10)] == [10]  # unset: the end only
+    assert [s for s in range(1, 11) if should_evaluate(cfg.model_copy(update={"every": 4}), s, 10)] == [4, 8, 10]
+    assert [s for s in range(1, 11) if should_evaluate(cfg.model_copy(update={"every": 4, "at_end": False}), s, 10)] == [4, 8]
+    assert [s for s in range(1, 11) if should_evaluate(cfg.model_copy(update={"every": 0}), s, 10)] == []
+    assert [s for s in range(1, 11) if should_evaluate(cfg.model_copy(update={"every": 0, "at_end": True}), s, 10)] == []
+
+
 def test_run_and_checkpoint_directories_resolve_to_the_newest_policy(tmp_path):
     run = tmp_path / "myrun"
     for step in (2, 10, 5):
@@ -253,3 +264,25 @@ def test_few_shot_and_plain_prompts(tokenizer):
     assert prompt.index(train[0]["question"]) < prompt.index(train[1]["question"]) < prompt.index("Janet")
     assert "#### 72" in prompt and "<<" not in prompt  # first shot's answer, calculator notes removed
     assert bench_tasks.prompt_format["few_shot"] == 2 and bench_tasks.prompt_format["example"] == prompt
+
+
+def test_training_with_eval_every_zero_runs_no_evaluation(tmp_path):
+    """A real 2-step run on the tiny model with benchmarks listed: every=0 leaves no eval/ directory
+    and no eval/ metric; every unset (the quickstart's shape) evaluates once, after the last step."""
+    from llmrl.loop import train
+    from llmrl.recipe import load_recipe
+
+    quickstart = str(Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml")
+    tiny = [
+        "model.name=tiny", "rollout.n=2", "train.prompts_per_step=2", "train.micro_batch_size=4", "rollout.max_new_tokens=4",
+        "logging.progress=false", "logging.tensorboard=false", "train.steps=2", "eval.limit=2", "eval.max_new_tokens=4",
+        "eval.reward_workers=0", "eval.progress=false", "reward.num_workers=0",
+    ]
+    off = train(load_recipe(quickstart, tiny + ["eval.every=0", f"output_dir={tmp_path / 'off'}"]))
+    rows = [json.loads(line) for line in (off / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and not any(k.startswith("eval/") for r in rows for k in r)
+    assert not (off / "eval").exists()
+    end = train(load_recipe(quickstart, tiny + [f"output_dir={tmp_path / 'end'}"]))
+    rows = [json.loads(line) for line in (end / "metrics.jsonl").read_text().splitlines()]
+    assert ["eval/arithmetic/pass@1" in r for r in rows] == [False, True]
+    assert sorted(p.name for p in (end / "eval").iterdir()) == ["step_2"]

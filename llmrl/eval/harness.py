@@ -200,10 +200,13 @@ _PREPARED: dict[tuple[int, str], list[BenchTasks]] = {}
 
 
 def should_evaluate(cfg: EvalConfig, step: int, last_step: int) -> bool:
-    """Whether the loop evaluates after `step`: every `cfg.every` steps, and at the end."""
-    if not cfg.benches:
+    """Whether the loop evaluates after `step`: every `cfg.every` steps and, with `at_end`, after the
+    last one; `every=0` turns evaluation during training off, the end included (what a user who
+    writes 0 means; `at_end=false` keeps the periodic evaluations but skips the final one)."""
+    if not cfg.benches or cfg.every == 0:
         return False
-    return bool(cfg.every and step % cfg.every == 0) or (cfg.at_end and step == last_step)
+    periodic = cfg.every is not None and step % cfg.every == 0
+    return periodic or (cfg.at_end and step == last_step)
 
 
 def evaluate_during_training(
