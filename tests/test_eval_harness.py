@@ -218,6 +218,27 @@ def test_tiny_model_end_to_end_then_resume(tiny_path, tmp_path, capsys):
     assert sorted((r["task_id"], r["sample"]) for r in after) == sorted((r["task_id"], r["sample"]) for r in samples)
 
 
+def test_resumed_evaluation_draws_the_samples_of_an_uninterrupted_one(tiny_path, tmp_path):
+    """Before: each batch was seeded by its position in the run's to-do list, so the samples a
+    --resume generated differed from the ones an uninterrupted run drew for the same items."""
+    def completions(out):
+        return {(r["task_id"], r["sample"]): r["completion"] for r in read_jsonl(out / "gsm8k" / "samples.jsonl")}
+
+    common = TINY_GSM8K + ["--batch-size", "3"]  # 4 items x 2 samples; a later --limit wins
+    assert main_eval(common + ["--output", str(tmp_path / "whole")]) == 0
+    whole = completions(tmp_path / "whole")
+    assert len(whole) == 8 and len(set(whole.values())) > 4  # sampled at temperature 1: the draws differ
+    # Interrupted: the first two items only, and the last sample of the second one lost.
+    part = tmp_path / "part"
+    assert main_eval(common + ["--output", str(part), "--limit", "2"]) == 0
+    lines = (part / "gsm8k" / "samples.jsonl").read_text().splitlines(keepends=True)
+    (part / "gsm8k" / "samples.jsonl").write_text("".join(lines[:-1]))
+    assert main_eval(common + ["--output", str(part), "--resume"]) == 0
+    resumed = json.loads((part / "results.json").read_text())["benches"]["gsm8k"]
+    assert (resumed["run"]["samples_generated"], resumed["run"]["samples_resumed"]) == (5, 3)
+    assert completions(part) == whole
+
+
 @pytest.mark.parametrize(
     "argv, flag, words",
     [
