@@ -239,6 +239,15 @@ def test_resumed_evaluation_draws_the_samples_of_an_uninterrupted_one(tiny_path,
     assert completions(part) == whole
 
 
+def test_a_bench_file_with_a_bad_byte_exits_2_naming_the_line(tmp_path, capsys):
+    """Before: a UnicodeDecodeError traceback from deep in pyarrow (exit 1)."""
+    bench = tmp_path / "items.jsonl"
+    bench.write_bytes(b'{"prompt": "1+1", "answer": "2"}\n{"prompt": "caf\xe9", "answer": "3"}\n')
+    assert main_eval(["--model", "tiny", "--bench", str(bench), "--reward", "gsm8k", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and f"{bench} line 2: not UTF-8 text (byte 0xe9 at column 16)" in err
+
+
 @pytest.mark.parametrize(
     "argv, flag, words",
     [
