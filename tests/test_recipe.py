@@ -204,3 +204,12 @@ def test_cli_without_a_recipe_says_the_recipe_is_missing():
         assert out.returncode == 2
         assert out.stderr.strip().endswith("the following arguments are required: recipe"), out.stderr
         assert "overrides" not in out.stderr.splitlines()[-1]
+
+
+def test_recipe_file_that_is_not_utf8_or_a_directory_is_a_clear_error(tmp_path):
+    bad = tmp_path / "latin1.yaml"
+    bad.write_bytes(b"train:\n  steps: 2\n# caf\xe9\n")
+    with pytest.raises(RecipeError, match=r"latin1\.yaml: not UTF-8 text \(byte 0xe9 at offset 23\)"):
+        load_recipe(str(bad))
+    with pytest.raises(RecipeError, match=r"cannot read the recipe: Is a directory"):
+        load_recipe(str(tmp_path))
