@@ -1,7 +1,7 @@
 """Reading recipe YAML strictly, and applying `key=value` overrides while remembering which
 override set which key, so an error names the override the user typed rather than the file.
 
-Two rules, both documented in README.md ("Overrides"):
+Two rules, both documented in README.md (under "Commands"):
 - a key written twice in one mapping is an error (YAML itself would silently keep the last);
 - `section={...}` merges into the section: keys it names are replaced, the others kept.
 """
@@ -40,7 +40,7 @@ class OverrideError(ValueError):
     """An override that cannot be parsed; recipe.py reports it as a RecipeError."""
 
 
-Path = tuple[str, ...]
+KeyPath = tuple[str, ...]  # a dotted key, split: ("train", "steps")
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
@@ -69,7 +69,7 @@ class Overrides:
 
     def __init__(self, items: Iterable[str]) -> None:
         self.items = list(items)
-        self.origin: dict[Path, str] = {}  # leaf key path -> the override that set it last
+        self.origin: dict[KeyPath, str] = {}  # leaf key path -> the override that set it last
 
     def apply(self, data: dict[str, Any]) -> dict[str, Any]:
         for item in self.items:
@@ -123,7 +123,7 @@ def _merge(target: dict[str, Any], update: dict[str, Any]) -> None:
             target[key] = value
 
 
-def _leaves(path: Path, value: Any) -> list[Path]:
+def _leaves(path: KeyPath, value: Any) -> list[KeyPath]:
     if isinstance(value, dict) and value:
         return [leaf for key, child in value.items() for leaf in _leaves((*path, str(key)), child)]
     return [path]
