@@ -25,13 +25,15 @@ from llmrl.algorithms.advantages import compute_advantages
 from llmrl.algorithms.base import AdvantageInputs
 from llmrl.algorithms.dapo import reward_config_with_overlong
 from llmrl.batch import collate, num_tokens
-from llmrl.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from llmrl.checkpoint import load_checkpoint, save_checkpoint
 from llmrl.data import PromptSampler, build_tasks
 from llmrl.distributed.cluster import build_cluster
 from llmrl.distributed.weight_sync import weight_sync_for
 from llmrl.eval.harness import evaluate_during_training, should_evaluate
 from llmrl.models import load_tokenizer
-from llmrl.recipe import Recipe, dump_recipe, mini_batched_rows_per_step, resolve_recipe
+from llmrl.plot import write_run_curves
+from llmrl.recipe import Recipe, mini_batched_rows_per_step, resolve_recipe
+from llmrl.run_dir import open_run_dir
 from llmrl.reward import RewardComputer, reward_needing_answer
 from llmrl.rollout.base import SamplingParams
 from llmrl.rollout.workflows import Workflow, WorkflowContext, build_workflow
@@ -42,18 +44,22 @@ from llmrl.train.updates import add_policy_logprobs, run_updates, updates_per_ru
 from llmrl.types import Group, GroupIds, Trajectory
 
 
-def train(recipe: Recipe) -> Path:
-    """Run the recipe; return the run directory (its last checkpoint holds the trained policy)."""
+def train(recipe: Recipe, overwrite: bool = False) -> Path:
+    """Run the recipe; return the run directory (its last checkpoint holds the trained policy).
+    Raises TrainingStopped when a signal stopped it early, after the checkpoint is saved."""
     recipe = resolve_recipe(recipe)
-    run_dir = Path(recipe.output_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "recipe.yaml").write_text(dump_recipe(recipe))
+    # The run directory is claimed (locked, checked against an earlier run, the checkpoint to
+    # resume from verified) before anything expensive starts.
+    run = open_run_dir(recipe, overwrite)
+    run_dir = run.path
     seed_everything(recipe.seed)
     algo = recipe.algorithm
+    stopped: TrainingStopped | None = None
 
     # Everything started is stopped on the way out, however far start-up got (a placement that
     # times out still closes the reward pool and a local Ray).
     with ExitStack() as cleanup:
+        cleanup.callback(run.release)
         # Parts: data, rewards (their worker pool starts before the model is loaded, so forked
         # workers stay small), the policy's train engine, the algorithm's stages, the rollout engine,
         # each placed by the cluster backend.
@@ -76,7 +82,7 @@ def train(recipe: Recipe) -> Path:
         group_ids = GroupIds()
 
         weight_sync.setup()
-        start_step = resume_if_asked(recipe, run_dir, trainer, sampler, stages, workflow, group_ids)
+        start_step = resume_from(run.checkpoint, run_dir, trainer, sampler, stages, workflow, group_ids)
         if start_step:
             weight_sync.sync(start_step)
         workflow.start(taskset.tasks, WorkflowContext(rollout, rewards, sampling_for(recipe, 0), tokenizer, group_ids, 0, recipe.rollout.n))
@@ -156,8 +162,12 @@ def train(recipe: Recipe) -> Path:
                     recipe.checkpoint.save_optimizer, stage_engines(stages),
                 )
             if stop.requested:
-                print(f"\nstopped by {stop.signal_name} after step {step}; checkpoint saved, resume with resume=auto", file=sys.stderr)
+                stopped = TrainingStopped(run_dir, step, stop.signal_name)
                 break
+    if recipe.logging.curves:
+        write_run_curves(run_dir)
+    if stopped is not None:
+        raise stopped
     return run_dir
 
 
@@ -211,17 +221,20 @@ def stage_engines(stages: list[Stage]) -> dict[str, TrainEngine]:
     return {name: engine for stage in stages for name, engine in stage.engines().items()}
 
 
-def resume_if_asked(
-    recipe: Recipe, run_dir: Path, trainer: TrainEngine, sampler: PromptSampler, stages: list[Stage], workflow: Workflow,
+class TrainingStopped(Exception):
+    """A signal stopped the run early; its checkpoint is saved, and `--resume` continues it."""
+
+    def __init__(self, run_dir: Path, step: int, signal_name: str) -> None:
+        super().__init__(f"stopped by {signal_name} after step {step}; checkpoint saved in {run_dir}, continue with --resume")
+        self.run_dir, self.step, self.signal_name = run_dir, step, signal_name
+
+
+def resume_from(
+    ckpt: Path | None, run_dir: Path, trainer: TrainEngine, sampler: PromptSampler, stages: list[Stage], workflow: Workflow,
     group_ids: GroupIds,
 ) -> int:
-    if recipe.resume == "never":
-        return 0
-    ckpt = latest_checkpoint(run_dir) if recipe.resume == "auto" else Path(recipe.resume)
     if ckpt is None:
-        return 0  # resume=auto on a fresh run directory starts from scratch
-    if not ckpt.exists():
-        raise ValueError(f"resume: checkpoint directory {ckpt} does not exist")
+        return 0
     state = load_checkpoint(ckpt, trainer, stage_engines(stages))
     sampler.load_state_dict(state["sampler"])
     group_ids.load_state_dict(state.get("group_ids", {"next_id": 0}))

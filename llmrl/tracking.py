@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from llmrl.fileio import write_atomically
 from llmrl.types import Trajectory
 
 METRICS_FILE = "metrics.jsonl"
@@ -16,8 +17,17 @@ def truncate_metrics(path: Path, last_step: int) -> None:
     """Drop rows past `last_step` so a resumed run never writes a step twice."""
     if not path.exists():
         return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", -1) <= last_step]
-    path.write_text("".join(line + "\n" for line in kept))
+    kept = [line for line in path.read_text().splitlines() if (row := _row(line)) is not None and row.get("step", -1) <= last_step]
+    write_atomically(path, "".join(line + "\n" for line in kept))
+
+
+def _row(line: str) -> dict | None:
+    """A metrics row, or None for a blank line or the torn last line of a crash mid-write."""
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return None
+    return row if isinstance(row, dict) else None
 
 
 class Tracker:

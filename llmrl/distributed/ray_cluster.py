@@ -24,6 +24,7 @@ from llmrl.algorithms.base import Batch, LossContext, LossFn
 from llmrl.distributed.cluster import CLUSTERS
 from llmrl.distributed.ray_actors import RolloutWorker, TrainRank
 from llmrl.distributed.ray_calls import ActorHandle, ClusterError, call, gather
+from llmrl.fileio import write_atomically
 
 
 def ray_missing() -> str | None:
@@ -125,7 +126,7 @@ class RayCluster:
 
         out = Path(self.recipe.output_dir)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "cluster.json").write_text(json.dumps(self._placement, indent=1) + "\n")
+        write_atomically(out / "cluster.json", json.dumps(self._placement, indent=1) + "\n")
 
     def _record_peak_memory(self) -> None:
         """Each live actor's peak RSS into cluster.json, beside its estimate (dead ones are skipped)."""
