@@ -120,7 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a recipe")
     p.add_argument("recipe", help="recipe YAML")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=2 model.name=tiny")
+    # default=[]: argparse counts a '*' positional without a default as required, and then names it
+    # beside `recipe` when the recipe is missing
+    p.add_argument("overrides", nargs="*", default=[], help="dotted overrides, e.g. train.steps=2 model.name=tiny")
     start = p.add_mutually_exclusive_group()
     start.add_argument("--resume", action="store_true", help="continue from the newest intact checkpoint in output_dir")
     start.add_argument("--overwrite", action="store_true", help="delete the run already in output_dir (its checkpoints too) and start afresh")
@@ -128,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("validate", help="check a recipe and print it with every default filled in")
     p.add_argument("recipe", help="recipe YAML")
-    p.add_argument("overrides", nargs="*", help="dotted overrides")
+    p.add_argument("overrides", nargs="*", default=[], help="dotted overrides")
     p.set_defaults(fn=cmd_validate)
 
     p = sub.add_parser("plot", help="draw training curves of one or more runs into a PNG")

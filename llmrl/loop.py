@@ -34,7 +34,7 @@ from llmrl.models import load_tokenizer
 from llmrl.plot import write_run_curves
 from llmrl.recipe import Recipe, mini_batched_rows_per_step, resolve_recipe
 from llmrl.run_dir import open_run_dir
-from llmrl.reward import RewardComputer
+from llmrl.reward import RewardComputer, reward_needing_answer
 from llmrl.rollout.base import SamplingParams
 from llmrl.rollout.workflows import Workflow, WorkflowContext, build_workflow
 from llmrl.stages import Stage, StageSetup, build_stages
@@ -64,7 +64,8 @@ def train(recipe: Recipe, overwrite: bool = False) -> Path:
         # workers stay small), the policy's train engine, the algorithm's stages, the rollout engine,
         # each placed by the cluster backend.
         tokenizer = load_tokenizer(recipe.model.name, recipe.model.revision)
-        taskset = build_tasks(recipe.data, tokenizer, split=recipe.data.split)
+        graded_by = reward_needing_answer([spec.fn for spec in recipe.reward.function_specs()])
+        taskset = build_tasks(recipe.data, tokenizer, split=recipe.data.split, graded_by=graded_by)
         sampler = PromptSampler(taskset.tasks, recipe.train.prompts_per_step, seed=recipe.seed, shuffle=recipe.data.shuffle)
         rewards = RewardComputer(reward_config_with_overlong(recipe.reward, algo, recipe.rollout.max_new_tokens, taskset.kind), default_kind=taskset.kind)
         cleanup.callback(rewards.close)

@@ -22,6 +22,8 @@ from llmrl.data.sources import looks_like_hub_id
 from llmrl.distributed.cluster import ClusterConfig
 from llmrl.eval.config import EvalConfig
 from llmrl.models import ModelConfig
+from llmrl.overrides import DuplicateKeyError, OverrideError, Overrides, strict_load
+from llmrl.overrides import apply_overrides, parse_override  # noqa: F401 - re-exported: callers import them from here
 from llmrl.reward import RewardConfig
 from llmrl.rollout.base import RolloutConfig
 from llmrl.train.engine import TrainConfig
@@ -75,36 +77,6 @@ class Recipe(Section):
 # ------------------------------------------------------------------------------ loading
 
 
-def parse_override(item: str) -> tuple[list[str], Any]:
-    if "=" not in item:
-        raise RecipeError(f"override '{item}' is not of the form key=value (e.g. train.steps=2)")
-    key, raw = item.split("=", 1)
-    try:
-        value = yaml.safe_load(raw) if raw != "" else ""
-    except yaml.YAMLError as err:
-        raise RecipeError(f"override {key}: cannot parse value {raw!r}: {err}") from None
-    if isinstance(value, str):
-        try:  # YAML 1.1 reads 1e-6 (no dot) as a string; users mean the number
-            value = float(value) if any(c in value.lower() for c in ".e") and value.strip() else value
-        except ValueError:
-            pass
-    return key.strip().split("."), value
-
-
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    for item in overrides:
-        path, value = parse_override(item)
-        node = data
-        for part in path[:-1]:
-            child = node.get(part)
-            if not isinstance(child, dict):
-                child = {}
-                node[part] = child
-            node = child
-        node[path[-1]] = value
-    return data
-
-
 def _fields_at(loc: tuple[Any, ...]) -> list[str]:
     """Field names of the model that owns location `loc` (for did-you-mean)."""
     model: Any = Recipe
@@ -120,47 +92,82 @@ def _fields_at(loc: tuple[Any, ...]) -> list[str]:
     return list(getattr(model, "model_fields", {}))
 
 
-def format_validation_error(err: ValidationError, source: str) -> str:
+def format_validation_error(err: ValidationError, source: str, overrides: Overrides | None = None) -> str:
+    """One line per error, each naming its key and where the bad value came from: the override
+    that set it (`override 'train.steps=abc'`) or else `source`, the recipe file."""
     lines = []
     for e in err.errors():
         loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p.startswith(("function-", "tagged-union"))))
         key = ".".join(str(p) for p in loc) or "(recipe)"
-        if e["type"] == "extra_forbidden":
+        unknown = e["type"] == "extra_forbidden"
+        override = overrides.source_of(loc, inside=unknown) if overrides else None
+        where = f"override '{override}'" if override else source
+        if unknown:
             close = difflib.get_close_matches(str(loc[-1]), _fields_at(loc), n=1)
             hint = f" (did you mean '{'.'.join([*map(str, loc[:-1]), close[0]])}'?)" if close else ""
-            lines.append(f"unknown key '{key}' in {source}{hint}")
+            lines.append(f"unknown key '{key}' in {where}{hint}")
         else:
             got = e.get("input")
             shown = "" if isinstance(got, dict) else f" (got {got!r})"
             msg = e["msg"].removeprefix("Value error, ")
-            lines.append(f"{key}: {msg}{shown} in {source}")
+            lines.append(f"{key}: {msg}{shown} in {where}")
     return "\n".join(lines)
 
 
 def load_recipe(path: str | None, overrides: list[str] | None = None) -> Recipe:
     source = path or "(defaults)"
-    data: dict[str, Any] = {}
-    if path is not None:
-        file = Path(path)
-        if not file.exists():
-            raise RecipeError(f"recipe file not found: {path}")
-        try:
-            data = yaml.safe_load(file.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise RecipeError(f"{path}: invalid YAML: {err}") from None
-        if not isinstance(data, dict):
-            raise RecipeError(f"{path}: a recipe must be a mapping of sections, got {type(data).__name__}")
-    data = apply_overrides(data, list(overrides or []))
+    data = read_recipe_file(path) if path is not None else {}
+    applied = Overrides(overrides or [])
+    try:
+        data = applied.apply(data)
+    except OverrideError as err:
+        raise RecipeError(str(err)) from None
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as err:
-        raise RecipeError(format_validation_error(err, source)) from None
+        raise RecipeError(format_validation_error(err, source, applied)) from None
     try:
         recipe = resolve_recipe(recipe)
+        check_recipe(recipe, source)
+    except RecipeError as err:
+        raise RecipeError(_with_overrides(str(err), source, applied)) from None
     except ValueError as err:
-        raise RecipeError(f"{err} in {source}") from None
-    check_recipe(recipe, source)
+        raise RecipeError(_with_overrides(f"{err} in {source}", source, applied)) from None
     return recipe
+
+
+def read_recipe_file(path: str) -> dict[str, Any]:
+    """The recipe file as a mapping; a missing, unreadable or malformed file is a RecipeError."""
+    file = Path(path)
+    if not file.exists():
+        raise RecipeError(f"recipe file not found: {path}")
+    try:
+        text = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise RecipeError(f"{path}: not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset {err.start})") from None
+    except OSError as err:
+        raise RecipeError(f"{path}: cannot read the recipe: {err.strerror or err}") from None
+    try:
+        data = strict_load(text) or {}
+    except DuplicateKeyError as err:
+        raise RecipeError(f"{path}: {err}; a key may appear once per section") from None
+    except yaml.YAMLError as err:
+        raise RecipeError(f"{path}: invalid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: a recipe must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def _with_overrides(message: str, source: str, overrides: Overrides) -> str:
+    """A cross-key error ends "in <file>"; when overrides set keys it names, say so."""
+    suffix = f" in {source}"
+    named = overrides.keys_in(message.removesuffix(suffix))
+    if not named:
+        return message
+    quoted = " and ".join(f"override '{item}'" for item in named)
+    if message.endswith(suffix):
+        return f"{message.removesuffix(suffix)} in {quoted} (over {source})"
+    return f"{message} (set by {quoted})"
 
 
 def resolve_recipe(recipe: Recipe) -> Recipe:

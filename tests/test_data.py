@@ -5,6 +5,10 @@ import ast
 import importlib.util
 import json
 import operator
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -25,6 +29,11 @@ from llmrl.data.arithmetic import arithmetic_split, generate_problems
 from llmrl.types import Task
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "llmrl.cli", *args], capture_output=True, text=True, cwd=REPO, env=env)
 
 
 def shared_data_dir() -> Path:
@@ -268,7 +277,7 @@ def test_malformed_rows_are_skipped_and_counted(tokenizer, tmp_path):
 def test_too_many_malformed_rows_name_the_first_bad_row(tokenizer, tmp_path):
     path = write_jsonl(tmp_path / "mixed.jsonl", _mixed_rows())
     cfg = DataConfig(type="generic", path=str(path), max_prompt_tokens=64, max_bad_fraction=0.1)
-    with pytest.raises(DataConfigError, match=r"#3: missing_field: column 'prompt'") as info:
+    with pytest.raises(DataConfigError, match=r"row #3 \(mixed\.jsonl line 4\): missing_field: column 'prompt'") as info:
         build_tasks(cfg, tokenizer)
     assert "3 of 20 rows" in str(info.value) and "data.max_bad_fraction" in str(info.value)
 
@@ -302,6 +311,103 @@ def test_hub_failure_is_one_clear_line(tokenizer, monkeypatch):
     assert "\n" not in message
     assert message.startswith("data.path: cannot load split 'train' of hub dataset 'openai/gsm8k'")
     assert "ConnectionError" in message
+
+
+@pytest.mark.parametrize(
+    "content, expected",
+    [
+        (b'{"prompt": "a", "answer": "1"}\n{"prompt": "caf\xe9", "answer": "2"}\n',
+         r"bad\.jsonl line 2: not UTF-8 text \(byte 0xe9 at column 16\)"),
+        (b'{"prompt": "a", "answer": "1"}\n\n{"prompt": "b", "answer": \n',
+         r"bad\.jsonl line 3: malformed JSON: Expecting value at column 26"),
+        (b'{"prompt": "a"}\n["prompt", "b"]\n', r"bad\.jsonl line 2: a row must be a JSON object, got list"),
+        (b"", r"bad\.jsonl is empty \(0 bytes\)"),
+        (b"\n  \n", r"bad\.jsonl holds no rows"),
+    ],
+)
+def test_unreadable_jsonl_names_the_file_and_line(tokenizer, tmp_path, content, expected):
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(content)
+    with pytest.raises(DataConfigError, match=r"^data\.path: .*" + expected) as info:
+        build_tasks(DataConfig(type="generic", path=str(path)), tokenizer)
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_jsonl_rows_skip_blank_lines_and_a_bom_and_bad_rows_name_their_line(tokenizer, tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf{"question": "q0", "answer": "x #### 1"}\n\n{"question": "q1"}\n{"question": "q2", "answer": "#### 3"}\n')
+    with pytest.raises(DataConfigError, match=r"1 of 3 rows .* the first is row #1 \(rows\.jsonl line 3\): missing_field: column 'answer'"):
+        build_tasks(DataConfig(type="gsm8k", path=str(path)), tokenizer)
+    tasks = build_tasks(DataConfig(type="gsm8k", path=str(path), max_bad_fraction=0.5), tokenizer).tasks
+    assert [(t.messages[-1]["content"].split("\n")[0], t.answer) for t in tasks] == [("q0", "1"), ("q2", "3")]
+
+
+def test_rows_without_the_gold_answer_a_reward_grades_against_are_malformed(tokenizer, tmp_path):
+    rows = [{"prompt": "1+1", "answer": "2"}, {"prompt": "2+2"}, {"prompt": "3+3", "answer": " "}]
+    path = write_jsonl(tmp_path / "noans.jsonl", rows)
+    cfg = DataConfig(type="generic", path=str(path))
+    assert len(build_tasks(cfg, tokenizer)) == 3  # no reward named: a prompt-only row is fine
+    with pytest.raises(DataConfigError, match=r"2 of 3 rows.*row #1 \(noans\.jsonl line 2\): no_answer: .*reward 'gsm8k'"):
+        build_tasks(cfg, tokenizer, graded_by="gsm8k")
+
+
+def test_which_rewards_grade_against_the_gold_answer():
+    from llmrl.reward import reward_needing_answer
+
+    assert reward_needing_answer(["format", "overlong"]) is None
+    assert reward_needing_answer(["format", "math", "gsm8k"]) == "math"
+    for name in ("gsm8k", "gsm8k_flexible", "arithmetic", "search_f1"):
+        assert reward_needing_answer([name]) == name
+
+
+def test_training_refuses_rows_missing_the_answer_its_reward_needs(tmp_path):
+    """Before: every gsm8k call failed on the missing gold, the run trained on the fallback 0 and exited 0."""
+    path = write_jsonl(tmp_path / "noans.jsonl", [{"prompt": "1+1=?", "answer": "2"}] + [{"prompt": f"{i}+1=?"} for i in range(3)])
+    out = run_cli(
+        "train", str(REPO / "recipes" / "gsm8k_grpo.yaml"), "model.name=tiny", "data.type=generic", f"data.path={path}",
+        "reward.functions=[gsm8k]", f"output_dir={tmp_path / 'run'}", "train.steps=1", "logging.progress=false",
+    )
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert "3 of 4 rows" in out.stderr and "row #1 (noans.jsonl line 2): no_answer" in out.stderr and "'gsm8k'" in out.stderr
+
+
+UNREACHABLE_HUB = "http://127.0.0.1:9"  # the discard port: nothing listens, the connection is refused at once
+
+
+def test_unreachable_hub_fails_fast_with_a_local_copy_hint(tokenizer, monkeypatch):
+    """Before: `datasets` retried for about 25 s (30 s for the whole command) and said nothing of data.path."""
+    from huggingface_hub import constants
+
+    for variable in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setattr(constants, "ENDPOINT", UNREACHABLE_HUB)  # where the hub is: unreachable anywhere
+    started = time.perf_counter()
+    with pytest.raises(DataConfigError) as info:
+        build_tasks(DataConfig(type="gsm8k", path="llmrl-tests/not-cached"), tokenizer)
+    assert time.perf_counter() - started < 5
+    message = str(info.value)
+    assert message.startswith("data.path: cannot load split 'train' of hub dataset 'llmrl-tests/not-cached': the hub is unreachable")
+    assert "127.0.0.1:9" in message and "point data.path at a local copy" in message and "gsm8k/train.jsonl" in message
+
+
+def test_offline_mode_fails_fast_with_a_local_copy_hint(tokenizer, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    started = time.perf_counter()
+    with pytest.raises(DataConfigError, match=r"unreachable \(HF_DATASETS_OFFLINE=1\).*point data\.path at a local copy"):
+        build_tasks(DataConfig(type="gsm8k", path="llmrl-tests/not-cached"), tokenizer)
+    assert time.perf_counter() - started < 5
+
+
+@pytest.mark.parametrize("recipe", ["gsm8k_grpo.yaml", "gsm8k_ppo.yaml"])
+def test_hub_recipes_offline_exit_2_with_the_hint(tmp_path, recipe):
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
+    env["HF_ENDPOINT"] = UNREACHABLE_HUB
+    started = time.perf_counter()
+    out = run_cli("train", str(REPO / "recipes" / recipe), "model.name=tiny", f"output_dir={tmp_path / 'run'}", env=env)
+    seconds = time.perf_counter() - started
+    assert out.returncode == 2 and "Traceback" not in out.stderr and "Retrying" not in out.stderr, out.stderr
+    assert "hub dataset 'openai/gsm8k'" in out.stderr and "point data.path at a local copy" in out.stderr
+    assert seconds < 60, seconds  # process start-up and the tokenizer included; the hub question itself is < 5 s
 
 
 def test_eval_path_is_used_for_the_eval_split(tokenizer, tmp_path):

@@ -152,6 +152,17 @@ def test_evaluate_during_training_reports_named_metrics(tokenizer, tmp_path):
     assert not should_evaluate(EvalConfig(every=1), 1, 10)  # no benches: never
 
 
+def test_eval_every_zero_never_evaluates_not_even_at_the_end():
+    """Before: eval.every=0 still evaluated after the last step (at_end defaulted to true)."""
+    cfg = EvalConfig(benches=["arithmetic"])
+    assert cfg.every is None
+    assert [s for s in range(1, 11) if should_evaluate(cfg, s, 10)] == [10]  # unset: the end only
+    assert [s for s in range(1, 11) if should_evaluate(cfg.model_copy(update={"every": 4}), s, 10)] == [4, 8, 10]
+    assert [s for s in range(1, 11) if should_evaluate(cfg.model_copy(update={"every": 4, "at_end": False}), s, 10)] == [4, 8]
+    assert [s for s in range(1, 11) if should_evaluate(cfg.model_copy(update={"every": 0}), s, 10)] == []
+    assert [s for s in range(1, 11) if should_evaluate(cfg.model_copy(update={"every": 0, "at_end": True}), s, 10)] == []
+
+
 def test_run_and_checkpoint_directories_resolve_to_the_newest_policy(tmp_path):
     run = tmp_path / "myrun"
     for step in (2, 10, 5):
@@ -207,6 +218,36 @@ def test_tiny_model_end_to_end_then_resume(tiny_path, tmp_path, capsys):
     assert sorted((r["task_id"], r["sample"]) for r in after) == sorted((r["task_id"], r["sample"]) for r in samples)
 
 
+def test_resumed_evaluation_draws_the_samples_of_an_uninterrupted_one(tiny_path, tmp_path):
+    """Before: each batch was seeded by its position in the run's to-do list, so the samples a
+    --resume generated differed from the ones an uninterrupted run drew for the same items."""
+    def completions(out):
+        return {(r["task_id"], r["sample"]): r["completion"] for r in read_jsonl(out / "gsm8k" / "samples.jsonl")}
+
+    common = TINY_GSM8K + ["--batch-size", "3"]  # 4 items x 2 samples; a later --limit wins
+    assert main_eval(common + ["--output", str(tmp_path / "whole")]) == 0
+    whole = completions(tmp_path / "whole")
+    assert len(whole) == 8 and len(set(whole.values())) > 4  # sampled at temperature 1: the draws differ
+    # Interrupted: the first two items only, and the last sample of the second one lost.
+    part = tmp_path / "part"
+    assert main_eval(common + ["--output", str(part), "--limit", "2"]) == 0
+    lines = (part / "gsm8k" / "samples.jsonl").read_text().splitlines(keepends=True)
+    (part / "gsm8k" / "samples.jsonl").write_text("".join(lines[:-1]))
+    assert main_eval(common + ["--output", str(part), "--resume"]) == 0
+    resumed = json.loads((part / "results.json").read_text())["benches"]["gsm8k"]
+    assert (resumed["run"]["samples_generated"], resumed["run"]["samples_resumed"]) == (5, 3)
+    assert completions(part) == whole
+
+
+def test_a_bench_file_with_a_bad_byte_exits_2_naming_the_line(tmp_path, capsys):
+    """Before: a UnicodeDecodeError traceback from deep in pyarrow (exit 1)."""
+    bench = tmp_path / "items.jsonl"
+    bench.write_bytes(b'{"prompt": "1+1", "answer": "2"}\n{"prompt": "caf\xe9", "answer": "3"}\n')
+    assert main_eval(["--model", "tiny", "--bench", str(bench), "--reward", "gsm8k", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and f"{bench} line 2: not UTF-8 text (byte 0xe9 at column 16)" in err
+
+
 @pytest.mark.parametrize(
     "argv, flag, words",
     [
@@ -253,3 +294,25 @@ def test_few_shot_and_plain_prompts(tokenizer):
     assert prompt.index(train[0]["question"]) < prompt.index(train[1]["question"]) < prompt.index("Janet")
     assert "#### 72" in prompt and "<<" not in prompt  # first shot's answer, calculator notes removed
     assert bench_tasks.prompt_format["few_shot"] == 2 and bench_tasks.prompt_format["example"] == prompt
+
+
+def test_training_with_eval_every_zero_runs_no_evaluation(tmp_path):
+    """A real 2-step run on the tiny model with benchmarks listed: every=0 leaves no eval/ directory
+    and no eval/ metric; every unset (the quickstart's shape) evaluates once, after the last step."""
+    from llmrl.loop import train
+    from llmrl.recipe import load_recipe
+
+    quickstart = str(Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml")
+    tiny = [
+        "model.name=tiny", "rollout.n=2", "train.prompts_per_step=2", "train.micro_batch_size=4", "rollout.max_new_tokens=4",
+        "logging.progress=false", "logging.tensorboard=false", "train.steps=2", "eval.limit=2", "eval.max_new_tokens=4",
+        "eval.reward_workers=0", "eval.progress=false", "reward.num_workers=0",
+    ]
+    off = train(load_recipe(quickstart, tiny + ["eval.every=0", f"output_dir={tmp_path / 'off'}"]))
+    rows = [json.loads(line) for line in (off / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and not any(k.startswith("eval/") for r in rows for k in r)
+    assert not (off / "eval").exists()
+    end = train(load_recipe(quickstart, tiny + [f"output_dir={tmp_path / 'end'}"]))
+    rows = [json.loads(line) for line in (end / "metrics.jsonl").read_text().splitlines()]
+    assert ["eval/arithmetic/pass@1" in r for r in rows] == [False, True]
+    assert sorted(p.name for p in (end / "eval").iterdir()) == ["step_2"]

@@ -216,3 +216,27 @@ def test_a_dead_rollout_engine_is_restarted_resynced_and_a_second_death_stops_th
     # The replacement served the synced step-1 weights, not the initial ones it loaded. (Without
     # the re-sync this run's step-2 reward was 0.078 against 0.0625: the test sees it.)
     assert rows[1]["rollout/logprob_diff"] == pytest.approx(clean[1]["rollout/logprob_diff"], rel=1e-6)
+
+
+@pytest.mark.slow
+def test_row_seeds_travel_with_their_prompts_to_two_engines(tmp_path, local_ray):
+    """Evaluation seeds each sample (SamplingParams.row_seeds); spread over two engine actors,
+    every prompt must still be drawn with its own seed: the same samples as one in-process engine."""
+    from llmrl.distributed.ray_cluster import RayCluster
+    from llmrl.models import load_tokenizer
+    from llmrl.rollout.base import SamplingParams, build_rollout_engine
+
+    recipe = load_recipe(QUICKSTART, TINY + [
+        "cluster.backend=ray", "rollout.weight_sync=broadcast", "cluster.rollout_engines.count=2", f"output_dir={tmp_path}",
+    ])
+    tokenizer = load_tokenizer("tiny")
+    prompts = [tokenizer.encode(text) for text in ("1 + 1 =", "a much longer prompt about 2 + 2 =", "3 + 3 =", "4 + 4 =")]
+    sampling = SamplingParams(temperature=1.0, max_new_tokens=6, seed=5, row_seeds=[101, 202, 303, 404])
+    local = build_rollout_engine(recipe.rollout, recipe.model, tokenizer, seed=recipe.seed).generate(prompts, sampling)
+    cluster = RayCluster(recipe)
+    try:
+        spread = cluster.rollout_engine(recipe, tokenizer).generate(prompts, sampling)
+    finally:
+        cluster.shutdown()
+    assert [c.token_ids for c in spread] == [c.token_ids for c in local]
+    assert len({tuple(c.token_ids) for c in local}) == 4

@@ -136,3 +136,80 @@ def test_registered_names_are_checked_against_the_registries():
     ):
         with pytest.raises(RecipeError, match=re.escape(message)):
             load_recipe(None, [override, "rollout.workflow.name=single_turn"] if "turns" in override else [override])
+
+
+# ---------------------------------------------------------------- overrides name themselves; strict YAML
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("train.steps=abc", r"^train\.steps: .*integer.*'abc'.* in override 'train\.steps=abc'$"),
+        ("train.stepz=3", r"^unknown key 'train\.stepz' in override 'train\.stepz=3' \(did you mean 'train\.steps'\?\)$"),
+        ("rolout.n=2", r"^unknown key 'rolout' in override 'rolout\.n=2' \(did you mean 'rollout'\?\)$"),
+        ("train.steps=[1,", r"^override 'train\.steps=\[1,': cannot parse the value '\[1,'"),
+        ("train={steps: abc}", r"^train\.steps: .* in override 'train=\{steps: abc\}'$"),
+        ("train.micro_batch_size=3", r"must divide .* in override 'train\.micro_batch_size=3' \(over .*r\.yaml\)$"),
+    ],
+)
+def test_override_mistakes_name_the_override_not_the_file(tmp_path, override, expected):
+    path = write(tmp_path, "train:\n  steps: 2\n  prompts_per_step: 8\n")
+    with pytest.raises(RecipeError) as err:
+        load_recipe(path, [override])
+    assert re.search(expected, str(err.value)), str(err.value)
+
+
+def test_a_bad_value_in_the_file_still_names_the_file_beside_good_overrides(tmp_path):
+    path = write(tmp_path, "train:\n  lr: fast\n")
+    with pytest.raises(RecipeError, match=r"train\.lr: .*'fast'.* in .*r\.yaml$"):
+        load_recipe(path, ["train.steps=3", "model.name=tiny"])
+
+
+def test_cli_override_mistake_exits_2_naming_the_override(tmp_path):
+    out = run_cli("validate", str(REPO / "recipes" / "quickstart.yaml"), "train.steps=abc")
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "override 'train.steps=abc'" in out.stderr and "quickstart.yaml" not in out.stderr
+
+
+def test_duplicate_key_in_recipe_is_refused_with_key_and_line(tmp_path):
+    path = write(tmp_path, "train:\n  steps: 2\n  lr: 1.0e-5\n  steps: 3\n")
+    with pytest.raises(RecipeError, match=r"r\.yaml: duplicate key 'steps' on line 4 \(first on line 2\)"):
+        load_recipe(path)
+    path = write(tmp_path, "train:\n  steps: 2\ntrain:\n  lr: 1.0e-5\n", name="twice.yaml")
+    with pytest.raises(RecipeError, match=r"twice\.yaml: duplicate key 'train' on line 3 \(first on line 1\)"):
+        load_recipe(path)
+    out = run_cli("validate", path)
+    assert out.returncode == 2 and "Traceback" not in out.stderr and "duplicate key 'train'" in out.stderr
+
+
+def test_duplicate_key_in_an_override_value_is_refused():
+    with pytest.raises(RecipeError, match=r"override 'train=\{steps: 1, steps: 2\}'.*duplicate key 'steps'"):
+        load_recipe(None, ["train={steps: 1, steps: 2}"])
+
+
+def test_section_override_merges_into_the_section(tmp_path):
+    path = write(tmp_path, "train:\n  steps: 2\n  lr: 3.0e-5\n  betas: [0.8, 0.9]\nrollout:\n  n: 4\n  temperature: 0.7\n")
+    recipe = load_recipe(path, ["train={steps: 5, betas: [0.5, 0.6]}", "rollout={n: 2}"])
+    # the keys named are replaced (a list whole), the section's other keys kept from the file
+    assert recipe.train.steps == 5 and recipe.train.lr == 3.0e-5 and recipe.train.betas == (0.5, 0.6)
+    assert recipe.rollout.n == 2 and recipe.rollout.temperature == 0.7
+    # nested sections merge too, and a later override of the same key wins
+    recipe = load_recipe(None, ["eval={benches: [arithmetic], limit: 5}", "eval={limit: 7}", "eval.n=1"])
+    assert recipe.eval.benches == ["arithmetic"] and recipe.eval.limit == 7
+
+
+def test_cli_without_a_recipe_says_the_recipe_is_missing():
+    for command in ("train", "validate"):
+        out = run_cli(command)
+        assert out.returncode == 2
+        assert out.stderr.strip().endswith("the following arguments are required: recipe"), out.stderr
+        assert "overrides" not in out.stderr.splitlines()[-1]
+
+
+def test_recipe_file_that_is_not_utf8_or_a_directory_is_a_clear_error(tmp_path):
+    bad = tmp_path / "latin1.yaml"
+    bad.write_bytes(b"train:\n  steps: 2\n# caf\xe9\n")
+    with pytest.raises(RecipeError, match=r"latin1\.yaml: not UTF-8 text \(byte 0xe9 at offset 23\)"):
+        load_recipe(str(bad))
+    with pytest.raises(RecipeError, match=r"cannot read the recipe: Is a directory"):
+        load_recipe(str(tmp_path))

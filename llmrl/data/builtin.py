@@ -15,7 +15,7 @@ from typing import Any
 from llmrl.data.arithmetic import arithmetic_split, solution_steps
 from llmrl.data.config import DataConfig, DataConfigError
 from llmrl.data.prompts import build_messages, tokenize_prompt
-from llmrl.data.sources import Row, load_rows
+from llmrl.data.sources import Row, load_rows, row_location
 from llmrl.registry import Registry
 from llmrl.types import Task
 
@@ -337,13 +337,14 @@ class SkippedRows:
         raise DataConfigError(
             f"data.max_bad_fraction: {skipped} of {total} rows of {source} are malformed "
             f"({skipped / total:.1%} > {max_bad_fraction:.1%}; {counts}); "
-            f"first bad row is #{index}: {error}"
+            f"the first is {row_location(source, index)}: {error}"
         )
 
 
-def build_tasks(cfg: DataConfig, tokenizer: Any, split: str = "train") -> TaskSet:
+def build_tasks(cfg: DataConfig, tokenizer: Any, split: str = "train", *, graded_by: str | None = None) -> TaskSet:
     """Load `split`, turn each row into a Task with prompt ids, and skip malformed rows
-    (failing when more than `cfg.max_bad_fraction` of them are)."""
+    (failing when more than `cfg.max_bad_fraction` of them are). `graded_by`: the reward that
+    grades against the gold answer, which makes a row without one malformed."""
     task_type = get_task_type(cfg.type)
     rows, source = task_type.load_rows(cfg, split)
     fields = {**task_type.default_fields, **cfg.fields}
@@ -354,6 +355,11 @@ def build_tasks(cfg: DataConfig, tokenizer: Any, split: str = "train") -> TaskSe
     for index, row in enumerate(rows):
         try:
             parsed = task_type.parse(row, fields, set(cfg.fields))
+            if graded_by is not None and (parsed.answer is None or not parsed.answer.strip()):
+                column = fields.get("answer", "answer")
+                raise RowError(
+                    "no_answer", f"no gold answer (column {column!r}, data.fields.answer), which reward {graded_by!r} grades against"
+                )
             task_id = parsed.row_id or f"{task_type.name}-{split}-{index:05d}"
             if task_id in seen_ids:
                 raise RowError("duplicate_id", f"task id {task_id!r} already used")

@@ -2,6 +2,7 @@
 mini-batch) or one rollout engine. They wrap the very objects an in-process run uses."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 from pathlib import Path
@@ -169,6 +170,11 @@ class RolloutWorker:
     def generate(self, prompt_ids: list[list[int]], sampling: Any) -> list[Any]:
         self.fault("generate")
         return self.engine.generate(prompt_ids, sampling)
+
+    def generate_seeded(self, prompt_ids: list[list[int]], row_seeds: list[int], sampling: Any) -> list[Any]:
+        """`generate` with one seed per prompt (SamplingParams.row_seeds), split with the prompts."""
+        self.fault("generate")
+        return self.engine.generate(prompt_ids, dataclasses.replace(sampling, row_seeds=row_seeds))
 
     def score(self, prefix_ids: list[list[int]], continuation_ids: list[list[int]], temperature: float) -> list[list[float]]:
         return self.engine.score(prefix_ids, continuation_ids, temperature)

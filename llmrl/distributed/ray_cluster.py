@@ -208,8 +208,8 @@ def engine_sampling(sampling: Any, engine_index: int) -> Any:
     """Engine k's sampling: its own seed, so two engines given copies of one prompt (a group split
     between them) never draw the same random stream. Engine 0 keeps the seed: one engine samples
     exactly what an in-process run samples."""
-    if engine_index == 0 or sampling.seed is None:
-        return sampling
+    if engine_index == 0 or sampling.seed is None or sampling.row_seeds is not None:
+        return sampling  # row seeds already differ per row, and must not depend on the engine
     return dataclasses.replace(sampling, seed=sampling.seed + 104_729 * engine_index)
 
 
@@ -277,6 +277,9 @@ class RayRolloutEngine:
 
     def generate(self, prompt_ids: list[list[int]], sampling: Any) -> list[Any]:
         tokens = [len(p) + sampling.max_new_tokens for p in prompt_ids]
+        if sampling.row_seeds is not None:  # each row's seed travels with the row to its engine
+            base = dataclasses.replace(sampling, row_seeds=None)
+            return self._spread("generate_seeded", [prompt_ids, list(sampling.row_seeds)], tokens, base)
         return self._spread("generate", [prompt_ids], tokens, per_engine=lambda k: (engine_sampling(sampling, k),))
 
     def score(self, prefix_ids: list[list[int]], continuation_ids: list[list[int]], temperature: float = 1.0) -> list[list[float]]:

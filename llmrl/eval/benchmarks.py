@@ -226,7 +226,9 @@ def load_bench_tasks(bench: Benchmark, tokenizer: Any, cfg: Any) -> BenchTasks:
     plain text, instruction, system prompt, few-shot examples)."""
     split = cfg.split or bench.split
     data_cfg = data_config(bench, cfg, split, cfg.limit)
-    taskset = build_tasks(data_cfg, tokenizer, split=split)
+    from llmrl.reward import reward_needing_answer
+
+    taskset = build_tasks(data_cfg, tokenizer, split=split, graded_by=reward_needing_answer([bench.reward]))
     num_shots = cfg.few_shot if cfg.few_shot is not None else bench.few_shot
     shots = few_shot_messages(bench, tokenizer, cfg, num_shots)
     tasks = taskset.tasks

@@ -13,8 +13,17 @@ from llmrl.config_base import Section
 
 
 class EvalConfig(Section):
-    every: int = Field(0, ge=0, description="Training: evaluate every N steps (0 = never during the run).")
-    at_end: bool = Field(True, description="Training: evaluate after the last step (when `benches` is not empty).")
+    every: int | None = Field(
+        None,
+        ge=0,
+        description=(
+            "Training: evaluate every N steps. Unset: only after the last step (see `at_end`). 0: never evaluate "
+            "during training, the last step included, whatever `at_end` says."
+        ),
+    )
+    at_end: bool = Field(
+        True, description="Training: also evaluate after the last step (when `benches` is not empty and `every` is not 0)."
+    )
     benches: list[str] = Field(
         default_factory=list,
         description=(

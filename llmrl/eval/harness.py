@@ -7,6 +7,7 @@ and computes the metrics from that file, so a resumed run scores old and new sam
 """
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import json
 import time
@@ -87,8 +88,9 @@ def evaluate_bench(
         with SampleWriter(samples_path, kept) as writer:
             for first in range(0, len(todo), cfg.batch_size):
                 units = todo[first : first + cfg.batch_size]
-                # A seed per batch position: a fresh run draws the same samples every time.
-                batch_sampling = replace(sampling, seed=cfg.seed * 1_000_003 + first)
+                # A seed per (item, sample), not per batch: sample s of an item is the same whichever
+                # batch it lands in, so --resume after an interruption finishes what one run would draw.
+                batch_sampling = replace(sampling, row_seeds=[sample_seed(cfg.seed, t.task_id, s) for t, s in units])
                 context = WorkflowContext(engine, rewards, batch_sampling, tokenizer, GroupIds(), step=0, n=1)
                 trajectories = [t for g in SingleTurn().sample([t for t, _ in units], context) for t in g.trajectories]
                 graded = rewards.score(trajectories)
@@ -109,7 +111,7 @@ def evaluate_bench(
 
     entry = score_samples(bench_tasks, cfg, out_dir, reader)
     entry["reward"] = bench.reward
-    entry["sampling"] = asdict(sampling) | {"n": cfg.n, "seed": cfg.seed}
+    entry["sampling"] = _sampling_record(sampling) | {"n": cfg.n, "seed": cfg.seed, "seeding": SEEDING}
     entry["run"] = {
         "samples_generated": generated,
         "samples_resumed": total - len(todo),
@@ -119,6 +121,22 @@ def evaluate_bench(
         "tokens_per_s": generated_tokens / seconds if generated else 0.0,
     }
     return entry
+
+
+# How samples are seeded, in fingerprint.json: samples seeded another way (older versions seeded
+# each batch) are not resumed into.
+SEEDING = "per item and sample"
+
+
+def sample_seed(seed: int, task_id: str, sample: int) -> int:
+    """The seed of sample `sample` of item `task_id`: a stable hash (not Python's `hash`, which
+    changes between processes), below 2**63."""
+    digest = hashlib.sha256(f"{seed}/{task_id}/{sample}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
+
+
+def _sampling_record(sampling: SamplingParams) -> dict[str, Any]:
+    return {k: v for k, v in asdict(sampling).items() if k != "row_seeds"}
 
 
 def score_samples(bench_tasks: BenchTasks, cfg: EvalConfig, out_dir: Path, reader: AnswerReader | None) -> dict[str, Any]:
@@ -200,10 +218,13 @@ _PREPARED: dict[tuple[int, str], list[BenchTasks]] = {}
 
 
 def should_evaluate(cfg: EvalConfig, step: int, last_step: int) -> bool:
-    """Whether the loop evaluates after `step`: every `cfg.every` steps, and at the end."""
-    if not cfg.benches:
+    """Whether the loop evaluates after `step`: every `cfg.every` steps and, with `at_end`, after the
+    last one; `every=0` turns evaluation during training off, the end included (what a user who
+    writes 0 means; `at_end=false` keeps the periodic evaluations but skips the final one)."""
+    if not cfg.benches or cfg.every == 0:
         return False
-    return bool(cfg.every and step % cfg.every == 0) or (cfg.at_end and step == last_step)
+    periodic = cfg.every is not None and step % cfg.every == 0
+    return periodic or (cfg.at_end and step == last_step)
 
 
 def evaluate_during_training(
@@ -284,12 +305,11 @@ def _per_item_rows(
 
 def _fingerprint(bench_tasks: BenchTasks, sampling: SamplingParams, model: dict[str, Any] | None) -> dict[str, Any]:
     """What must not change between a run and its --resume (n and limit may grow)."""
-    sampled = asdict(sampling)
     value = {
         "model": model or {},
         "bench": bench_tasks.bench.name,
         "reward": bench_tasks.bench.reward,
-        "sampling": sampled,
+        "sampling": _sampling_record(sampling) | {"seeding": SEEDING},
         "prompt_format": {k: v for k, v in bench_tasks.prompt_format.items() if k != "example"},
         "data": {"source": bench_tasks.source, "file_sha256": bench_tasks.file_sha256},
     }

@@ -23,6 +23,7 @@ from llmrl.reward.registry import (
     register_reward,
     registered_rewards,
     resolve_reward,
+    reward_needing_answer,
 )
 
 __all__ = [
@@ -42,5 +43,6 @@ __all__ = [
     "register_reward",
     "registered_rewards",
     "resolve_reward",
+    "reward_needing_answer",
     "response_text",
 ]

@@ -55,10 +55,18 @@ def _load_builtins() -> None:
 REWARDS: Registry[RewardFn] = Registry("reward", loader=_load_builtins)
 
 
-def register_reward(name: str) -> Callable[[RewardFn], RewardFn]:
-    """Decorator: make `fn` available to recipes under `name`."""
+# Attribute a reward function carries when it grades against `task.answer`: data rows without a
+# gold answer are then malformed (skipped, fatal in bulk) rather than scored by the fallback.
+NEEDS_ANSWER_ATTR = "needs_answer"
+
+
+def register_reward(name: str, *, needs_answer: bool = False) -> Callable[[RewardFn], RewardFn]:
+    """Decorator: make `fn` available to recipes under `name`. `needs_answer`: it grades against
+    the task's gold answer (a plugin can set `fn.needs_answer = True` itself)."""
 
     def decorator(fn: RewardFn) -> RewardFn:
+        if needs_answer:
+            setattr(fn, NEEDS_ANSWER_ATTR, True)
         # Re-registering the same function (a module loaded twice) is harmless; a clash is not.
         try:
             return REWARDS.register(name, fn)
@@ -101,6 +109,19 @@ def resolve_reward(spec: str) -> RewardFn:
             ) from exc
         return _require_callable(fn, spec)
     raise _unknown_reward_error(spec)
+
+
+def reward_needing_answer(specs: list[str]) -> str | None:
+    """The first of `specs` whose function grades against the gold answer, or None. A spec that
+    does not resolve counts as not needing one (the recipe check reports it)."""
+    for spec in specs:
+        try:
+            fn = resolve_reward(spec)
+        except RewardConfigError:
+            continue
+        if getattr(fn, NEEDS_ANSWER_ATTR, False):
+            return spec
+    return None
 
 
 def known_reward_names() -> list[str]:

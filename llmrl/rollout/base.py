@@ -73,6 +73,10 @@ class SamplingParams:
     max_new_tokens: int = 64
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
+    # One seed per prompt: row i is drawn from its own generator, so its sample does not depend on
+    # which rows share the batch (evaluation resumed half-way draws what an uninterrupted run drew).
+    # Engines that cannot seed a request (vllm, see vllm_engine.py) use `seed` alone.
+    row_seeds: list[int] | None = None
 
     @property
     def greedy(self) -> bool:

@@ -49,16 +49,23 @@ class HFRolloutEngine:
     # ------------------------------------------------------------------ generate
     @torch.no_grad()
     def generate(self, prompt_ids: list[list[int]], sampling: SamplingParams) -> list[Completion]:
-        generator = None
-        if sampling.seed is not None:
+        generator: torch.Generator | list[torch.Generator] | None = None
+        if sampling.row_seeds is not None:
+            if len(sampling.row_seeds) != len(prompt_ids):
+                raise ValueError(f"{len(sampling.row_seeds)} row seeds for {len(prompt_ids)} prompts")
+            generator = [torch.Generator().manual_seed(seed) for seed in sampling.row_seeds]
+        elif sampling.seed is not None:
             generator = torch.Generator().manual_seed(sampling.seed)
         out: list[Completion] = []
         size = self.cfg.max_batch_size
         for start in range(0, len(prompt_ids), size):
-            out.extend(self._generate_batch(prompt_ids[start : start + size], sampling, generator))
+            chunk = generator[start : start + size] if isinstance(generator, list) else generator
+            out.extend(self._generate_batch(prompt_ids[start : start + size], sampling, chunk))
         return out
 
-    def _generate_batch(self, all_prompts: list[list[int]], sp: SamplingParams, generator: torch.Generator | None) -> list[Completion]:
+    def _generate_batch(
+        self, all_prompts: list[list[int]], sp: SamplingParams, generator: torch.Generator | list[torch.Generator] | None
+    ) -> list[Completion]:
         # n samples of a prompt share its prefill: run each distinct prompt once, then copy its
         # cache rows. With n=8 that removes 7/8 of the prefill, most of a short rollout's cost.
         first_row: dict[tuple[int, ...], int] = {}
@@ -103,7 +110,10 @@ class HFRolloutEngine:
                     probs = logp_all.exp()  # unfiltered: reuse the log-softmax, one vocab pass fewer
                 else:
                     probs = torch.softmax(filter_logits(scaled, sp.top_k, sp.top_p), dim=-1)
-                chosen = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+                if isinstance(generator, list):  # each live row from its own stream
+                    chosen = torch.cat([torch.multinomial(probs[j], 1, generator=generator[i]) for j, i in enumerate(rows)])
+                else:
+                    chosen = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
             chosen_logp = logp_all.gather(-1, chosen[:, None]).squeeze(-1).tolist()
             chosen_ids = chosen.tolist()
             done = torch.isin(chosen, self.eos_ids).tolist()

@@ -16,7 +16,7 @@ def arithmetic_answer(text: str) -> str | None:
     return marked if marked is not None else last_number(text)
 
 
-@register_reward("arithmetic")
+@register_reward("arithmetic", needs_answer=True)
 def arithmetic(completion: str, task: Task) -> dict[str, float]:
     """1 when the answer equals the gold by value ("7.0" matches "7"), else 0."""
     correct = numbers_match(arithmetic_answer(completion), gold_answer(task))

@@ -100,13 +100,13 @@ def _grade(completion: str, task: Task, mode: ExtractMode, format_score: float) 
     return {"score": format_score, "acc": 0.0}
 
 
-@register_reward("gsm8k")
+@register_reward("gsm8k", needs_answer=True)
 def gsm8k(completion: str, task: Task, format_score: float = 0.0) -> dict[str, float]:
     """1 when the number after the last `####` (last 300 chars) equals the gold by value."""
     return _grade(completion, task, "strict", format_score)
 
 
-@register_reward("gsm8k_flexible")
+@register_reward("gsm8k_flexible", needs_answer=True)
 def gsm8k_flexible(completion: str, task: Task, format_score: float = 0.0) -> dict[str, float]:
     """1 when the last number in the last 300 characters equals the gold by value."""
     return _grade(completion, task, "flexible", format_score)

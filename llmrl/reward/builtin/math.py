@@ -93,7 +93,7 @@ def math_equal(pred_text: str, gold: str) -> bool:
     return bool(verify(gold_parsed, pred_parsed, timeout_seconds=_timeout_s()))
 
 
-@register_reward("math")
+@register_reward("math", needs_answer=True)
 def math_reward(completion: str, task: Task) -> dict[str, float]:
     """1 when the last boxed answer equals the gold answer (math-verify), else 0."""
     gold = gold_answer(task)

@@ -38,7 +38,7 @@ def gold_answers(task: Task) -> list[str]:
     return [str(g) for g in golds]
 
 
-@register_reward("search_f1")
+@register_reward("search_f1", needs_answer=True)
 def search_f1(completion: str, task: Task, format_penalty: float = -2.0) -> dict[str, float]:
     """F1 of the last <answer> against the best gold; `format_penalty` (IGPO: -2) when there is no
     answer or a protocol tag is unbalanced. Parts: f1, acc (exact match after normalisation),
