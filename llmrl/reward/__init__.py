@@ -8,9 +8,17 @@ combines them by weight, and turns every failure of user code (exception, hang, 
 type) into the configured fallback score plus a counter, so a bad reward never ends a run.
 
 Modules: `registry` (names, plugin resolution), `config` (the recipe section), `pool` (worker
-processes and timeouts), `computer` (RewardComputer), `builtin` (the built-in rewards).
+processes and timeouts), `sandbox` (the operating-system walls around a worker), `computer`
+(RewardComputer), `builtin` (the built-in rewards).
 """
-from llmrl.reward.computer import ACC_KEY, RewardComputer, RewardResult, response_text
+from llmrl.reward.computer import (
+    ACC_KEY,
+    RewardComputer,
+    RewardFailingError,
+    RewardResult,
+    check_reward_imports,
+    response_text,
+)
 from llmrl.reward.config import OPTIONAL_KWARGS, RewardConfig, RewardFunctionSpec
 from llmrl.reward.registry import (
     BUILTIN_REWARD_MODULES,
@@ -35,8 +43,10 @@ __all__ = [
     "RewardConfig",
     "RewardConfigError",
     "RewardFn",
+    "RewardFailingError",
     "RewardFunctionSpec",
     "RewardResult",
+    "check_reward_imports",
     "default_reward_for_kind",
     "known_reward_names",
     "register_reward",
