@@ -87,12 +87,12 @@ _MAX_CHUNK = 64
 
 @dataclass(frozen=True)
 class _Confinement:
-    """What a sandboxed worker needs from the pool: its limits, its private directory and the
-    lifeline pipe (read end, and the write end it must close)."""
+    """What a worker needs from the pool: the lifeline pipe (read end, and the write end it must
+    close) and, with the sandbox on, its limits and private directory."""
 
-    settings: sandbox.SandboxSettings
-    private_dir: str
     lifeline: tuple[int, int]
+    settings: sandbox.SandboxSettings | None = None
+    private_dir: str | None = None
     user_reason: str = ""
 
 
@@ -106,13 +106,14 @@ def _worker_main(conn: Connection, specs: list[str], confinement: _Confinement |
     report: dict[str, str] = {}
     if confinement is not None:
         report = sandbox.enter(
-            confinement.settings, confinement.private_dir, *confinement.lifeline, user_reason=confinement.user_reason
+            confinement.settings, confinement.private_dir, confinement.lifeline, confinement.user_reason
         )
-    else:
+    else:  # spawn (not Linux): no shim, just the basics
         sandbox.reset_signals()  # the trainer's SIGTERM handler is not the worker's
         if hasattr(os, "setpgrp"):
             os.setpgrp()  # own process group: a kill also reaches subprocesses a reward started
-    cpu_limit_s = confinement.settings.cpu_limit_s if confinement is not None else None
+    settings = confinement.settings if confinement is not None else None
+    cpu_limit_s = settings.cpu_limit_s if settings is not None else None
     functions: dict[int, RewardFn] = {}
     load_errors: dict[int, str] = {}
     for index, spec in enumerate(specs):
@@ -215,8 +216,8 @@ class _WorkerPool:
             user, self._user_reason = sandbox.choose_user(self._settings.user, _import_paths(specs))
             self._settings = dataclasses.replace(self._settings, user=user)
         # Only this process holds the write end: the pipe reads EOF in every worker's shim the
-        # moment the trainer is gone, however it died.
-        self._lifeline = os.pipe() if self._settings is not None else None
+        # moment the trainer is gone, however it died (sandbox or not).
+        self._lifeline = os.pipe() if method == "fork" else None
         self.guarantees: dict[str, str] = {}  # the sandbox report of the first worker started
 
     def run(
@@ -308,8 +309,9 @@ class _WorkerPool:
     def _start(self) -> _Worker:
         parent_conn, child_conn = self._context.Pipe(duplex=True)
         confinement = None
-        if self._settings is not None and self._lifeline is not None:
-            confinement = _Confinement(self._settings, sandbox.make_private_dir(), self._lifeline, self._user_reason)
+        if self._lifeline is not None:
+            private_dir = sandbox.make_private_dir() if self._settings is not None else None
+            confinement = _Confinement(self._lifeline, self._settings, private_dir, self._user_reason)
         # daemon: workers never outlive the trainer (a reward can still use `subprocess`).
         process = self._context.Process(
             target=_worker_main, args=(child_conn, self._specs, confinement), daemon=True, name="llmrl-reward-worker"

@@ -161,19 +161,23 @@ def make_private_dir() -> str:
     return os.path.realpath(tempfile.mkdtemp(prefix="llmrl-reward-"))
 
 
-def enter(settings: SandboxSettings, private_dir: str, lifeline_fd: int, lifeline_write_fd: int, user_reason: str = "") -> dict[str, str]:
-    """Confine this freshly forked worker; return, in the process that will run reward calls, a
-    report mapping each guarantee to "on" or to why it is missing.
+def enter(
+    settings: SandboxSettings | None, private_dir: str | None, lifeline: tuple[int, int], user_reason: str = ""
+) -> dict[str, str]:
+    """Set up this freshly forked worker; return, in the process that will run reward calls, a
+    report mapping each guarantee to "on" or to why it is missing (empty with settings None:
+    the sandbox is off, and only the session, the lifeline and the signal reset apply).
 
     Process tree: this process (the shim: session leader, watches the lifeline) -> with a PID
     namespace, its init (reaps orphans) -> the worker. Only the worker returns from here.
     """
     report = {name: "off" for name in GUARANTEES}
+    lifeline_fd, lifeline_write_fd = lifeline
     os.close(lifeline_write_fd)  # only the trainer may hold it, or the pipe never reads EOF
     reset_signals()
     os.setsid()
     report["process_group"] = "on"
-    namespaces = _enter_namespaces(private_dir, report)
+    namespaces = _enter_namespaces(private_dir, report) if settings is not None and private_dir else 0
     pid_namespace = bool(namespaces & CLONE_NEWPID)
     worker = os.fork()
     if worker:
@@ -184,6 +188,8 @@ def enter(settings: SandboxSettings, private_dir: str, lifeline_fd: int, lifelin
         _become_init()  # returns in a new child: the worker
         report["pid_namespace"] = "on"
     report["trainer_death"] = "on"
+    if settings is None or not private_dir:
+        return {}
     _confine_worker(settings, private_dir, report, user_reason)
     return report
 
