@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -256,9 +257,7 @@ def test_reward_cannot_write_outside_its_private_dir(hostile: str, tmp_path: Pat
         parts, _ = score(hostile, "write_to", meta={"path": str(open_dir / "escape.txt")}, sandbox=False)
         assert parts["write_to"] == 0.0 and (open_dir / "escape.txt").read_text() == "written by a reward"
     finally:
-        for leftover in open_dir.iterdir():
-            leftover.unlink()
-        open_dir.rmdir()
+        shutil.rmtree(open_dir)
 
 
 def test_reward_writes_in_its_private_dir_which_close_removes(hostile: str) -> None:
@@ -403,3 +402,79 @@ def test_root_worker_keeps_no_capability_and_a_minimal_dev(hostile: str, guarant
     assert parts["capabilities"] == 0.0
     parts, _ = score(hostile, "devices", sandbox_user="same")
     assert parts["devices"] == 10.0  # null zero full random urandom, stdin stdout stderr, fd, shm
+
+
+# ---------------------------------------------------------------- without privileges
+
+UNPRIVILEGED_TRAINER = textwrap.dedent(
+    """
+    # A trainer run as uid 65534 inside a user namespace whose limit on nested user namespaces is
+    # 0: no root, and no unprivileged namespaces either (as with user.max_user_namespaces=0).
+    import ctypes, json, multiprocessing.popen_fork, os, signal, socket, subprocess, sys, tempfile
+    from llmrl.reward import RewardComputer, RewardConfig
+    from llmrl.types import Span, Task, Trajectory
+
+    plugin, target = sys.argv[1], sys.argv[2]
+    libc = ctypes.CDLL(None, use_errno=True)
+    go_r, go_w = os.pipe()
+    ready_r, ready_w = os.pipe()
+    child = os.fork()
+    if child:
+        os.read(ready_r, 1)
+        for name in ("uid_map", "gid_map"):
+            with open(f"/proc/{child}/{name}", "w") as handle:
+                handle.write("0 0 65536")
+        os.write(go_w, b"x")
+        sys.exit(os.waitstatus_to_exitcode(os.waitpid(child, 0)[1]))
+    assert libc.unshare(0x10000000) == 0  # CLONE_NEWUSER
+    os.write(ready_w, b"x")
+    os.read(go_r, 1)
+    with open("/proc/sys/user/max_user_namespaces", "w") as handle:
+        handle.write("0")
+    os.setgroups([])
+    os.setgid(65534)
+    os.setuid(65534)
+    task = Task(task_id="t0", messages=[{"role": "user", "content": "q"}], answer="1", meta={"path": target})
+    trajectory = Trajectory(task=task, token_ids=[1, 2, 3, 4], spans=[Span("prompt", 0, 2), Span("policy", 2, 4)],
+                            rollout_logprobs=[0.0] * 4, finish_reason="stop", group_id=0, completion_text="x")
+    functions = [f"{plugin}:{name}" for name in ("write_private", "write_to", "sigterm_default")]
+    signal.signal(signal.SIGTERM, lambda *_: None)
+    with RewardComputer(RewardConfig(functions=functions, num_workers=1)) as rewards:
+        parts = rewards.score([trajectory])[0].parts
+        print(json.dumps({"parts": parts, "guarantees": rewards.sandbox_guarantees}), flush=True)
+    os._exit(0)
+    """
+)
+
+
+def test_without_privileges_or_user_namespaces_the_rest_still_holds() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("building the unprivileged setting needs root")
+    # Files uid 65534 can read and a directory it can write: only the sandbox could stop it.
+    shared = Path(tempfile.mkdtemp(prefix="llmrl-test-unpriv-"))
+    try:
+        shared.chmod(0o777)
+        (shared / "hostile_rewards.py").write_text(HOSTILE_SOURCE)
+        (shared / "trainer.py").write_text(UNPRIVILEGED_TRAINER)
+        target = shared / "written.txt"
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        out = subprocess.run(
+            [sys.executable, str(shared / "trainer.py"), str(shared / "hostile_rewards.py"), str(target)],
+            cwd=shared, env=env, capture_output=True, text=True, timeout=120,
+        )
+        assert out.returncode == 0, out.stderr
+        report = json.loads(out.stdout)
+        guarantees, parts = report["guarantees"], report["parts"]
+        # Recorded as missing, with the reason, not failed:
+        for name in ("read_only_fs", "no_network", "pid_namespace"):
+            assert guarantees[name].startswith("no namespaces"), guarantees[name]
+        assert guarantees["unprivileged_uid"].startswith("not root")
+        # and what needs no privilege still holds.
+        for name in ("process_group", "trainer_death", "private_dir", "memory_limit", "file_size_limit"):
+            assert guarantees[name] == "on", name
+        assert parts["write_private"] == 1.0 and parts["sigterm_default"] == 1.0
+        # The documented gap: a write the user's own permissions allow goes through.
+        assert parts["write_to"] == 0.0 and target.exists()
+        assert "not in force: read_only_fs" in out.stderr  # the warning says so
+    finally:
+        shutil.rmtree(shared)
