@@ -109,6 +109,12 @@ HOSTILE_SOURCE = textwrap.dedent(
             effective = [line.split()[1] for line in status if line.startswith("CapEff")][0]
         return float(int(effective, 16))
 
+    def remount_then_write(completion, task):
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        failed = libc.mount(None, b"/", None, 32 | 4096, None)  # MS_REMOUNT | MS_BIND: read-write again
+        return {"score": 1.0, "remount_errno": float(ctypes.get_errno() if failed else 0), "write_errno": write_to(completion, task)}
+
     def devices(completion, task):
         return float(len(os.listdir("/dev")))
     """
@@ -256,6 +262,19 @@ def test_reward_cannot_write_outside_its_private_dir(hostile: str, tmp_path: Pat
         # The same reward with the sandbox off writes the file: the test can tell the difference.
         parts, _ = score(hostile, "write_to", meta={"path": str(open_dir / "escape.txt")}, sandbox=False)
         assert parts["write_to"] == 0.0 and (open_dir / "escape.txt").read_text() == "written by a reward"
+    finally:
+        shutil.rmtree(open_dir)
+
+
+@pytest.mark.parametrize("sandbox_user", ["same", "nobody"])
+def test_reward_cannot_undo_the_read_only_mount(hostile: str, guarantees: dict[str, str], sandbox_user: str) -> None:
+    need(guarantees, "read_only_fs")
+    open_dir = Path(tempfile.mkdtemp(prefix="llmrl-test-open-"))
+    try:
+        open_dir.chmod(0o777)
+        parts, _ = score(hostile, "remount_then_write", meta={"path": str(open_dir / "x")}, sandbox_user=sandbox_user)
+        assert parts["remount_then_write/remount_errno"] == errno.EPERM  # no CAP_SYS_ADMIN left
+        assert parts["remount_then_write/write_errno"] == errno.EROFS and not (open_dir / "x").exists()
     finally:
         shutil.rmtree(open_dir)
 

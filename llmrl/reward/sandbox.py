@@ -190,7 +190,7 @@ def enter(
     report["trainer_death"] = "on"
     if settings is None or not private_dir:
         return {}
-    _confine_worker(settings, private_dir, report, user_reason)
+    _confine_worker(settings, private_dir, report, user_reason, in_user_namespace=bool(namespaces & CLONE_NEWUSER))
     return report
 
 
@@ -240,23 +240,27 @@ def _enter_namespaces(private_dir: str, report: dict[str, str]) -> int:
     wanted = CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWPID
     uid, gid = os.getuid(), os.getgid()
     try:
-        if os.geteuid() == 0:
-            libc.unshare(wanted)
-        else:
-            # A user namespace gives an unprivileged user the capabilities the other namespaces
-            # need, inside it only; map the user to itself so files keep their owner.
+        if os.geteuid() != 0:
+            raise PermissionError(1, "not root")
+        libc.unshare(wanted)
+    except OSError:
+        # A user namespace gives an unprivileged user (or a root without CAP_SYS_ADMIN, as in a
+        # default Docker container) the capabilities the other namespaces need, inside it only;
+        # the user is mapped to itself so files keep their owner.
+        try:
             libc.unshare(CLONE_NEWUSER | wanted)
             _write("/proc/self/setgroups", "deny")
             _write("/proc/self/uid_map", f"{uid} {uid} 1")
             _write("/proc/self/gid_map", f"{gid} {gid} 1")
-    except OSError as exc:
-        reason = f"no namespaces ({exc.strerror}; needs root or unprivileged user namespaces)"
-        for name in ("read_only_fs", "no_network", "pid_namespace"):
-            report[name] = reason
-        return 0
+            wanted |= CLONE_NEWUSER
+        except OSError as exc:
+            reason = f"no namespaces ({exc.strerror}; needs root or unprivileged user namespaces)"
+            for name in ("read_only_fs", "no_network", "pid_namespace"):
+                report[name] = reason
+            return 0
     report["no_network"] = "on"  # a new network namespace holds only a loopback device, down
     try:
-        if os.geteuid() == 0:
+        if not wanted & CLONE_NEWUSER:  # mknod needs real root; a user namespace cannot
             _minimal_dev(libc)
         _read_only_except(libc, private_dir)
         report["read_only_fs"] = "on"
@@ -357,7 +361,9 @@ def _mount_own_proc() -> None:
         pass
 
 
-def _confine_worker(settings: SandboxSettings, private_dir: str, report: dict[str, str], user_reason: str) -> None:
+def _confine_worker(
+    settings: SandboxSettings, private_dir: str, report: dict[str, str], user_reason: str, in_user_namespace: bool
+) -> None:
     os.chdir(private_dir)
     for variable in ("HOME", "TMPDIR", "TMP", "TEMP"):
         os.environ[variable] = private_dir
@@ -365,7 +371,13 @@ def _confine_worker(settings: SandboxSettings, private_dir: str, report: dict[st
     report["private_dir"] = "on"
     _set_limits(settings, report)
     libc = _Libc()
-    if os.geteuid() == 0 and settings.user == "nobody":
+    if in_user_namespace:
+        # Only the trainer's own uid exists in it; the PID namespace hides the trainer. The
+        # capabilities the namespace granted would let the reward remount the filesystem
+        # read-write again: they go.
+        libc.drop_capabilities()
+        report["unprivileged_uid"] = "user namespace: the trainer's own uid, no capabilities"
+    elif os.geteuid() == 0 and settings.user == "nobody":
         os.chown(private_dir, NOBODY, NOBODY)
         os.setgroups([])
         os.setgid(NOBODY)
