@@ -497,3 +497,29 @@ def test_without_privileges_or_user_namespaces_the_rest_still_holds() -> None:
         assert "not in force: read_only_fs" in out.stderr  # the warning says so
     finally:
         shutil.rmtree(shared)
+
+
+def test_auto_user_is_nobody_only_when_others_can_read_the_imports() -> None:
+    from llmrl.reward.sandbox import choose_user
+
+    base = Path(tempfile.mkdtemp(prefix="llmrl-test-perm-"))
+    try:
+        package = base / "pkg"
+        package.mkdir()
+        (package / "plugin.py").write_text("")
+        base.chmod(0o711)  # others may enter, not list: enough on the way to a path
+        package.chmod(0o755)
+        (package / "plugin.py").chmod(0o644)
+        assert choose_user("auto", [str(package), str(package / "plugin.py")]) == ("nobody", "auto")
+        (package / "plugin.py").chmod(0o600)
+        user, why = choose_user("auto", [str(package / "plugin.py")])
+        assert user == "same" and str(package / "plugin.py") in why
+        package.chmod(0o750)  # a sys.path directory others cannot list
+        assert choose_user("auto", [str(package)])[0] == "same"
+        base.chmod(0o700)
+        assert choose_user("auto", [str(package)]) == ("same", f"{base} is not readable by other users, so uid nobody could not import from it")
+        assert choose_user("nobody", [str(package)])[0] == "nobody"  # asked for explicitly
+    finally:
+        base.chmod(0o755)
+        package.chmod(0o755)
+        shutil.rmtree(base)

@@ -92,22 +92,24 @@ def choose_user(requested: str, paths: list[str]) -> tuple[str, str]:
         blocked = _blocked_for_others(path)
         if blocked:
             return "same", f"{blocked} is not readable by other users, so uid nobody could not import from it"
-        continue
     return "nobody", "auto"
 
 
 def _blocked_for_others(path: str) -> str | None:
-    """The first directory on the way to `path` (or `path`) that other users cannot read or enter."""
-    current = os.path.realpath(path)
-    if not os.path.exists(current):
+    """The first directory on the way to `path` that other users cannot enter, or `path` itself
+    if they cannot read it (a directory on sys.path is listed by the import system: r and x)."""
+    target = os.path.realpath(path)
+    if not os.path.exists(target):
         return None
-    chain = [current]
+    chain = [target]
     while os.path.dirname(chain[-1]) != chain[-1]:
         chain.append(os.path.dirname(chain[-1]))
     for item in reversed(chain):
-        mode = os.stat(item).st_mode
-        needed = 0o005 if os.path.isdir(item) else 0o004
-        if mode & needed != needed:
+        if item == target:
+            needed = 0o005 if os.path.isdir(item) else 0o004
+        else:
+            needed = 0o001
+        if os.stat(item).st_mode & needed != needed:
             return item
     return None
 
@@ -136,7 +138,8 @@ class _Libc:
 
     def drop_capabilities(self) -> None:
         """Empty the bounding, ambient, permitted, effective and inheritable sets."""
-        last = int(open("/proc/sys/kernel/cap_last_cap").read())
+        with open("/proc/sys/kernel/cap_last_cap") as handle:
+            last = int(handle.read())
         for capability in range(last + 1):
             self._lib.prctl(PR_CAPBSET_DROP, capability, 0, 0, 0)
         self._lib.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
