@@ -4,8 +4,8 @@
 
 Per call: one worker scores `--calls` trajectories with the built-in `gsm8k` and `math` graders
 (the worker is started and warmed first, so only calls are timed); the median of `--repeats`
-batches, divided by the number of calls, the three settings taking turns within each repeat. In-process scoring (num_workers=0) is printed as the
-floor. Start-up: the median time from asking for a worker to its ready message, over `--starts`
+batches, divided by the number of calls, the settings taking turns within each repeat.
+In-process scoring (num_workers=0) is printed as the floor. Start-up: the median time from asking for a worker to its ready message, over `--starts`
 workers (with the sandbox on: the shim, the namespaces, the read-only remount, the PID
 namespace's init and the uid or capability drop).
 """

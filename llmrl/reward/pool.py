@@ -97,8 +97,9 @@ class _Confinement:
 
 
 def _worker_main(conn: Connection, specs: list[str], confinement: _Confinement | None = None) -> None:
-    """Worker loop: confine the process, resolve every spec once (plugins are imported here, inside
-    the sandbox), then run chunks of calls, one reply per call.
+    """Worker loop: confine the process, resolve every spec once (a plugin the trainer has not
+    imported yet, as at `llmrl validate`, is imported here, inside the sandbox), then run chunks
+    of calls, one reply per call.
 
     One reply per call (not per chunk) lets the parent time each call separately: a call starts
     when the previous reply arrives.
@@ -132,7 +133,8 @@ def _worker_main(conn: Connection, specs: list[str], confinement: _Confinement |
         for call in chunk:
             fn = functions.get(call.component)
             if fn is None:
-                outcome = _Outcome("error", message=f"could not resolve {specs[call.component]!r} in worker: {load_errors[call.component]}")
+                spec, error = specs[call.component], load_errors[call.component]
+                outcome = _Outcome("error", message=f"could not resolve {spec!r} in worker: {error}")
             else:
                 sandbox.limit_call_cpu(cpu_limit_s)
                 outcome = _run_reward(fn, call.completion, call.task, call.kwargs)
@@ -312,7 +314,8 @@ class _WorkerPool:
         if self._lifeline is not None:
             private_dir = sandbox.make_private_dir() if self._settings is not None else None
             confinement = _Confinement(self._lifeline, self._settings, private_dir, self._user_reason)
-        # daemon: workers never outlive the trainer (a reward can still use `subprocess`).
+        # The lifeline ends workers with the trainer; daemon also has multiprocessing join them at a
+        # normal exit (a reward can still use `subprocess`, not `multiprocessing`).
         process = self._context.Process(
             target=_worker_main, args=(child_conn, self._specs, confinement), daemon=True, name="llmrl-reward-worker"
         )
