@@ -104,6 +104,17 @@ HOSTILE_SOURCE = textwrap.dedent(
             handle.write(bytes(int(task.meta["mb"]) * 1024 * 1024))
         return 1.0
 
+    def many_files(completion, task):
+        written = 0
+        for index in range(int(task.meta["files"])):
+            try:
+                with open(f"part{index}.bin", "wb") as handle:
+                    handle.write(bytes(int(task.meta["mb"]) * 1024 * 1024))
+            except OSError:
+                break
+            written += 1
+        return float(written)
+
     def capabilities(completion, task):
         with open("/proc/self/status") as status:
             effective = [line.split()[1] for line in status if line.startswith("CapEff")][0]
@@ -279,13 +290,21 @@ def test_reward_cannot_undo_the_read_only_mount(hostile: str, guarantees: dict[s
         shutil.rmtree(open_dir)
 
 
-def test_reward_writes_in_its_private_dir_which_close_removes(hostile: str) -> None:
-    rewards = RewardComputer(RewardConfig(functions=[f"{hostile}:write_private"], num_workers=1))
-    assert rewards.score([make_trajectory()])[0].parts["write_private"] == 1.0
+@pytest.mark.parametrize("sandbox_user", ["auto", "nobody"])
+def test_reward_writes_in_its_private_dir_which_close_removes(hostile: str, sandbox_user: str) -> None:
+    config = RewardConfig(functions=[f"{hostile}:write_private"], num_workers=1, sandbox_user=sandbox_user)
+    rewards = RewardComputer(config)
+    assert rewards.score([make_trajectory()])[0].parts["write_private"] == 1.0  # cwd = HOME = TMPDIR, writable
     private_dir = Path(rewards._pool._workers[0].private_dir)  # noqa: SLF001 - its lifetime is the point
-    assert (private_dir / "scratch.txt").read_text() == "ok"
+    assert private_dir.is_dir()
     rewards.close()
     assert not private_dir.exists()
+
+
+def test_private_dir_is_bounded_in_total_not_only_per_file(hostile: str, guarantees: dict[str, str]) -> None:
+    need(guarantees, "read_only_fs")  # the bounded tmpfs comes with the mount namespace
+    parts, _ = score(hostile, "many_files", meta={"files": 6, "mb": 3}, max_file_mb=8)
+    assert parts["many_files"] == 2.0  # files of 3 MB each in an 8 MB directory: the third does not fit
 
 
 def test_file_size_limit(hostile: str, guarantees: dict[str, str]) -> None:

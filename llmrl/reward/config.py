@@ -155,7 +155,10 @@ class RewardConfig(Section):
     max_file_mb: int | None = Field(
         256,
         ge=1,
-        description="Sandbox: largest file a reward may write (RLIMIT_FSIZE). null: no limit.",
+        description=(
+            "Sandbox: largest file a reward may write (RLIMIT_FSIZE), and the size of the tmpfs "
+            "that is its private directory (all its files together). null: no limit."
+        ),
     )
     fallback: float = Field(
         0.0,

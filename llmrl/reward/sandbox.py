@@ -180,7 +180,9 @@ def enter(
     reset_signals()
     os.setsid()
     report["process_group"] = "on"
-    namespaces = _enter_namespaces(private_dir, report) if settings is not None and private_dir else 0
+    namespaces = 0
+    if settings is not None and private_dir:
+        namespaces = _enter_namespaces(private_dir, settings.max_file_mb, report)
     pid_namespace = bool(namespaces & CLONE_NEWPID)
     worker = os.fork()
     if worker:
@@ -238,7 +240,7 @@ def reset_signals() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def _enter_namespaces(private_dir: str, report: dict[str, str]) -> int:
+def _enter_namespaces(private_dir: str, size_mb: int | None, report: dict[str, str]) -> int:
     libc = _Libc()
     wanted = CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWPID
     uid, gid = os.getuid(), os.getgid()
@@ -265,7 +267,7 @@ def _enter_namespaces(private_dir: str, report: dict[str, str]) -> int:
     try:
         if not wanted & CLONE_NEWUSER:  # mknod needs real root; a user namespace cannot
             _minimal_dev(libc)
-        _read_only_except(libc, private_dir)
+        _read_only_except(libc, private_dir, size_mb)
         report["read_only_fs"] = "on"
     except OSError as exc:
         report["read_only_fs"] = f"remount failed: {exc}"
@@ -286,10 +288,13 @@ def _minimal_dev(libc: _Libc) -> None:
     os.mkdir("/dev/shm", 0o1777)
 
 
-def _read_only_except(libc: _Libc, private_dir: str) -> None:
+def _read_only_except(libc: _Libc, private_dir: str, size_mb: int | None) -> None:
     # Private propagation first: nothing done in this namespace may leak to the trainer's mounts.
     libc.mount(None, "/", None, MS_REC | MS_PRIVATE)
-    libc.mount(private_dir, private_dir, None, MS_BIND | MS_NOSUID | MS_NODEV)
+    # The writable place is a tmpfs of bounded size over the private directory: many files
+    # within RLIMIT_FSIZE each cannot fill the trainer's disk either.
+    size = f"size={size_mb}m," if size_mb is not None else ""
+    libc.mount("tmpfs", private_dir, "tmpfs", MS_NOSUID | MS_NODEV, f"{size}mode=700")
     for mount_point, options in _mounts():
         if mount_point == private_dir:
             continue
