@@ -3,8 +3,10 @@ reward always fails, and plugins that exit or crash while they are imported (cau
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -195,6 +197,14 @@ def test_plugin_that_dies_while_imported_is_a_validate_error(tmp_path: Path, nam
         load_recipe(None, [f"reward.functions=[{tmp_path / name}:fn]"])
     assert "reward.functions[0]" in str(caught.value) and name in str(caught.value)
     assert expected in str(caught.value)
+    # The throwaway worker is gone, and so is its private directory.
+    assert not list(Path(tempfile.gettempdir()).glob(f"llmrl-reward-{os.getpid()}-*"))
+
+
+def test_a_good_plugin_passes_validate_and_leaves_nothing(tmp_path: Path) -> None:
+    (tmp_path / "good.py").write_text("def fn(completion, task):\n    return 1.0\n")
+    load_recipe(None, [f"reward.functions=[{tmp_path / 'good.py'}:fn]"])
+    assert not list(Path(tempfile.gettempdir()).glob(f"llmrl-reward-{os.getpid()}-*"))
 
 
 def test_plugin_sys_exit_at_import_is_exit_2_not_its_own_code(tmp_path: Path) -> None:

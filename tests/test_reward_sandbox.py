@@ -115,6 +115,17 @@ HOSTILE_SOURCE = textwrap.dedent(
             written += 1
         return float(written)
 
+    def inherited_fd_write(completion, task):
+        # Writing through a descriptor the trainer had open would bypass the read-only mount.
+        written = 0
+        for name in os.listdir("/proc/self/fd"):
+            try:
+                if os.readlink(f"/proc/self/fd/{name}") == task.meta["path"]:
+                    written += os.write(int(name), b"written through an inherited descriptor")
+            except OSError:
+                pass
+        return float(written)
+
     def capabilities(completion, task):
         with open("/proc/self/status") as status:
             effective = [line.split()[1] for line in status if line.startswith("CapEff")][0]
@@ -181,7 +192,8 @@ def make_trajectory(completion: str = "x", **meta: object) -> Trajectory:
 
 def score(plugin: str, fn: str, completion: str = "x", meta: dict | None = None, **settings: object):
     """One call through a fresh pool: (parts, metrics)."""
-    with RewardComputer(RewardConfig(functions=[f"{plugin}:{fn}"], num_workers=1, **settings)) as rewards:
+    settings.setdefault("num_workers", 1)
+    with RewardComputer(RewardConfig(functions=[f"{plugin}:{fn}"], **settings)) as rewards:
         result = rewards.score([make_trajectory(completion, **(meta or {}))])[0]
         return result.parts, rewards.metrics()
 
@@ -290,6 +302,19 @@ def test_reward_cannot_undo_the_read_only_mount(hostile: str, guarantees: dict[s
         shutil.rmtree(open_dir)
 
 
+def test_reward_cannot_write_through_the_trainers_open_files(hostile: str, tmp_path: Path) -> None:
+    log = tmp_path / "metrics.jsonl"
+    with open(log, "a") as handle:  # as the run's metric log is, while rewards are scored
+        handle.write("row\n")
+        handle.flush()
+        parts, _ = score(hostile, "inherited_fd_write", meta={"path": str(log)})
+        assert parts["inherited_fd_write"] == 0.0 and log.read_text() == "row\n"
+        parts, _ = score(hostile, "inherited_fd_write", meta={"path": str(log)}, sandbox=False)
+        assert parts["inherited_fd_write"] == 0.0  # workers keep only their pipe, sandbox or not
+        parts, _ = score(hostile, "inherited_fd_write", meta={"path": str(log)}, num_workers=0)
+        assert parts["inherited_fd_write"] > 0  # in the trainer itself it is there: the test can tell
+
+
 @pytest.mark.parametrize("sandbox_user", ["auto", "nobody"])
 def test_reward_writes_in_its_private_dir_which_close_removes(hostile: str, sandbox_user: str) -> None:
     config = RewardConfig(functions=[f"{hostile}:write_private"], num_workers=1, sandbox_user=sandbox_user)
@@ -299,6 +324,20 @@ def test_reward_writes_in_its_private_dir_which_close_removes(hostile: str, sand
     assert private_dir.is_dir()
     rewards.close()
     assert not private_dir.exists()
+
+
+def test_a_new_pool_removes_private_dirs_of_dead_trainers(hostile: str) -> None:
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(gone.stdout)  # exited and reaped: no process has this pid (barring reuse)
+    stale = Path(tempfile.mkdtemp(prefix=f"llmrl-reward-{dead_pid}-"))
+    (stale / "left.txt").write_text("x")  # without namespaces a worker writes to the real directory
+    ours = Path(tempfile.mkdtemp(prefix=f"llmrl-reward-{os.getpid()}-"))
+    try:
+        score(hostile, "constant")
+        assert not stale.exists() and ours.exists()
+    finally:
+        shutil.rmtree(stale, ignore_errors=True)
+        shutil.rmtree(ours, ignore_errors=True)
 
 
 def test_private_dir_is_bounded_in_total_not_only_per_file(hostile: str, guarantees: dict[str, str]) -> None:
@@ -390,6 +429,11 @@ def test_kill_9_of_the_trainer_leaves_nothing_behind(hostile: str, guarantees: d
         trainer.wait(timeout=10)
         if sandbox:  # the lifeline kills the shim's group, and the PID namespace takes the rest
             assert wait_until(lambda: not alive(family), 10.0), alive(family)
+            # The trainer could not remove its worker's private directory; the next start does.
+            from llmrl.reward.sandbox import remove_stale_private_dirs
+
+            removed = remove_stale_private_dirs()
+            assert [Path(path).name.split("-")[2] for path in removed].count(str(trainer.pid)) == 1
         else:  # the lifeline still works; a grandchild that left the session needs the namespace
             assert wait_until(lambda: not alive(family - grandchild), 10.0), alive(family - grandchild)
     finally:

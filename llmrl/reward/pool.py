@@ -107,7 +107,7 @@ def _worker_main(conn: Connection, specs: list[str], confinement: _Confinement |
     report: dict[str, str] = {}
     if confinement is not None:
         report = sandbox.enter(
-            confinement.settings, confinement.private_dir, confinement.lifeline, confinement.user_reason
+            confinement.settings, confinement.private_dir, confinement.lifeline, conn.fileno(), confinement.user_reason
         )
     else:  # spawn (not Linux): no shim, just the basics
         sandbox.reset_signals()  # the trainer's SIGTERM handler is not the worker's
@@ -167,6 +167,7 @@ def probe_import(spec: str, settings: sandbox.SandboxSettings | None) -> str | N
     pool = _WorkerPool([spec], 1, settings, quiet=True)
     try:
         worker = pool._start()
+        pool._workers.append(worker)  # so that close() stops it and removes its directory
     except _WorkerStartError as exc:
         if exc.exitcode is None:
             return f"importing it did not finish within {_STARTUP_TIMEOUT_S:g} s"
@@ -215,6 +216,8 @@ class _WorkerPool:
             self._settings = None
         self._user_reason = ""
         if self._settings is not None:
+            for leftover in sandbox.remove_stale_private_dirs():
+                logger.info("removed %s, left by a reward worker of a trainer that is gone", leftover)
             user, self._user_reason = sandbox.choose_user(self._settings.user, _import_paths(specs))
             self._settings = dataclasses.replace(self._settings, user=user)
         # Only this process holds the write end: the pipe reads EOF in every worker's shim the

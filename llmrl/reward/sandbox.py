@@ -32,11 +32,11 @@ calls, with a report of which of these guarantees are in force (the rest degrade
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import math
 import os
 import resource
 import select
+import shutil
 import signal
 import stat
 import sys
@@ -118,7 +118,8 @@ class _Libc:
     """The few libc calls Python 3.11 lacks (os.unshare arrived in 3.12), with errno."""
 
     def __init__(self) -> None:
-        self._lib = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        # The symbols of the running process, libc's among them (find_library would run ldconfig).
+        self._lib = ctypes.CDLL(None, use_errno=True)
         self._lib.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
         self._lib.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
 
@@ -158,21 +159,55 @@ def available() -> str | None:
     return None
 
 
+_PRIVATE_DIR_PREFIX = "llmrl-reward-"
+
+
 def make_private_dir() -> str:
-    """The directory a worker may write to; created by the trainer, which removes it at close."""
+    """The directory a worker may write to; created by the trainer, which removes it at close.
+    Its name carries the trainer's pid, so a later run can tell a crashed run's leftover."""
     # real path: it is compared with the mount table
-    return os.path.realpath(tempfile.mkdtemp(prefix="llmrl-reward-"))
+    return os.path.realpath(tempfile.mkdtemp(prefix=f"{_PRIVATE_DIR_PREFIX}{os.getpid()}-"))
+
+
+def remove_stale_private_dirs() -> list[str]:
+    """Remove the private directories of trainers that are gone (killed before they could
+    clean up: `kill -9`, a power cut); return what was removed."""
+    removed = []
+    parent = tempfile.gettempdir()
+    for name in os.listdir(parent):
+        owner = name[len(_PRIVATE_DIR_PREFIX):].partition("-")[0]
+        if not name.startswith(_PRIVATE_DIR_PREFIX) or not owner.isdigit() or _process_exists(int(owner)):
+            continue
+        shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+        removed.append(os.path.join(parent, name))
+    return removed
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's
+    return True
 
 
 def enter(
-    settings: SandboxSettings | None, private_dir: str | None, lifeline: tuple[int, int], user_reason: str = ""
+    settings: SandboxSettings | None,
+    private_dir: str | None,
+    lifeline: tuple[int, int],
+    keep_fd: int,
+    user_reason: str = "",
 ) -> dict[str, str]:
     """Set up this freshly forked worker; return, in the process that will run reward calls, a
     report mapping each guarantee to "on" or to why it is missing (empty with settings None:
     the sandbox is off, and only the session, the lifeline and the signal reset apply).
 
     Process tree: this process (the shim: session leader, watches the lifeline) -> with a PID
-    namespace, its init (reaps orphans) -> the worker. Only the worker returns from here.
+    namespace, its init (reaps orphans) -> the worker. Only the worker returns from here. Of the
+    trainer's file descriptors the worker keeps `keep_fd` (its pipe) and 0-2 only: any other
+    could reach a file through the trainer's writable mounts, read-only view or not.
     """
     report = {name: "off" for name in GUARANTEES}
     lifeline_fd, lifeline_write_fd = lifeline
@@ -187,7 +222,7 @@ def enter(
     worker = os.fork()
     if worker:
         _shim(worker, lifeline_fd, pid_namespace)  # never returns
-    os.close(lifeline_fd)
+    _close_inherited_fds(keep_fd)
     _die_with_parent()
     if pid_namespace:
         _become_init()  # returns in a new child: the worker
@@ -318,6 +353,18 @@ def _mounts() -> list[tuple[str, list[str]]]:
             point = fields[4].encode().decode("unicode_escape")
             found.append((point, fields[5].split(",")))
     return found
+
+
+def _close_inherited_fds(keep_fd: int) -> None:
+    # Python's own descriptors for stdin/out/err stay (a reward may print); stdin reads nothing.
+    os.closerange(3, keep_fd)
+    os.closerange(keep_fd + 1, os.sysconf("SC_OPEN_MAX") if os.sysconf("SC_OPEN_MAX") > 0 else 65536)
+    try:
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
+        os.close(null)
+    except OSError:
+        pass
 
 
 def _shim(child: int, lifeline_fd: int, child_is_init: bool) -> None:
