@@ -126,6 +126,11 @@ HOSTILE_SOURCE = textwrap.dedent(
                 pass
         return float(written)
 
+    def poke_shared_memory(completion, task):
+        import ctypes
+        ctypes.memmove(int(task.meta["address"]), b"PWNED", 5)  # unmapped in a sandboxed worker: SIGSEGV
+        return 1.0
+
     def capabilities(completion, task):
         with open("/proc/self/status") as status:
             effective = [line.split()[1] for line in status if line.startswith("CapEff")][0]
@@ -313,6 +318,22 @@ def test_reward_cannot_write_through_the_trainers_open_files(hostile: str, tmp_p
         assert parts["inherited_fd_write"] == 0.0  # workers keep only their pipe, sandbox or not
         parts, _ = score(hostile, "inherited_fd_write", meta={"path": str(log)}, num_workers=0)
         assert parts["inherited_fd_write"] > 0  # in the trainer itself it is there: the test can tell
+
+
+def test_reward_cannot_write_the_trainers_shared_memory(hostile: str) -> None:
+    import ctypes
+    import mmap
+
+    shared = mmap.mmap(-1, 4096)  # MAP_SHARED, as shared-memory tensors are
+    shared[:5] = b"clean"
+    address = ctypes.addressof(ctypes.c_char.from_buffer(shared))
+    try:
+        parts, metrics = score(hostile, "poke_shared_memory", meta={"address": address})
+        assert parts["poke_shared_memory"] == 0.0 and metrics["reward/errors"] == 1.0 and shared[:5] == b"clean"
+        parts, _ = score(hostile, "poke_shared_memory", meta={"address": address}, sandbox=False)
+        assert parts["poke_shared_memory"] == 1.0 and shared[:5] == b"PWNED"  # a plain worker reaches it
+    finally:
+        shared.close()
 
 
 @pytest.mark.parametrize("sandbox_user", ["auto", "nobody"])

@@ -230,6 +230,7 @@ def enter(
     report["trainer_death"] = "on"
     if settings is None or not private_dir:
         return {}
+    _unmap_shared_writable_memory()
     _confine_worker(settings, private_dir, report, user_reason, in_user_namespace=bool(namespaces & CLONE_NEWUSER))
     return report
 
@@ -365,6 +366,21 @@ def _close_inherited_fds(keep_fd: int) -> None:
         os.close(null)
     except OSError:
         pass
+
+
+def _unmap_shared_writable_memory() -> None:
+    """A fork keeps the trainer's shared writable mappings (shared-memory tensors, `mmap` buffers):
+    writes to them land in the trainer. The worker never needs them: unmap every one. Without a
+    descriptor (all closed) and with /dev/shm out of reach, a reward cannot map them again."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    with open("/proc/self/maps") as maps:
+        regions = [line.split() for line in maps]
+    for fields in regions:
+        permissions = fields[1]
+        if "w" in permissions and permissions.endswith("s"):
+            start, end = (int(bound, 16) for bound in fields[0].split("-"))
+            libc.munmap(start, end - start)
 
 
 def _shim(child: int, lifeline_fd: int, child_is_init: bool) -> None:
