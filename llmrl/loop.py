@@ -94,6 +94,7 @@ def train(recipe: Recipe, overwrite: bool = False) -> Path:
         cleanup.callback(progress.close)
         for step in range(start_step + 1, recipe.train.steps + 1):
             timer = StepTimer()
+            rewards.begin_step(step)  # the step's reward budget and failure streaks
 
             # 1-3. tasks -> workflow -> scored groups (a stage may ask for more rounds: DAPO)
             context = WorkflowContext(rollout, rewards, sampling_for(recipe, step), tokenizer, group_ids, step, recipe.rollout.n, timer)

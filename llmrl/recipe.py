@@ -231,7 +231,7 @@ def mini_batched_rows_per_step(recipe: Recipe) -> int:
 
 def check_recipe(recipe: Recipe, source: str) -> None:
     """Cross-section checks on the resolved recipe: batch sizes divide, and referenced names and files exist."""
-    from llmrl.reward import RewardConfigError, resolve_reward
+    from llmrl.reward import check_reward_imports
 
     total = mini_batched_rows_per_step(recipe)
     mini = recipe.train.mini_batch_size or total
@@ -278,12 +278,8 @@ def check_recipe(recipe: Recipe, source: str) -> None:
     expert_path = recipe.expert.path
     if expert_rows_per_step(recipe) and expert_path and not Path(expert_path).expanduser().exists() and not looks_like_hub_id(expert_path):
         raise RecipeError(f"expert.path: {expert_path!r} is not an existing file or directory, nor a hub id in {source}")
-    for i, item in enumerate(recipe.reward.functions):
-        spec = item if isinstance(item, str) else item.fn
-        try:
-            resolve_reward(spec)
-        except RewardConfigError as err:
-            raise RecipeError(f"reward.functions[{i}]: {err} in {source}") from None
+    for i, err in check_reward_imports(recipe.reward):  # plugins are imported in a sandboxed worker
+        raise RecipeError(f"reward.functions[{i}]: {err} in {source}")
 
 
 def check_algorithm_combination(recipe: Recipe, source: str) -> None:

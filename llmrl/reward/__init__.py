@@ -3,14 +3,23 @@
 A reward is a plain function `fn(completion: str, task: Task, **kw) -> float | dict`. It is named
 in a recipe as a registered name (`gsm8k`), a file (`path/to/file.py:fn`), a module function
 (`package.module:fn`) or an entry point in the group `llmrl.rewards`. `RewardComputer` runs the
-configured functions over a batch of trajectories in worker processes with a per-call timeout,
-combines them by weight, and turns every failure of user code (exception, hang, crash, NaN, wrong
-type) into the configured fallback score plus a counter, so a bad reward never ends a run.
+configured functions over a batch of trajectories in sandboxed worker processes with a per-call
+timeout and a per-step budget, combines them by weight, and turns every failure of user code
+(exception, hang, crash, NaN, wrong type) into the configured fallback score plus a counter; only a
+function that fails on every call for several steps in a row ends the run.
 
 Modules: `registry` (names, plugin resolution), `config` (the recipe section), `pool` (worker
-processes and timeouts), `computer` (RewardComputer), `builtin` (the built-in rewards).
+processes and timeouts), `sandbox` (the operating-system walls around a worker), `computer`
+(RewardComputer), `builtin` (the built-in rewards).
 """
-from llmrl.reward.computer import ACC_KEY, RewardComputer, RewardResult, response_text
+from llmrl.reward.computer import (
+    ACC_KEY,
+    RewardComputer,
+    RewardFailingError,
+    RewardResult,
+    check_reward_imports,
+    response_text,
+)
 from llmrl.reward.config import OPTIONAL_KWARGS, RewardConfig, RewardFunctionSpec
 from llmrl.reward.registry import (
     BUILTIN_REWARD_MODULES,
@@ -36,8 +45,10 @@ __all__ = [
     "RewardConfig",
     "RewardConfigError",
     "RewardFn",
+    "RewardFailingError",
     "RewardFunctionSpec",
     "RewardResult",
+    "check_reward_imports",
     "default_reward_for_kind",
     "known_reward_names",
     "register_reward",

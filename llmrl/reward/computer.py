@@ -10,12 +10,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from llmrl.reward.config import OPTIONAL_KWARGS, RewardConfig, RewardFunctionSpec
-from llmrl.reward.pool import _Call, _Outcome, _run_reward, _WorkerPool
+from llmrl.reward.pool import _Call, _Outcome, _run_reward, _WorkerPool, probe_import
 from llmrl.reward.registry import (
     RewardConfigError,
     RewardFn,
     _canonical_spec,
     default_reward_for_kind,
+    needs_import,
     resolve_reward,
 )
 from llmrl.types import Trajectory
@@ -25,6 +26,28 @@ logger = logging.getLogger("llmrl.reward")  # the name the reward module has alw
 # The accuracy part; the key DAPO's dynamic-sampling filter reads (DAPO: Yu et al. 2025,
 # arXiv 2503.14476).
 ACC_KEY = "acc"
+
+
+class RewardFailingError(RewardConfigError):
+    """A reward function failed on every call for `reward.abort_after_failing_steps` steps in a
+    row; the message names it and its first error."""
+
+
+@dataclass
+class _Streak:
+    """One component's run of training steps in which every call failed."""
+
+    steps: int = 0  # completed steps in a row with no successful call
+    calls: int = 0  # calls in the current step
+    ok: bool = False  # any successful call in the current step
+    first_error: str = ""  # the first failure of the streak
+
+    def end_step(self) -> None:
+        if self.calls:
+            self.steps = 0 if self.ok else self.steps + 1
+            if self.ok:
+                self.first_error = ""
+        self.calls, self.ok = 0, False
 
 
 @dataclass
@@ -89,6 +112,22 @@ def response_text(trajectory: Trajectory) -> str:
     return trajectory.completion_text
 
 
+def check_reward_imports(cfg: RewardConfig) -> list[tuple[int, str]]:
+    """(index in `functions`, error) for each spec that cannot be resolved. Plugin specs (files,
+    modules, entry points) are imported in a throwaway worker confined like the run's, so a
+    plugin that exits or crashes while it is imported is an error here, at `llmrl validate`,
+    and never ends this process."""
+    errors = []
+    for index, spec in enumerate(cfg.function_specs()):
+        if needs_import(spec.fn):
+            error = probe_import(_canonical_spec(spec.fn), cfg.sandbox_settings())
+        else:
+            error = None
+        if error:
+            errors.append((index, f"{spec.fn}: {error}" if spec.fn not in error else error))
+    return errors
+
+
 # ---------------------------------------------------------------- the computer
 
 
@@ -110,6 +149,23 @@ class RewardComputer:
         self._functions = [resolve_reward(component.spec) for component in self.components]
         self._pool: _WorkerPool | None = None
         self._metrics: dict[str, float] = {}
+        self._streaks = [_Streak() for _ in self.components]
+        self._in_training = False  # begin_step called: steps exist, so budgets and aborts apply per step
+        self._budget_end: float | None = None
+
+    def begin_step(self, step: int) -> None:
+        """Called by the training loop before each step's first scoring: closes the previous
+        step's failure accounting and starts this step's time budget (reward.step_budget_s)."""
+        for streak in self._streaks:
+            streak.end_step()
+        self._in_training = True
+        self._budget_end = self._budget_from_now()
+
+    @property
+    def sandbox_guarantees(self) -> dict[str, str]:
+        """Which sandbox guarantees the workers have ("on", or why not); empty before the first
+        worker starts or with the sandbox off."""
+        return dict(self._pool.guarantees) if self._pool is not None else {}
 
     @property
     def names(self) -> list[str]:
@@ -129,15 +185,15 @@ class RewardComputer:
             for position, component in enumerate(self.components)
         ]
         restarts = 0
+        # Outside training (evaluation) every scoring call is a step of its own for the budget.
+        budget_end = self._budget_end if self._in_training else self._budget_from_now()
         if self.cfg.num_workers == 0:
-            outcomes = {
-                call.call_id: _run_reward(self._functions[call.component], call.completion, call.task, call.kwargs)
-                for call in calls
-            }
+            outcomes = self._run_in_process(calls, budget_end)
         else:
-            outcomes, restarts = self._run_in_pool(calls)
+            outcomes, restarts = self._run_in_pool(calls, budget_end)
         results = self._combine(len(trajectories), outcomes)
         self._record_metrics(outcomes, restarts, time.perf_counter() - start)
+        self._track_failures(outcomes)
         return results
 
     def metrics(self) -> dict[str, float]:
@@ -161,11 +217,25 @@ class RewardComputer:
         except Exception:  # noqa: BLE001 - interpreter shutdown; nothing useful to do
             pass
 
-    def _run_in_pool(self, calls: list[_Call]) -> tuple[dict[int, _Outcome], int]:
+    def _budget_from_now(self) -> float | None:
+        budget = self.cfg.step_budget_s
+        return None if budget is None else time.monotonic() + budget
+
+    def _run_in_process(self, calls: list[_Call], budget_end: float | None) -> dict[int, _Outcome]:
+        outcomes = {}
+        for call in calls:
+            if budget_end is not None and time.monotonic() >= budget_end:
+                outcomes[call.call_id] = _Outcome("over_budget", message="not run: reward.step_budget_s spent")
+                continue
+            outcomes[call.call_id] = _run_reward(self._functions[call.component], call.completion, call.task, call.kwargs)
+        return outcomes
+
+    def _run_in_pool(self, calls: list[_Call], budget_end: float | None) -> tuple[dict[int, _Outcome], int]:
         if self._pool is None:
-            self._pool = _WorkerPool([component.spec for component in self.components], self.cfg.num_workers)
+            specs = [component.spec for component in self.components]
+            self._pool = _WorkerPool(specs, self.cfg.num_workers, self.cfg.sandbox_settings())
         try:
-            run = self._pool.run(calls, self.cfg.timeout_s, self.cfg.skip_after_timeouts)
+            run = self._pool.run(calls, self.cfg.timeout_s, self.cfg.skip_after_timeouts, budget_end)
             return run.outcomes, run.restarts
         except Exception:  # noqa: BLE001 - the pool itself broke (fd exhaustion, ...): start over
             logger.exception("reward worker pool failed; scoring the batch with the fallback")
@@ -206,10 +276,31 @@ class RewardComputer:
             "reward/errors": float(statuses["error"]),
             "reward/invalid": float(statuses["invalid"]),
             "reward/skipped": float(statuses["skipped"]),
+            "reward/over_budget": float(statuses["over_budget"]),
             "reward/worker_restarts": float(restarts),
             "reward/time_s": seconds,
         }
         self._warn_failures(outcomes)
+
+    def _track_failures(self, outcomes: dict[int, _Outcome]) -> None:
+        width = len(self.components)
+        for call_id, outcome in sorted(outcomes.items()):
+            streak = self._streaks[call_id % width]
+            streak.calls += 1
+            streak.ok = streak.ok or outcome.status == "ok"
+            if outcome.status != "ok" and not streak.first_error:
+                streak.first_error = f"{outcome.status}: {outcome.message}"
+        limit = self.cfg.abort_after_failing_steps
+        if not (self._in_training and limit):
+            return
+        for component, streak in zip(self.components, self._streaks):
+            # The current step counts once it has a failed call and no success so far.
+            if streak.calls and not streak.ok and streak.steps + 1 >= limit:
+                raise RewardFailingError(
+                    f"reward {component.log_name!r} ({component.spec}) failed on every call for {limit} "
+                    f"training steps in a row; first error: {streak.first_error} (fix the function, or set "
+                    f"reward.abort_after_failing_steps: 0 to train on the fallback score)"
+                )
 
     def _warn_failures(self, outcomes: dict[int, _Outcome]) -> None:
         width = len(self.components)

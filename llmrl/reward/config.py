@@ -2,11 +2,12 @@
 their calls are run (timeout, fallback score, worker processes)."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
 from llmrl.config_base import Section
+from llmrl.reward.sandbox import SandboxSettings
 
 # Keyword arguments the computer can supply. A function gets one only when its signature names it
 # (or takes **kwargs), so the common `fn(completion, task)` stays valid.
@@ -76,9 +77,87 @@ class RewardConfig(Section):
     timeout_s: float = Field(
         10.0,
         gt=0,
+        allow_inf_nan=False,
         description=(
-            "Seconds one function may spend on one trajectory. Past it the worker process is "
-            "killed and replaced, and the call scores `fallback`. Not enforced when num_workers=0."
+            "Seconds one function may spend on one trajectory (finite, > 0). Past it the worker "
+            "process is killed and replaced, and the call scores `fallback`. Not enforced when "
+            "num_workers=0."
+        ),
+    )
+    step_budget_s: float | None = Field(
+        600.0,
+        gt=0,
+        allow_inf_nan=False,
+        description=(
+            "Seconds all reward calls of one training step may take together (every scoring round "
+            "of the step counts). Calls not finished when it is spent score `fallback` without "
+            "running (counted as `reward/over_budget`); busy workers are killed. null: no budget. "
+            "With num_workers=0 it is checked between calls only."
+        ),
+    )
+    abort_after_failing_steps: int = Field(
+        3,
+        ge=0,
+        description=(
+            "End the run (exit 2, naming the function and its first error) once one function has "
+            "failed on every call for this many training steps in a row: a run that learns only "
+            "from fallbacks is a lost run. 0 never aborts."
+        ),
+    )
+    sandbox: bool = Field(
+        True,
+        description=(
+            "Confine reward workers with operating-system mechanisms (docs/rewards.md, 'The "
+            "reward sandbox'): own process group, private temp directory, read-only filesystem, "
+            "no network, PID namespace, uid nobody, rlimits. What the privileges do not allow "
+            "is logged and skipped. false: plain worker processes, for trusted rewards (faster "
+            "worker start). Needs num_workers >= 1."
+        ),
+    )
+    sandbox_user: Literal["auto", "nobody", "same"] = Field(
+        "auto",
+        description=(
+            "Sandbox, trainer run as root: `nobody` runs workers as uid 65534 (RLIMIT_NPROC then "
+            "applies, root-only files are out of reach); `same` keeps uid 0 with every capability "
+            "dropped (reads what root can; cannot remount, reconfigure the network, or open devices "
+            "beyond null/zero/full/random/urandom); `auto` picks nobody when the Python installation, "
+            "sys.path and plugin files are readable by other users, else same."
+        ),
+    )
+    memory_limit_mb: int | None = Field(
+        4096,
+        ge=1,
+        description=(
+            "Sandbox: address space (RLIMIT_AS) a reward worker may map beyond its size at start; "
+            "past it allocations fail (MemoryError, scored `fallback`). null: no limit."
+        ),
+    )
+    cpu_limit_s: float | None = Field(
+        None,
+        gt=0,
+        allow_inf_nan=False,
+        description=(
+            "Sandbox: CPU seconds one call may use over all its threads (RLIMIT_CPU, rounded up "
+            "to whole seconds); past it the worker is killed and the call scores `fallback`. "
+            "null: timeout_s."
+        ),
+    )
+    max_processes: int | None = Field(
+        256,
+        ge=1,
+        description=(
+            "Sandbox: RLIMIT_NPROC for reward workers, so a fork bomb stops here. The kernel "
+            "counts it per user and does not apply it to root: it holds once workers run as "
+            "uid nobody (the trainer runs as root); otherwise it counts the trainer's own "
+            "processes too. null: no limit."
+        ),
+    )
+    max_file_mb: int | None = Field(
+        256,
+        ge=1,
+        description=(
+            "Sandbox: largest file a reward may write (RLIMIT_FSIZE), and the size of the tmpfs "
+            "that is its private directory (all its files together). null: no limit."
         ),
     )
     fallback: float = Field(
@@ -107,6 +186,18 @@ class RewardConfig(Section):
             "not one per trajectory. 0 never skips."
         ),
     )
+
+    def sandbox_settings(self) -> SandboxSettings | None:
+        """The worker confinement this section asks for, or None when the sandbox is off."""
+        if not self.sandbox:
+            return None
+        return SandboxSettings(
+            memory_limit_mb=self.memory_limit_mb,
+            cpu_limit_s=self.cpu_limit_s if self.cpu_limit_s is not None else self.timeout_s,
+            max_processes=self.max_processes,
+            max_file_mb=self.max_file_mb,
+            user=self.sandbox_user,
+        )
 
     def function_specs(self) -> list[RewardFunctionSpec]:
         """`functions` with bare strings turned into specs of weight 1."""

@@ -2,10 +2,12 @@
 user code (exception, hang, crash, NaN, wrong type) into an outcome instead of an error."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import multiprocessing
 import os
+import shutil
 import signal
 import sys
 import time
@@ -16,6 +18,7 @@ from multiprocessing.connection import Connection, wait
 from numbers import Real
 from typing import Any, NamedTuple
 
+from llmrl.reward import sandbox
 from llmrl.reward.registry import RewardFn, resolve_reward
 from llmrl.types import Task
 
@@ -23,7 +26,7 @@ logger = logging.getLogger("llmrl.reward")  # the name the reward module has alw
 
 
 class _Outcome(NamedTuple):
-    status: str  # "ok", "error", "invalid", "timeout", "skipped"
+    status: str  # "ok", "error", "invalid", "timeout", "skipped", "over_budget"
     score: float = 0.0
     extras: dict[str, float] = {}  # a dict return's parts other than `score`
     message: str = ""
@@ -82,23 +85,44 @@ _STARTUP_TIMEOUT_S = 60.0  # resolving specs in a fresh worker may import heavy 
 _MAX_CHUNK = 64
 
 
-def _worker_main(conn: Connection, specs: list[str]) -> None:
-    """Worker loop: resolve every spec once, then run chunks of calls, one reply per call.
+@dataclass(frozen=True)
+class _Confinement:
+    """What a worker needs from the pool: the lifeline pipe (read end, and the write end it must
+    close) and, with the sandbox on, its limits and private directory."""
+
+    lifeline: tuple[int, int]
+    settings: sandbox.SandboxSettings | None = None
+    private_dir: str | None = None
+    user_reason: str = ""
+
+
+def _worker_main(conn: Connection, specs: list[str], confinement: _Confinement | None = None) -> None:
+    """Worker loop: confine the process, resolve every spec once (a plugin the trainer has not
+    imported yet, as at `llmrl validate`, is imported here, inside the sandbox), then run chunks
+    of calls, one reply per call.
 
     One reply per call (not per chunk) lets the parent time each call separately: a call starts
     when the previous reply arrives.
     """
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the parent to handle
-    if hasattr(os, "setpgrp"):
-        os.setpgrp()  # own process group: a kill also reaches subprocesses a reward started
+    report: dict[str, str] = {}
+    if confinement is not None:
+        report = sandbox.enter(
+            confinement.settings, confinement.private_dir, confinement.lifeline, conn.fileno(), confinement.user_reason
+        )
+    else:  # spawn (not Linux): no shim, just the basics
+        sandbox.reset_signals()  # the trainer's SIGTERM handler is not the worker's
+        if hasattr(os, "setpgrp"):
+            os.setpgrp()  # own process group: a kill also reaches subprocesses a reward started
+    settings = confinement.settings if confinement is not None else None
+    cpu_limit_s = settings.cpu_limit_s if settings is not None else None
     functions: dict[int, RewardFn] = {}
     load_errors: dict[int, str] = {}
     for index, spec in enumerate(specs):
         try:
             functions[index] = resolve_reward(spec)
-        except Exception as exc:  # noqa: BLE001 - reported per call instead
-            load_errors[index] = f"could not resolve {spec!r} in worker: {exc}"
-    conn.send("ready")
+        except Exception as exc:  # noqa: BLE001 - reported at start-up and per call
+            load_errors[index] = str(exc)
+    conn.send(("ready", report, load_errors))
     while True:
         try:
             chunk = conn.recv()
@@ -109,8 +133,10 @@ def _worker_main(conn: Connection, specs: list[str]) -> None:
         for call in chunk:
             fn = functions.get(call.component)
             if fn is None:
-                outcome = _Outcome("error", message=load_errors[call.component])
+                spec, error = specs[call.component], load_errors[call.component]
+                outcome = _Outcome("error", message=f"could not resolve {spec!r} in worker: {error}")
             else:
+                sandbox.limit_call_cpu(cpu_limit_s)
                 outcome = _run_reward(fn, call.completion, call.task, call.kwargs)
             try:
                 conn.send((call.call_id, outcome))
@@ -118,8 +144,39 @@ def _worker_main(conn: Connection, specs: list[str]) -> None:
                 return  # the parent went away mid-chunk
 
 
+def _import_paths(specs: list[str]) -> list[str]:
+    """Where a worker may import from: the interpreter's library, sys.path and plugin files."""
+    paths = [sys.base_prefix, sys.prefix, *(entry for entry in sys.path if entry)]
+    for spec in specs:
+        target, colon, _ = spec.rpartition(":")
+        if colon and (target.endswith(".py") or os.sep in target):
+            paths.append(target)
+    return paths
+
+
 class _WorkerStartError(RuntimeError):
-    pass
+    def __init__(self, message: str, exitcode: int | None = None) -> None:
+        super().__init__(message)
+        self.exitcode = exitcode
+
+
+def probe_import(spec: str, settings: sandbox.SandboxSettings | None) -> str | None:
+    """Resolve one (canonical) spec in a throwaway worker, confined like the run's workers, and
+    return why it failed, or None. A plugin that calls sys.exit or os._exit, crashes the
+    interpreter or hangs while it is imported cannot take this process with it."""
+    pool = _WorkerPool([spec], 1, settings, quiet=True)
+    try:
+        worker = pool._start()
+        pool._workers.append(worker)  # so that close() stops it and removes its directory
+    except _WorkerStartError as exc:
+        if exc.exitcode is None:
+            return f"importing it did not finish within {_STARTUP_TIMEOUT_S:g} s"
+        if exc.exitcode < 0:
+            return f"importing it killed its worker process with signal {signal.Signals(-exc.exitcode).name}"
+        return f"importing it ended its worker process with exit code {exc.exitcode}"
+    finally:
+        pool.close()
+    return worker.load_errors.get(0)
 
 
 @dataclass
@@ -127,6 +184,8 @@ class _Worker:
     process: Any  # multiprocessing process
     conn: Connection
     inflight: deque[_Call] = field(default_factory=deque)  # sent, unanswered, in run order
+    private_dir: str | None = None  # the sandbox's writable directory, removed with the worker
+    load_errors: dict[int, str] = field(default_factory=dict)  # specs it could not resolve
     last_progress: float = 0.0  # when the call at the head of `inflight` started
 
 
@@ -139,16 +198,37 @@ class _PoolRun:
 class _WorkerPool:
     """Worker processes with a per-call timeout; a hung or dead worker is killed and replaced."""
 
-    def __init__(self, specs: list[str], size: int) -> None:
+    def __init__(
+        self, specs: list[str], size: int, settings: sandbox.SandboxSettings | None = None, quiet: bool = False
+    ) -> None:
         self._specs = specs
+        self._quiet = quiet  # a probe reports its findings itself
         self._size = size
         # fork: workers start in milliseconds and inherit what the parent already imported and
         # registered; elsewhere spawn, where specs are resolved again by import.
         method = "fork" if sys.platform.startswith("linux") else "spawn"
         self._context = multiprocessing.get_context(method)
         self._workers: list[_Worker] = []
+        self._settings = settings
+        unavailable = sandbox.available() if settings is not None else None
+        if unavailable:
+            logger.warning("reward.sandbox is on but %s; reward workers run unconfined", unavailable)
+            self._settings = None
+        self._user_reason = ""
+        if self._settings is not None:
+            for leftover in sandbox.remove_stale_private_dirs():
+                logger.info("removed %s, left by a reward worker of a trainer that is gone", leftover)
+            user, self._user_reason = sandbox.choose_user(self._settings.user, _import_paths(specs))
+            self._settings = dataclasses.replace(self._settings, user=user)
+        # Only this process holds the write end: the pipe reads EOF in every worker's shim the
+        # moment the trainer is gone, however it died (sandbox or not).
+        self._lifeline = os.pipe() if method == "fork" else None
+        self.guarantees: dict[str, str] = {}  # the sandbox report of the first worker started
 
-    def run(self, calls: list[_Call], timeout_s: float, skip_after_timeouts: int) -> _PoolRun:
+    def run(
+        self, calls: list[_Call], timeout_s: float, skip_after_timeouts: int, budget_end: float | None = None
+    ) -> _PoolRun:
+        """Run the calls; those not finished at the monotonic time `budget_end` score `over_budget`."""
         result = _PoolRun()
         pending: deque[_Call] = deque(calls)
         timeouts_by_component: Counter[int] = Counter()
@@ -159,11 +239,16 @@ class _WorkerPool:
                 for call in pending:
                     result.outcomes[call.call_id] = _Outcome("error", message="no reward worker could start")
                 break
+            if budget_end is not None and time.monotonic() >= budget_end:
+                self._abandon(pending, result)
+                break
             self._dispatch(pending)
             busy = [worker for worker in self._workers if worker.inflight]
             if not busy:
                 continue
             deadline = min(worker.last_progress for worker in busy) + timeout_s
+            if budget_end is not None:
+                deadline = min(deadline, budget_end)
             ready = wait([worker.conn for worker in busy], timeout=max(0.0, deadline - time.monotonic()))
             for worker in busy:
                 if worker.conn in ready:
@@ -191,6 +276,24 @@ class _WorkerPool:
             worker.process.join(timeout=2.0)
             self._kill(worker)
         self._workers = []
+        if self._lifeline is not None:
+            for fd in self._lifeline:
+                os.close(fd)
+            self._lifeline = None
+
+    def _abandon(self, pending: deque[_Call], result: _PoolRun) -> None:
+        """The step's reward budget is spent: what is unfinished scores `over_budget`; workers
+        still busy are killed (the next batch starts fresh ones)."""
+        message = "not finished within reward.step_budget_s; scored the fallback"
+        for worker in [worker for worker in self._workers if worker.inflight]:
+            for call in worker.inflight:
+                result.outcomes[call.call_id] = _Outcome("over_budget", message=message)
+            worker.inflight.clear()
+            self._kill(worker)
+            self._workers.remove(worker)
+        for call in pending:
+            result.outcomes[call.call_id] = _Outcome("over_budget", message=message)
+        pending.clear()
 
     def _prune_dead(self) -> None:
         # A worker that died between batches would have its death blamed on a new call, and one
@@ -210,20 +313,33 @@ class _WorkerPool:
 
     def _start(self) -> _Worker:
         parent_conn, child_conn = self._context.Pipe(duplex=True)
-        # daemon: workers never outlive the trainer (a reward can still use `subprocess`).
+        confinement = None
+        if self._lifeline is not None:
+            private_dir = sandbox.make_private_dir() if self._settings is not None else None
+            confinement = _Confinement(self._lifeline, self._settings, private_dir, self._user_reason)
+        # The lifeline ends workers with the trainer; daemon also has multiprocessing join them at a
+        # normal exit (a reward can still use `subprocess`, not `multiprocessing`).
         process = self._context.Process(
-            target=_worker_main, args=(child_conn, self._specs), daemon=True, name="llmrl-reward-worker"
+            target=_worker_main, args=(child_conn, self._specs, confinement), daemon=True, name="llmrl-reward-worker"
         )
         process.start()
         child_conn.close()
-        worker = _Worker(process, parent_conn)
+        worker = _Worker(process, parent_conn, private_dir=confinement.private_dir if confinement else None)
         try:
-            if parent_conn.poll(_STARTUP_TIMEOUT_S) and parent_conn.recv() == "ready":
-                return worker
-        except (EOFError, OSError):
+            if parent_conn.poll(_STARTUP_TIMEOUT_S):
+                ready, report, worker.load_errors = parent_conn.recv()
+                if ready == "ready":
+                    self._note_guarantees(report)
+                    if not self._workers and not self._quiet:  # once per pool, not per restart
+                        for index, message in worker.load_errors.items():
+                            logger.error("reward worker could not resolve %r: %s", self._specs[index], message)
+                    return worker
+        except (EOFError, OSError, ValueError, TypeError):
             pass
+        process.join(timeout=1.0)
+        exitcode = process.exitcode
         self._kill(worker)
-        raise _WorkerStartError(f"no ready signal within {_STARTUP_TIMEOUT_S:g} s (exit code {process.exitcode})")
+        raise _WorkerStartError(f"no ready signal within {_STARTUP_TIMEOUT_S:g} s (exit code {exitcode})", exitcode)
 
     def _dispatch(self, pending: deque[_Call]) -> None:
         # Chunks amortise the pipe round-trip over many fast calls; two chunks per worker keep
@@ -251,9 +367,7 @@ class _WorkerPool:
             # The worker died mid-call (os._exit, segfault, out of memory): the head call did it.
             worker.process.join(timeout=1.0)
             crashed = worker.inflight.popleft()
-            result.outcomes[crashed.call_id] = _Outcome(
-                "error", message=f"worker process died (exit code {worker.process.exitcode})"
-            )
+            result.outcomes[crashed.call_id] = _Outcome("error", message=sandbox.describe_death(worker.process.exitcode))
             self._retire(worker, pending, result)
 
     def _retire(self, worker: _Worker, pending: deque[_Call], result: _PoolRun) -> None:
@@ -277,6 +391,20 @@ class _WorkerPool:
                 process.kill()
             process.join(timeout=5.0)
         worker.conn.close()
+        if worker.private_dir is not None:
+            shutil.rmtree(worker.private_dir, ignore_errors=True)
+
+    def _note_guarantees(self, report: dict[str, str]) -> None:
+        if self.guarantees or not report:
+            return
+        self.guarantees = dict(report)
+        missing = {name: state for name, state in report.items() if not state.startswith("on")}
+        if missing and not self._quiet:
+            logger.warning(
+                "reward sandbox: %s; not in force: %s",
+                ", ".join(name for name in report if name not in missing) or "nothing",
+                "; ".join(f"{name} ({state})" for name, state in missing.items()),
+            )
 
     @staticmethod
     def _skip_hopeless(

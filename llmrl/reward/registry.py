@@ -33,6 +33,10 @@ class RewardConfigError(ValueError):
 # ---------------------------------------------------------------- registry and resolution
 
 _FILE_MODULES: dict[Path, ModuleType] = {}
+# What a plugin's import may raise that must become a configuration error: a `sys.exit()` at
+# module level (SystemExit) included, so it cannot end the trainer with the plugin's exit code.
+# KeyboardInterrupt still stops the run.
+_IMPORT_FAILURES = (Exception, SystemExit, GeneratorExit)
 
 # Modules that register the built-in rewards, imported on first lookup by `REWARDS`' loader
 # (lazily: the built-ins import this package to register themselves).
@@ -102,7 +106,7 @@ def resolve_reward(spec: str) -> RewardFn:
     if entry_point is not None:
         try:
             fn = entry_point.load()
-        except Exception as exc:
+        except _IMPORT_FAILURES as exc:
             raise RewardConfigError(
                 f"reward {spec!r} comes from entry point {entry_point.value!r} "
                 f"(group {ENTRY_POINT_GROUP}), which failed to load: {type(exc).__name__}: {exc}"
@@ -201,7 +205,7 @@ def _load_file(target: str, spec: str) -> ModuleType:
     sys.modules[module_name] = module
     try:
         module_spec.loader.exec_module(module)
-    except Exception as exc:
+    except _IMPORT_FAILURES as exc:
         del sys.modules[module_name]
         raise RewardConfigError(
             f"reward file {path} (from spec {spec!r}) failed to import: {type(exc).__name__}: {exc}"
@@ -220,7 +224,7 @@ def _import_module(target: str, spec: str) -> ModuleType:
                 f"PYTHONPATH? a file needs a path ending in .py)"
             ) from exc
         raise RewardConfigError(f"reward module {target!r} failed to import: {exc}") from exc
-    except Exception as exc:
+    except _IMPORT_FAILURES as exc:
         raise RewardConfigError(
             f"reward module {target!r} failed to import: {type(exc).__name__}: {exc}"
         ) from exc
@@ -234,6 +238,13 @@ def _require_callable(value: Any, spec: str) -> RewardFn:
 
 def _qualified_name(fn: RewardFn) -> str:
     return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"
+
+
+def needs_import(spec: str) -> bool:
+    """Whether resolving `spec` runs plugin code (a file, a module, or an entry point) rather than
+    looking up a registered built-in."""
+    spec = spec.strip()
+    return ":" in spec or spec not in REWARDS
 
 
 def _canonical_spec(spec: str) -> str:
