@@ -228,7 +228,7 @@ def test_expert_file_with_prompt_response_and_messages_rows(tmp_path, tokenizer)
 def test_malformed_expert_rows_fail_in_bulk_naming_the_key_and_row(tmp_path, tokenizer):
     rows = [{"prompt": "What is 1 + 1?", "response": "#### 2"}, {"prompt": "What is 2 + 2?", "response": "  "},
             {"messages": [{"role": "user", "content": "hi"}]}]
-    with pytest.raises(DataConfigError, match=r"expert.max_bad_fraction: 2 of 3 rows .* first bad row is #1: empty_response"):
+    with pytest.raises(DataConfigError, match=r"expert.max_bad_fraction: 2 of 3 rows .* the first is row #1 \(bad.jsonl line 2\): empty_response"):
         build_expert_set(ExpertConfig(path=write_jsonl(tmp_path / "bad.jsonl", rows)), DataConfig(), tokenizer)
 
 
