@@ -49,7 +49,7 @@ ARITHMETIC_PLAN = [("R", "R"), ("R", "W"), ("W", "W"), ("-", "R"), ("R", "R"), (
 
 
 def arithmetic_setup(tokenizer, **overrides):
-    cfg = EvalConfig(benches=["arithmetic"], limit=6, n=2, batch_size=4, reward_workers=0, progress=False, **overrides)
+    cfg = EvalConfig(**{"benches": ["arithmetic"], "limit": 6, "n": 2, "batch_size": 4, "reward_workers": 0, "progress": False, **overrides})
     bench_tasks = load_bench_tasks(resolve_bench("arithmetic"), tokenizer, cfg)
     texts = {"R": "It is {g}.\n#### {g}", "W": "#### {w}", "-": "I do not know."}
     script = {
@@ -316,3 +316,20 @@ def test_training_with_eval_every_zero_runs_no_evaluation(tmp_path):
     rows = [json.loads(line) for line in (end / "metrics.jsonl").read_text().splitlines()]
     assert ["eval/arithmetic/pass@1" in r for r in rows] == [False, True]
     assert sorted(p.name for p in (end / "eval").iterdir()) == ["step_2"]
+
+
+def test_the_progress_bar_counts_samples_and_shows_accuracy_and_tokens_per_second(tokenizer, tmp_path, monkeypatch):
+    import tqdm
+
+    seen = []
+
+    class Recording(tqdm.tqdm):  # the real bar, with what it was told kept for the test
+        def set_postfix(self, ordered_dict=None, refresh=True, **kwargs):
+            seen.append((self.n, dict(ordered_dict or {}, **kwargs)))
+            super().set_postfix(ordered_dict, refresh, **kwargs)
+
+    monkeypatch.setattr(tqdm, "tqdm", Recording)
+    cfg, bench_tasks, script = arithmetic_setup(tokenizer, progress=True)
+    evaluate_bench(ScriptedEngine(tokenizer, script), tokenizer, bench_tasks, cfg, tmp_path)
+    assert [n for n, _ in seen] == [4, 8, 12]  # samples, batch by batch
+    assert seen[-1][1]["acc"] == "0.500" and float(seen[-1][1]["tok/s"]) > 0

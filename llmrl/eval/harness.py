@@ -102,7 +102,8 @@ def evaluate_bench(
                 correct += sum(row["correct"] for row in rows)
                 if progress is not None:
                     progress.update(len(rows))
-                    progress.set_postfix(acc=f"{correct / generated:.3f}", refresh=False)
+                    rate = generated_tokens / max(time.perf_counter() - start, 1e-9)
+                    progress.set_postfix({"acc": f"{correct / generated:.3f}", "tok/s": f"{rate:.0f}"}, refresh=False)
     finally:
         if progress is not None:
             progress.close()
