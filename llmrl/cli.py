@@ -75,8 +75,14 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from llmrl.recipe import dump_recipe, load_recipe
     from llmrl.stages import active_stage_names
 
+    from llmrl.preflight import check_training_data, resource_warnings
+
     recipe = load_recipe(args.recipe, args.overrides)  # resolved: the preset's choices written in
+    check_training_data(recipe)
     print(dump_recipe(recipe), end="")
+    for line in resource_warnings(recipe):
+        print(f"# {line}")
+        print(f"llmrl: {line}", file=sys.stderr)
     stages = active_stage_names(recipe.algorithm)
     print(f"# stages this algorithm runs (llmrl/stages.py): {', '.join(stages) or 'none'}")
     if recipe.cluster.backend != "none":
