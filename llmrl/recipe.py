@@ -193,7 +193,11 @@ def resolve_recipe(recipe: Recipe) -> Recipe:
             raise ValueError(f"rollout.workflow: {err}") from None
         workflow = WorkflowConfig(name=name, **options)
     rollout = recipe.rollout.model_copy(update={"workflow": workflow})
-    return recipe.model_copy(update={"algorithm": algo, "rollout": rollout})
+    update: dict[str, Any] = {"algorithm": algo, "rollout": rollout}
+    if "chat_template" not in recipe.eval.model_fields_set and recipe.eval.chat_template != recipe.data.chat_template:
+        # A model trained on one prompt format is evaluated in it, unless the recipe says otherwise.
+        update["eval"] = recipe.eval.model_copy(update={"chat_template": recipe.data.chat_template})
+    return recipe.model_copy(update=update)
 
 
 def on_policy_rows_per_step(recipe: Recipe) -> int:
@@ -275,11 +279,20 @@ def check_recipe(recipe: Recipe, source: str) -> None:
             f"CHORD takes any critic-free estimator (grpo, rloo, lite, reinforce_pp, ...) in {source}"
         )
     check_algorithm_combination(recipe, source)
+    if not recipe.data.chat_template and recipe.rollout.workflow.name in PLAIN_PROMPT_UNSUPPORTED:
+        raise RecipeError(
+            f"data.chat_template: false (plain-text prompts) is not supported by rollout.workflow "
+            f"'{recipe.rollout.workflow.name}', which builds its turns with the chat template, in {source}"
+        )
     expert_path = recipe.expert.path
     if expert_rows_per_step(recipe) and expert_path and not Path(expert_path).expanduser().exists() and not looks_like_hub_id(expert_path):
         raise RecipeError(f"expert.path: {expert_path!r} is not an existing file or directory, nor a hub id in {source}")
     for i, err in check_reward_imports(recipe.reward):  # plugins are imported in a sandboxed worker
         raise RecipeError(f"reward.functions[{i}]: {err} in {source}")
+
+
+# Workflows that extend a prompt through the chat template (POPE's guidance turn, tool turns).
+PLAIN_PROMPT_UNSUPPORTED = ("guided", "multi_turn")
 
 
 def check_algorithm_combination(recipe: Recipe, source: str) -> None:

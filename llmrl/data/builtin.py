@@ -14,7 +14,7 @@ from typing import Any
 
 from llmrl.data.arithmetic import arithmetic_split, solution_steps
 from llmrl.data.config import DataConfig, DataConfigError
-from llmrl.data.prompts import build_messages, tokenize_prompt
+from llmrl.data.prompts import build_messages, render_prompt
 from llmrl.data.sources import Row, load_rows, row_location
 from llmrl.registry import Registry
 from llmrl.types import Task
@@ -364,7 +364,7 @@ def build_tasks(cfg: DataConfig, tokenizer: Any, split: str = "train", *, graded
             if task_id in seen_ids:
                 raise RowError("duplicate_id", f"task id {task_id!r} already used")
             messages = build_messages(parsed.problem, instruction, cfg.system_prompt)
-            prompt_ids = tokenize_prompt(tokenizer, messages)
+            prompt_ids = render_prompt(tokenizer, messages, cfg.chat_template)
             if len(prompt_ids) > cfg.max_prompt_tokens:
                 limit = cfg.max_prompt_tokens
                 raise RowError(

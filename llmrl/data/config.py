@@ -70,6 +70,15 @@ class DataConfig(Section):
             "chat template may still insert its own default)."
         ),
     )
+    chat_template: bool = Field(
+        True,
+        description=(
+            "Render prompts with the tokenizer's chat template. false: plain text for base models, the "
+            "system prompt and the problem (through `instruction`, e.g. 'Question: {problem}\\nAnswer:') "
+            "separated by blank lines. Held-out evaluation during training follows it unless "
+            "eval.chat_template is set; `llmrl eval --model RUN_DIR` follows the run's recipe."
+        ),
+    )
     max_prompt_tokens: int = Field(
         512,
         ge=1,

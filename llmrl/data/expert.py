@@ -21,7 +21,7 @@ from pydantic import Field
 from llmrl.config_base import Section
 from llmrl.data.builtin import RowError, SkippedRows, check_problem, get_task_type
 from llmrl.data.config import DataConfig, DataConfigError
-from llmrl.data.prompts import build_messages, tokenize_prompt
+from llmrl.data.prompts import build_messages, render_prompt
 from llmrl.data.sources import load_rows
 from llmrl.types import Task
 
@@ -96,7 +96,7 @@ def build_expert_set(cfg: ExpertConfig, data: DataConfig, tokenizer: Any, train_
                 if isinstance(row, Task):
                     task, response = row, _task_solution(row)
                 else:
-                    task, response = _parse_row(row, index, fields, instruction, data.system_prompt, tokenizer)
+                    task, response = _parse_row(row, index, fields, instruction, data, tokenizer)
                 response_ids = tokenizer.encode(response, add_special_tokens=False) + [tokenizer.eos_token_id]
             if len(task.prompt_ids) + len(response_ids) > cfg.max_tokens:
                 raise RowError("too_long", f"{len(task.prompt_ids) + len(response_ids)} tokens > expert.max_tokens {cfg.max_tokens}")
@@ -139,7 +139,7 @@ def _task_solution(task: Task) -> str:
 
 
 def _parse_row(
-    row: Mapping[str, Any], index: int, fields: Mapping[str, str], instruction: str | None, system_prompt: str | None, tokenizer: Any
+    row: Mapping[str, Any], index: int, fields: Mapping[str, str], instruction: str | None, data: DataConfig, tokenizer: Any
 ) -> tuple[Task, str]:
     chat = row.get(fields["messages"])
     if chat is not None:
@@ -154,7 +154,7 @@ def _parse_row(
         problem, response = check_problem(row[fields["prompt"]]), row[fields["response"]]
     if not isinstance(response, str) or not response.strip():
         raise RowError("empty_response", "the expert response is empty")
-    messages = build_messages(problem, instruction, system_prompt)
+    messages = build_messages(problem, instruction, data.system_prompt)
     row_id = row.get(fields["id"])
     task_id = f"expert-{index:06d}" if row_id is None else f"expert-{row_id}"
-    return Task(task_id=task_id, messages=messages, kind="expert", prompt_ids=tokenize_prompt(tokenizer, messages)), response.strip()
+    return Task(task_id=task_id, messages=messages, kind="expert", prompt_ids=render_prompt(tokenizer, messages, data.chat_template)), response.strip()

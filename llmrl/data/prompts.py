@@ -1,4 +1,6 @@
-"""Chat messages for a problem, and their token ids under the tokenizer's chat template."""
+"""Chat messages for a problem, and their token ids: under the tokenizer's chat template, or as
+plain text for base models. Training (`data.chat_template`) and evaluation (`eval.chat_template`,
+`llmrl eval --no-chat-template`) render prompts here, so both see the same format."""
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
@@ -37,6 +39,20 @@ def build_messages(
     if system_prompt and messages[0]["role"] != "system":
         messages.insert(0, {"role": "system", "content": system_prompt})
     return messages
+
+
+def plain_prompt(messages: Sequence[Mapping[str, str]]) -> str:
+    """Messages as plain text for a model without a chat template: turns separated by blank
+    lines, the problem's turn last, ending in a newline where the answer begins."""
+    return "\n\n".join(m["content"] for m in messages) + "\n"
+
+
+def render_prompt(tokenizer: Any, messages: Sequence[Mapping[str, str]], chat_template: bool = True) -> list[int]:
+    """Prompt token ids: the chat template's rendering, or the plain text with the tokenizer's
+    own special tokens (a BOS where the model expects one)."""
+    if chat_template:
+        return tokenize_prompt(tokenizer, messages)
+    return [int(t) for t in tokenizer(plain_prompt(messages), add_special_tokens=True)["input_ids"]]
 
 
 def tokenize_prompt(tokenizer: Any, messages: Sequence[Mapping[str, str]], tools: list[dict] | None = None) -> list[int]:

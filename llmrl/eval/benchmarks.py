@@ -17,7 +17,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from llmrl.data import DataConfig, build_tasks, get_task_type, tokenize_prompt
+from llmrl.data import DataConfig, build_tasks, get_task_type
+from llmrl.data.prompts import render_prompt
 from llmrl.data.sources import FILE_BUILDERS
 from llmrl.registry import Registry
 from llmrl.reward.builtin.arithmetic import arithmetic_answer
@@ -275,18 +276,6 @@ def insert_shots(messages: list[dict[str, str]], shots: list[dict[str, str]]) ->
     """The shots go after a leading system message and before the problem's turn."""
     head = 1 if messages and messages[0]["role"] == "system" else 0
     return messages[:head] + shots + messages[head:]
-
-
-def render_prompt(tokenizer: Any, messages: list[dict[str, str]], chat_template: bool) -> list[int]:
-    if chat_template:
-        return tokenize_prompt(tokenizer, messages)
-    return list(tokenizer(plain_prompt(messages), add_special_tokens=True)["input_ids"])
-
-
-def plain_prompt(messages: list[dict[str, str]]) -> str:
-    """Messages as plain text for a model without a chat template: turns separated by blank
-    lines, the problem's turn last, ending in a newline where the answer begins."""
-    return "\n\n".join(m["content"] for m in messages) + "\n"
 
 
 def file_sha256(path: Path) -> str:

@@ -55,7 +55,11 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
                         help="data setting of one benchmark, e.g. arithmetic.difficulty=2")
     parser.add_argument("--instruction", default=None, help="instruction added to each problem ({problem} placeholder or appended; '' = none)")
     parser.add_argument("--system-prompt", default=None, help="system message before the problem")
-    parser.add_argument("--no-chat-template", action="store_true", help="plain-text prompts (base models)")
+    parser.add_argument(
+        "--chat-template", action=argparse.BooleanOptionalAction, default=None,
+        help="--no-chat-template: plain-text prompts (base models). Default: the chat template, or for a training run "
+        "(--model RUN_DIR or a checkpoint) the format it trained with (data.chat_template in its recipe.yaml)",
+    )
     parser.add_argument("--few-shot", type=int, default=None, help="worked examples before each problem (default: gsm8k 2, others 0)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
     parser.add_argument("--reward-workers", type=int, default=1, help="reward worker processes (0 = in this process)")
@@ -105,6 +109,11 @@ def _run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     check_engine(args.engine)
     model = resolve_eval_model(args.model)
+    trained_with = model.pop("chat_template", None)
+    if args.chat_template is None and trained_with is False:
+        cfg = cfg.model_copy(update={"chat_template": False})
+        print("llmrl eval: plain-text prompts, as the run trained with (data.chat_template: false in its recipe.yaml; "
+              "--chat-template overrides)", file=sys.stderr)
     output = Path(args.output) if args.output else Path("runs") / "eval" / model["label"]
     tokenizer = load_tokenizer(model["path"])
     prepared = prepare_benches(cfg, tokenizer)  # data errors surface before the model loads
@@ -141,7 +150,7 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
         "data_options": _data_options(args.data_option),
         "instruction": args.instruction,
         "system_prompt": args.system_prompt,
-        "chat_template": not args.no_chat_template,
+        "chat_template": args.chat_template is not False,
         "few_shot": args.few_shot,
         "batch_size": args.batch_size,
         "seed": args.seed,
@@ -212,9 +221,21 @@ def resolve_eval_model(name: str) -> dict[str, Any]:
             "checkpoint": str(checkpoint),
             "step": int(step.group(1)) if step else None,
             "label": f"{run.name}-{checkpoint.name}",
+            "chat_template": _trained_prompt_format(run),
         }
     path = resolve_model_path(name)
     return {"name": name, "path": path, "checkpoint": None, "step": None, "label": re.sub(r"[^\w.-]+", "_", Path(name).name or name)}
+
+
+def _trained_prompt_format(run: Path) -> bool | None:
+    """data.chat_template of the run's recipe.yaml; None when there is none to read."""
+    import yaml
+
+    try:
+        recipe = yaml.safe_load((run / "recipe.yaml").read_text())
+        return bool(recipe["data"].get("chat_template", True))
+    except (OSError, yaml.YAMLError, KeyError, TypeError, AttributeError):
+        return None
 
 
 def model_sha256(path: str) -> str | None:
