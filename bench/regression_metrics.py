@@ -51,6 +51,8 @@ def runs() -> dict[str, tuple[str, list[str]]]:
         data_type = (raw.get("data") or {}).get("type", "arithmetic")
         # No hub here: recipes on a benchmark's data read the local copy.
         local = [] if data_type == "arithmetic" else [f"data.path={SHARED_DATA}"]
+        if data_type == "math":
+            local.append("data.split=test")  # the local copy holds MATH-500 only, no training split
         out[f"tiny/{path.stem}"] = (str(path), TINY + local)
     out["smollm2/quickstart"] = (str(REPO / "recipes" / "quickstart.yaml"), QUICKSTART_SMOLLM2)
     return out

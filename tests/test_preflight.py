@@ -31,7 +31,10 @@ def test_a_hub_dataset_offline_is_exit_2_at_validate_with_the_hint(monkeypatch, 
 @pytest.mark.parametrize("recipe", sorted(p.name for p in (REPO / "recipes").glob("*.yaml")))
 def test_every_shipped_recipe_passes_validate(recipe, capsys):
     raw = yaml.safe_load((REPO / "recipes" / recipe).read_text())
-    local = [] if (raw.get("data") or {}).get("type", "arithmetic") in ("arithmetic", "multihop") else [f"data.path={SHARED_DATA}"]
+    data_type = (raw.get("data") or {}).get("type", "arithmetic")
+    local = [] if data_type in ("arithmetic", "multihop") else [f"data.path={SHARED_DATA}"]
+    if data_type == "math":
+        local.append("data.split=test")  # the local copy holds MATH-500 only
     # search_igpo starts from search_sft's checkpoint, which exists only after that run
     model = ["model.name=smollm2-135m"] if str((raw.get("model") or {}).get("name", "")).startswith("runs/") else []
     assert main(["validate", str(REPO / "recipes" / recipe), *local, *model]) == 0, capsys.readouterr().err

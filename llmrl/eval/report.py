@@ -66,8 +66,10 @@ def read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
 
 def write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w") as handle:
+    tmp = path.with_suffix(".tmp")
+    with tmp.open("w") as handle:
         handle.writelines(json.dumps(row) + "\n" for row in rows)
+    os.replace(tmp, path)  # a full disk fails the temporary, never the file already there
 
 
 def write_json(path: Path, value: Any) -> None:
