@@ -102,6 +102,10 @@ def plot_runs(run_dirs: list[Path], metrics: list[str] | None = None) -> Any:
                     ax.plot(steps, values, marker="." if len(steps) < 30 else None, label=name)
         ax.set_title(panel.title)
         ax.set_xlabel("step")
+        low, high = ax.get_xlim()
+        if high - low < 2:  # one step logged (an end-of-run eval): integer ticks need some width
+            middle = round((low + high) / 2)
+            ax.set_xlim(middle - 1, middle + 1)
         ax.grid(alpha=0.3)
         if len(rows_by_run) > 1 or len(keys) > 1:
             ax.legend(fontsize="small")
