@@ -166,7 +166,10 @@ def train(recipe: Recipe, overwrite: bool = False) -> Path:
                 stopped = TrainingStopped(run_dir, step, stop.signal_name)
                 break
     if recipe.logging.curves:
-        write_run_curves(run_dir)
+        try:
+            write_run_curves(run_dir)
+        except Exception as err:  # noqa: BLE001 - a picture must not fail a run whose checkpoint is saved
+            print(f"llmrl: warning: curves.png not written: {type(err).__name__}: {err}", file=sys.stderr)
     if stopped is not None:
         raise stopped
     return run_dir

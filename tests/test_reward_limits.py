@@ -85,18 +85,19 @@ def test_infinite_timeout_is_exit_2_at_validate() -> None:
 
 
 def test_step_budget_in_workers_kills_what_is_unfinished(plugin: str) -> None:
-    # One worker, six calls of 1 s, a 2.5 s budget: two finish (at ~1 s and ~2 s), the third is
-    # cut mid-call at 2.5 s, and it and the three never started score the fallback.
-    config = RewardConfig(functions=[f"{plugin}:sleeps"], num_workers=1, step_budget_s=2.5, fallback=-1.0)
+    # One worker, six calls of 2 s, a 5 s budget: two finish (at ~2 s and ~4 s, a second of slack
+    # for a loaded machine), the third is cut mid-call at 5 s, and it and the three never started
+    # score the fallback.
+    config = RewardConfig(functions=[f"{plugin}:sleeps"], num_workers=1, step_budget_s=5.0, fallback=-1.0)
     with RewardComputer(config) as rewards:
         start = time.monotonic()
-        results = rewards.score([make_trajectory("1.0") for _ in range(6)])
+        results = rewards.score([make_trajectory("2.0") for _ in range(6)])
         elapsed = time.monotonic() - start
         metrics = rewards.metrics()
     assert [r.score for r in results] == [1.0, 1.0, -1.0, -1.0, -1.0, -1.0]
     assert metrics["reward/over_budget"] == 4.0 and metrics["reward/failures"] == 4.0
     assert metrics["reward/timeouts"] == 0.0
-    assert 2.4 < elapsed < 3.5
+    assert 4.9 < elapsed < 7.0
 
 
 def test_step_budget_in_process_is_checked_between_calls(plugin: str) -> None:
@@ -110,11 +111,13 @@ def test_step_budget_in_process_is_checked_between_calls(plugin: str) -> None:
 
 
 def test_step_budget_spans_every_scoring_round_of_a_step(plugin: str) -> None:
-    config = RewardConfig(functions=[f"{plugin}:sleeps"], num_workers=1, step_budget_s=1.3)
+    # A 4 s budget: the first round takes ~1 s (3 s of slack for a loaded machine); the second
+    # round's calls would end at ~6 s and ~11 s, so the budget cuts the first and skips the second.
+    config = RewardConfig(functions=[f"{plugin}:sleeps"], num_workers=1, step_budget_s=4.0)
     with RewardComputer(config) as rewards:
         rewards.begin_step(1)
-        first = rewards.score([make_trajectory("0.5"), make_trajectory("0.5")])  # done by ~1.05 s
-        second = rewards.score([make_trajectory("0.5"), make_trajectory("0.5")])  # would end at ~1.55 s
+        first = rewards.score([make_trajectory("0.5"), make_trajectory("0.5")])
+        second = rewards.score([make_trajectory("5"), make_trajectory("5")])
         over_budget = rewards.metrics()["reward/over_budget"]
         rewards.begin_step(2)  # a new step, a new budget
         third = rewards.score([make_trajectory("0.5"), make_trajectory("0.5")])
