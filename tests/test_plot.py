@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,11 +23,12 @@ def lines_by_title(fig) -> dict[str, dict[str, tuple[list, list]]]:
 
 
 @pytest.fixture(scope="module")
-def two_runs(tmp_path_factory) -> list[Path]:
+def two_runs(tmp_path_factory) -> Iterator[list[Path]]:
     root = tmp_path_factory.mktemp("plot")
     for recipe in ("quickstart", "arith_ppo"):
         assert main(["train", str(REPO / "recipes" / f"{recipe}.yaml"), *TINY, f"output_dir={root / recipe}"]) == 0
-    return [root / "quickstart", root / "arith_ppo"]
+    yield [root / "quickstart", root / "arith_ppo"]
+    shutil.rmtree(root, ignore_errors=True)  # the runs' checkpoints; a small CI disk fills otherwise
 
 
 def test_two_runs_are_overlaid_and_every_series_equals_the_metrics_file(two_runs, tmp_path):

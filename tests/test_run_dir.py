@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -114,10 +115,11 @@ def test_resume_refuses_experiment_changes_and_records_operational_ones(tmp_path
 
 
 @pytest.fixture(scope="module")
-def two_checkpoints(tmp_path_factory) -> Path:
+def two_checkpoints(tmp_path_factory) -> Iterator[Path]:
     out = tmp_path_factory.mktemp("ckpt") / "run"
     assert train_cli(out, "train.steps=2", "checkpoint.every=1") == 0
-    return out
+    yield out
+    shutil.rmtree(out.parent, ignore_errors=True)  # hundreds of MB; a small CI disk fills otherwise
 
 
 @pytest.mark.parametrize("damage", ["truncate", "delete"])
