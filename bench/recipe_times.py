@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-QUIET = ["eval.every=0", "logging.progress=false", "logging.curves=false", "logging.tensorboard=false", "checkpoint.rollouts_every=0"]
+QUIET = ["eval.every=0", "logging.progress=false", "logging.curves=false", "logging.tensorboard=false", "logging.rollouts_every=0"]
 # Sized for hardware this script cannot provide by itself: a Ray cluster or GPUs.
 NEEDS_MORE = {"distributed_cpu", "gsm8k_grpo_8gpu", "math_grpo", "gsm8k_grpo", "gsm8k_dapo", "gsm8k_ppo"}
 DATA_TYPES = {"gsm8k", "math"}
