@@ -55,6 +55,7 @@ from llmrl.train.engine import TrainConfig
 from llmrl.train.shared_prefix import plan_shared_prefix
 from llmrl.train.torch_engine import TorchTrainEngine
 from machine import machine_header, matmul_peak_gflops, matmul_weights, native_bf16
+from step_batches import pack_rows
 
 
 def grpo_batch(model: str, prompts: int, n: int, min_response: int, max_response: int, seed: int) -> Batch:
@@ -70,19 +71,7 @@ def grpo_batch(model: str, prompts: int, n: int, min_response: int, max_response
             # Never exactly zero: every row carries gradient, whatever skip_zero_advantage_rows says.
             advantage = float(torch.randn(1, generator=g)) or 1.0
             rows.append((list(task.prompt_ids), response, advantage))
-    width = max(len(p) + len(r) for p, r, _ in rows)
-    B = len(rows)
-    batch = {k: torch.zeros(B, width, dtype=torch.long) for k in ("input_ids", "attention_mask", "position_ids")}
-    for key in ("loss_mask", "advantages", "rollout_logprobs"):
-        batch[key] = torch.zeros(B, width)
-    for i, (p, r, adv) in enumerate(rows):
-        end = len(p) + len(r)
-        batch["input_ids"][i, :end] = torch.tensor(p + r)
-        batch["attention_mask"][i, :end] = 1
-        batch["position_ids"][i, :end] = torch.arange(end)
-        batch["loss_mask"][i, len(p) : end] = 1
-        batch["advantages"][i, len(p) : end] = adv
-    return batch
+    return pack_rows(rows)
 
 
 def token_slots(batch: Batch, cfg: TrainConfig) -> tuple[int, int, int]:

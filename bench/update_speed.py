@@ -28,6 +28,7 @@ from llmrl.data.config import DataConfig
 from llmrl.models import ModelConfig, load_policy, load_tokenizer
 from llmrl.train.engine import TrainConfig
 from llmrl.train.torch_engine import TorchTrainEngine
+from step_batches import pack_rows
 
 CONFIGS = {
     "plain": dict(skip_zero_advantage_rows=False, shared_prompt_forward=False),
@@ -48,20 +49,7 @@ def step_batch(model_name: str, prompts: int, n: int, max_response: int, zero_gr
             length = int(torch.randint(max_response // 4, max_response + 1, (1,), generator=g))
             response = torch.randint(100, 40000, (length,), generator=g).tolist()
             rows.append((list(task.prompt_ids), response, 0.0 if zero else float(torch.randn(1, generator=g))))
-    width = max(len(p) + len(r) for p, r, _ in rows)
-    B = len(rows)
-    batch = {k: torch.zeros(B, width, dtype=torch.long) for k in ("input_ids", "attention_mask", "position_ids")}
-    batch["loss_mask"] = torch.zeros(B, width)
-    batch["advantages"] = torch.zeros(B, width)
-    for i, (p, r, adv) in enumerate(rows):
-        end = len(p) + len(r)
-        batch["input_ids"][i, :end] = torch.tensor(p + r)
-        batch["attention_mask"][i, :end] = 1
-        batch["position_ids"][i, :end] = torch.arange(end)
-        batch["loss_mask"][i, len(p) : end] = 1
-        batch["advantages"][i, len(p) : end] = adv
-    batch["rollout_logprobs"] = torch.zeros(B, width)
-    return batch
+    return pack_rows(rows)
 
 
 def main() -> None:
