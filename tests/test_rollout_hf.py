@@ -5,7 +5,7 @@ import torch
 from llmrl.batch import collate
 from llmrl.models import ModelConfig
 from llmrl.rollout.base import RolloutConfig, SamplingParams
-from llmrl.rollout.hf import HFRolloutEngine, draw_uniform, filter_logits, sample_from
+from llmrl.rollout.hf import HFRolloutEngine, filter_logits
 from llmrl.rollout.workflows import SingleTurn, WorkflowContext
 from llmrl.types import GroupIds
 from llmrl.types import Task
@@ -64,27 +64,6 @@ def test_finish_reasons_length_eos_and_stop_string(engine, tokenizer):
     text = tokenizer.decode(base.token_ids[:3])
     by_string = engine.generate([p], SamplingParams(temperature=0.0, max_new_tokens=6, stop=[text[-2:]]))[0]
     assert by_string.finish_reason == "stop" and len(by_string.token_ids) <= 3
-
-
-def test_cdf_sampling_picks_the_token_whose_cdf_step_holds_the_uniform():
-    probs = torch.tensor([[0.125, 0.0, 0.5, 0.375, 0.0]] * 6)  # binary fractions: exact CDF steps
-    # CDF 0.125, 0.125, 0.625, 1.0, 1.0: each uniform lands in exactly one non-empty step
-    uniform = torch.tensor([1e-9, 0.125, 0.125 + 1e-9, 0.625, 0.625 + 1e-9, 1.0], dtype=torch.float64)
-    assert sample_from(probs, uniform).tolist() == [0, 0, 2, 2, 3, 3]
-    # unnormalised rows (a filtered softmax never sums to exactly 1) scale the uniform by the total
-    assert sample_from(probs * 3, uniform).tolist() == [0, 0, 2, 2, 3, 3]
-
-
-def test_cdf_sampling_matches_the_distribution_and_never_draws_a_zero_probability_token():
-    g = torch.Generator().manual_seed(0)
-    probs = torch.tensor([0.5, 0.0, 0.25, 0.125, 0.125, 0.0])
-    draws = 200_000
-    uniform = draw_uniform(draws, g)
-    assert float(uniform.min()) > 0.0 and float(uniform.max()) <= 1.0
-    counts = torch.bincount(sample_from(probs.expand(draws, -1), uniform), minlength=6).double() / draws
-    assert counts[1] == 0 and counts[5] == 0
-    # 5 standard errors of a binomial proportion at p = 0.5 and 200k draws is 0.0056
-    torch.testing.assert_close(counts, probs.double(), atol=0.006, rtol=0)
 
 
 def test_top_k_and_top_p_filtering():
