@@ -5,7 +5,7 @@ import torch
 from llmrl.batch import collate
 from llmrl.models import ModelConfig
 from llmrl.rollout.base import RolloutConfig, SamplingParams
-from llmrl.rollout.hf import HFRolloutEngine, filter_logits
+from llmrl.rollout.hf import HFRolloutEngine, draw_uniform, filter_logits, sample_from
 from llmrl.rollout.workflows import SingleTurn, WorkflowContext
 from llmrl.types import GroupIds
 from llmrl.types import Task
@@ -64,6 +64,25 @@ def test_finish_reasons_length_eos_and_stop_string(engine, tokenizer):
     text = tokenizer.decode(base.token_ids[:3])
     by_string = engine.generate([p], SamplingParams(temperature=0.0, max_new_tokens=6, stop=[text[-2:]]))[0]
     assert by_string.finish_reason == "stop" and len(by_string.token_ids) <= 3
+
+
+def test_cdf_sampling_takes_the_token_whose_step_holds_the_uniform():
+    # Binary fractions make every CDF value exact: steps end at 0.125, 0.625 and 1.0.
+    probs = torch.tensor([0.125, 0.0, 0.5, 0.375, 0.0])
+    uniforms = torch.tensor([1e-9, 0.125, 0.125 + 1e-9, 0.625, 0.625 + 1e-9, 1.0], dtype=torch.float64)
+    expected = [0, 0, 2, 2, 3, 3]
+    assert sample_from(probs.expand(6, 5), uniforms).tolist() == expected
+    # unnormalised rows scale their own total
+    assert sample_from(3 * probs.expand(6, 5), uniforms).tolist() == expected
+
+
+def test_cdf_sampling_matches_the_distribution_and_never_draws_a_zero():
+    probs = torch.tensor([0.1, 0.0, 0.3, 0.05, 0.55, 0.0])
+    draws = sample_from(probs.expand(200_000, 6), draw_uniform(200_000, torch.Generator().manual_seed(0)))
+    freq = torch.bincount(draws, minlength=6).double() / 200_000
+    assert freq[1] == 0 and freq[5] == 0
+    # binomial sd of a frequency near 0.5 over 200k draws is 0.0011; 0.006 is over 5 sd
+    assert torch.allclose(freq, probs.double(), atol=0.006)
 
 
 def test_top_k_and_top_p_filtering():

@@ -232,15 +232,27 @@ def test_kill_9_then_resume_ends_on_the_weights_of_an_uninterrupted_run(tmp_path
     import torch
     from safetensors.torch import load_file
 
-    common = [*TINY, "train.lr=1e-3", "train.steps=6", "checkpoint.every=2"]
     straight, split = tmp_path / "straight", tmp_path / "split"
+    # A tiny step takes ~0.1 s, so the rest of the run could finish before a timed kill. This
+    # reward (0 for every sample, so the runs train as with `arithmetic` alone) holds the killed
+    # process inside step 3's scoring once step 2's checkpoint exists: the kill always lands there.
+    (tmp_path / "hold.py").write_text(
+        "import os, time\n"
+        "def hold(completion, task):\n"
+        "    if os.path.exists(os.environ.get('HOLD_AFTER', '/nonexistent')):\n"
+        "        time.sleep(120)\n"
+        "    return 0.0\n"
+    )
+    common = [*TINY, "train.lr=1e-3", "train.steps=6", "checkpoint.every=2", f"reward.functions=[arithmetic, {tmp_path / 'hold.py'}:hold]"]
     assert main(["train", QUICKSTART, *common, f"output_dir={straight}"]) == 0
+    env = {**os.environ, "HOLD_AFTER": str(split / "checkpoints" / "step_2")}
     proc = subprocess.Popen([sys.executable, "-m", "llmrl.cli", "train", QUICKSTART, *common, f"output_dir={split}"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     deadline = time.time() + 300
     while time.time() < deadline and not (split / "checkpoints" / "step_2").exists():
         time.sleep(0.2)
     time.sleep(1.0)  # into step 3: its rows and rollouts may be half-written
+    assert proc.poll() is None, "the run ended before it could be killed"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert (split / "run.lock").exists()  # left behind by the dead process; its lock went with it

@@ -217,6 +217,11 @@ def test_skipping_zero_advantage_rows_leaves_the_update_unchanged(tiny_path, kl_
         err = (skipped[name] - full[name]).norm() / full[name].norm().clamp(min=1e-12)
         assert err < 1e-6, (name, float(err))
     assert abs(skip_metrics[0]["actor/loss"] - full_metrics[0]["actor/loss"]) < 1e-6
+    # Skipped rows' policy terms are exactly zero: they still count in the pg_loss mean, so the
+    # metric is the same whether rows were skipped or not (the DeepSpeed backend never skips).
+    for skip_step, full_step in zip(skip_metrics, full_metrics):
+        assert skip_step["actor/pg_loss"] == pytest.approx(full_step["actor/pg_loss"], rel=1e-5, abs=1e-7)
+    assert full_metrics[1]["actor/pg_loss"] == 0.0
     # Without an entropy bonus half the first batch and all the second are skipped; with one,
     # zero-advantage rows still carry gradient and every row is trained.
     expected = (0.5, 0.0) if kl_free else (1.0, 1.0)

@@ -94,6 +94,13 @@ class ChordLoss:
         keep[~expert] = rl_keep
         return keep
 
+    def skipped_row_metrics(self, mb: Batch, ctx: LossContext) -> Metrics:
+        """Skipped rows are on-policy ones (expert rows always train): the RL loss's figures."""
+        metrics = dict(self._rl_loss(ctx.cfg).skipped_row_metrics(mb, ctx))
+        if "actor/pg_loss" in metrics:
+            metrics["chord/rl_loss"] = metrics["actor/pg_loss"]
+        return metrics
+
     def __call__(self, mb: Batch, out: Batch, ctx: LossContext) -> LossOutput:
         cfg = ctx.cfg
         mu = mu_schedule(ctx.step, cfg.mu_warmup_steps, cfg.mu_decay_steps, cfg.mu_peak, cfg.mu_valley)

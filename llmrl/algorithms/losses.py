@@ -185,6 +185,15 @@ class _PolicyLoss(ABC):
             return None
         return ((mb["advantages"] != 0) & _valid(mb)).any(dim=-1)
 
+    def skipped_row_metrics(self, mb: Batch, ctx: LossContext) -> Metrics:
+        """Metrics of rows that `rows_with_gradient` dropped, known without their forward.
+
+        Their policy terms are exactly zero, so they enter the pg_loss mean with sum 0 and their
+        share of the denominator, and pg_loss reads the same with skipping on or off (and on
+        backends that never skip). Ratio, KL and entropy figures need logprobs: trained rows only.
+        """
+        return {"actor/pg_loss": (0.0, self.pg_denominator(mb, ctx.cfg))}
+
     def __call__(self, mb: Batch, out: Batch, ctx: LossContext) -> LossOutput:
         pg, metrics = self.policy_part(mb, out, ctx)
         metrics["actor/pg_loss"] = (float(pg.detach()), self.pg_denominator(mb, ctx.cfg))

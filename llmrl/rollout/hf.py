@@ -18,6 +18,23 @@ from llmrl.train.logprobs import sequence_logprobs
 from llmrl.types import Completion
 
 
+def draw_uniform(rows: int, generator: torch.Generator | None) -> torch.Tensor:
+    """Uniforms in (0, 1]: zero is excluded so the CDF search can never land on a token of probability 0."""
+    return 1.0 - torch.rand(rows, generator=generator, dtype=torch.float64)
+
+
+def sample_from(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """Draw one token per row by inverting the CDF with one uniform per row.
+
+    `torch.multinomial` draws an exponential variate per vocabulary entry (49k per row for
+    SmolLM2), which profiled at a fifth of decode time; one uniform and a sorted search is exact
+    categorical sampling for a fraction of that. Rows need not be normalised. Token k is chosen
+    when cdf[k-1] < u * total <= cdf[k], so a zero-probability token (cdf[k-1] == cdf[k]) never is.
+    """
+    cdf = probs.double().cumsum(-1)
+    target = (uniform * cdf[:, -1])[:, None]
+    return torch.searchsorted(cdf, target).squeeze(-1).clamp(max=probs.shape[-1] - 1)
+
 
 def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     """Mask (to -inf) tokens outside top-k and outside the top-p nucleus."""
@@ -111,9 +128,10 @@ class HFRolloutEngine:
                 else:
                     probs = torch.softmax(filter_logits(scaled, sp.top_k, sp.top_p), dim=-1)
                 if isinstance(generator, list):  # each live row from its own stream
-                    chosen = torch.cat([torch.multinomial(probs[j], 1, generator=generator[i]) for j, i in enumerate(rows)])
+                    uniform = torch.cat([draw_uniform(1, generator[i]) for i in rows])
                 else:
-                    chosen = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+                    uniform = draw_uniform(len(rows), generator)
+                chosen = sample_from(probs, uniform)
             chosen_logp = logp_all.gather(-1, chosen[:, None]).squeeze(-1).tolist()
             chosen_ids = chosen.tolist()
             done = torch.isin(chosen, self.eos_ids).tolist()
