@@ -36,7 +36,15 @@ TINY = [
     "train.mini_batch_size=4", "train.steps=2", "logging.progress=false", "logging.tensorboard=false", "eval.benches=[]",
     "checkpoint.every=0",
 ]  # checkpoint.every=0 still saves the last step, which tests/test_e2e.py checks
-QUICKSTART_SMOLLM2 = ["train.steps=2", "eval.at_end=false", "logging.progress=false", "logging.tensorboard=false", "checkpoint.every=0"]
+# The shared prompt forward is off here: on an Intel Xeon (AMX) host its backward gave one of two
+# or three grad norms per process, 1e-7 to 2.5e-5 apart (MKL picks kernels by memory alignment;
+# MKL_CBWR=AVX512,STRICT made the fp32 case repeat), and step 2 samples from the updated weights,
+# so a 1e-6 check of step 2 flipped between runs. The plain forward repeated in 5 of 5 processes.
+# The shared path keeps its own exactness test (tests/test_train_engine.py) and the tiny runs.
+QUICKSTART_SMOLLM2 = [
+    "train.steps=2", "eval.at_end=false", "logging.progress=false", "logging.tensorboard=false", "checkpoint.every=0",
+    "train.shared_prompt_forward=false",
+]
 
 
 def runs() -> dict[str, tuple[str, list[str]]]:

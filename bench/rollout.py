@@ -4,7 +4,7 @@ Every engine gets the same token-id prompts and the same sampling: the built-in 
 prompts (no data files) through the model's chat template, --prompts distinct prompts x --n
 samples each, each prompt repeated n times in a row as the training loop sends a GRPO group
 (default 8 x 8 = 64 sequences), temperature 1, top-p 1, no top-k, --max-new-tokens new tokens
-(EOS still stops a sequence), fp32 weights.
+(EOS still stops a sequence), fp32 weights unless --dtype bfloat16.
 
 Engines (--engines, comma-separated):
   vllm-llmrl          llmrl.rollout.build_rollout_engine with engine="vllm": what training uses.
@@ -17,6 +17,8 @@ Engines (--engines, comma-separated):
                       and its own prompt/Completion conversion inside the timed call.
   hf                  llmrl's transformers engine (llmrl/rollout/hf.py), max_batch_size =
                       --max-num-seqs so all sequences decode as one batch, as in vLLM.
+  hf-sdpa             (optional) the hf engine with transformers' SDPA attention in decode too,
+                      as before llmrl/rollout/decode_attention.py: the before/after of that change.
   vllm-raw-compiled   (optional, not in the default list) raw vLLM with vLLM's own default
                       enforce_eager=False, which on the CPU build compiles the model with
                       torch inductor (vllm/platforms/cpu.py); start-up takes minutes longer.
@@ -71,7 +73,7 @@ import torch
 
 from machine import machine_header, matmul_peak_gflops, matmul_weights
 
-ENGINES = ("vllm-llmrl", "vllm-raw", "hf", "vllm-raw-compiled")
+ENGINES = ("vllm-llmrl", "vllm-raw", "hf", "hf-sdpa", "vllm-raw-compiled")
 DEFAULT_ENGINES = "vllm-llmrl,vllm-raw,hf"
 # How long the parent waits for one reply (start-up or one generate call) before giving up.
 REPLY_TIMEOUT_S = 3600.0
@@ -129,13 +131,13 @@ def _make_generate(name: str, spec: dict[str, Any]) -> Callable[[list[list[int]]
     """Build engine `name`; return prepare(prompts, max_new_tokens, seed) -> run, where run()
     is the call to time and returns the completion lengths. Building the request objects
     outside run() would hide llmrl's share of that work, so run() does it for every engine."""
-    if name == "vllm-llmrl" or name == "hf":
+    if name in ("vllm-llmrl", "hf", "hf-sdpa"):
         from llmrl.models import ModelConfig, load_tokenizer
         from llmrl.rollout.base import RolloutConfig, SamplingParams, build_rollout_engine
 
         cfg = RolloutConfig(
             engine="vllm" if name == "vllm-llmrl" else "hf",
-            dtype="float32",
+            dtype=spec["dtype"],
             temperature=spec["temperature"],
             max_num_seqs=spec["max_num_seqs"],
             max_batch_size=spec["max_num_seqs"],
@@ -143,6 +145,8 @@ def _make_generate(name: str, spec: dict[str, Any]) -> Callable[[list[list[int]]
             vllm_cpu_kvcache_gib=spec["kvcache_gib"],
         )
         engine = build_rollout_engine(cfg, ModelConfig(name=spec["model"]), load_tokenizer(spec["model"]), seed=spec["seed"])
+        if name == "hf-sdpa":
+            engine.model.set_attn_implementation("sdpa")
 
         def prepare_llmrl(prompts: list[list[int]], max_new_tokens: int, seed: int) -> Callable[[], list[int]]:
             # seed: the hf engine draws from a generator seeded per call; vLLM ignores it and
@@ -161,7 +165,7 @@ def _make_generate(name: str, spec: dict[str, Any]) -> Callable[[list[list[int]]
     llm = vllm.LLM(
         model=path,
         tokenizer=path,
-        dtype="float32",
+        dtype=spec["dtype"],
         gpu_memory_utilization=0.5,  # RolloutConfig's default, which llmrl passes
         max_num_seqs=spec["max_num_seqs"],
         max_model_len=spec["max_model_len"],
@@ -310,12 +314,16 @@ def report(results: dict[str, list[dict[str, Any]]], prompt_lengths: list[int], 
         )
         same = [sum(a["lengths"]) == sum(b["lengths"]) for a, b in zip(results["vllm-llmrl"], results["vllm-raw"])]
         print(f"  same seed, same sampler: identical token counts per round: {same}")
-    for other in ("hf", "vllm-raw-compiled"):
+    for other in ("hf", "hf-sdpa", "vllm-raw-compiled"):
         if other in rates and "vllm-raw" in rates:
             print(f"{other} vs raw vllm: {statistics.median(rates[other]) / statistics.median(rates['vllm-raw']):.2f}x")
+    if "hf" in rates and "hf-sdpa" in rates:
+        paired = [a / b for a, b in zip(rates["hf"], rates["hf-sdpa"])]
+        print(f"speedup hf (grouped decode attention) vs hf-sdpa: median {statistics.median(paired):.2f}x  "
+              f"[per round: {' '.join(f'{p:.2f}x' for p in paired)}]")
 
     print(
-        f"\ndecode floor at the fp32 matmul peak {peak:.1f} GFLOP/s: {flops.matmul / 1e6:.1f}M matmul weights "
+        f"\ndecode floor at the matmul peak {peak:.1f} GFLOP/s: {flops.matmul / 1e6:.1f}M matmul weights "
         f"({flops.params / 1e6:.1f}M parameters), 2 FLOPs each per token + {flops.per_key} FLOPs per key attended; prefill not counted"
     )
     for name, rounds in results.items():
@@ -343,6 +351,8 @@ def main() -> None:
     parser.add_argument("--max-num-seqs", type=int, default=64, help="vLLM max_num_seqs and the hf engine's max_batch_size")
     parser.add_argument("--kvcache-gib", type=int, default=2, help="vLLM-CPU KV cache (rollout.vllm_cpu_kvcache_gib)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="weights and activations of every engine; the floor uses the matmul peak of this dtype")
     parser.add_argument("--log-dir", type=Path, default=None, help="worker logs (default: a new temporary directory)")
     parser.add_argument("--worker", choices=ENGINES, help=argparse.SUPPRESS)
     parser.add_argument("--worker-spec", help=argparse.SUPPRESS)
@@ -358,8 +368,8 @@ def main() -> None:
         parser.error(f"unknown engine(s) {unknown}; choose from {', '.join(ENGINES)}")
     print(machine_header())
     # The peak first, while nothing else of ours runs.
-    peak = matmul_peak_gflops(torch.float32)
-    print(f"matmul peak fp32: {peak:.1f} GFLOP/s (2048^2, best of 5)")
+    peak = matmul_peak_gflops(getattr(torch, args.dtype))
+    print(f"matmul peak {args.dtype}: {peak:.1f} GFLOP/s (2048^2, best of 5)")
 
     prompts = build_prompts(args.model, args.prompts, args.n)
     prompt_lengths = [len(p) for p in prompts]
@@ -367,7 +377,7 @@ def main() -> None:
     print(
         f"model {args.model}: {args.prompts} prompts x {args.n} samples = {len(prompts)} sequences, prompt "
         f"{min(prompt_lengths)}-{max(prompt_lengths)} tokens, up to {args.max_new_tokens} new tokens, temperature "
-        f"{args.temperature}, fp32; {args.rounds} rounds; max_model_len {args.max_model_len}, max_num_seqs "
+        f"{args.temperature}, {args.dtype}; {args.rounds} rounds; max_model_len {args.max_model_len}, max_num_seqs "
         f"{args.max_num_seqs}, KV cache {args.kvcache_gib} GiB"
     )
     if max(prompt_lengths) + args.max_new_tokens > args.max_model_len:
@@ -384,7 +394,7 @@ def main() -> None:
     log_dir.mkdir(parents=True, exist_ok=True)
     spec = {
         "model": args.model, "temperature": args.temperature, "max_num_seqs": args.max_num_seqs,
-        "max_model_len": args.max_model_len, "kvcache_gib": args.kvcache_gib, "seed": args.seed,
+        "max_model_len": args.max_model_len, "kvcache_gib": args.kvcache_gib, "seed": args.seed, "dtype": args.dtype,
     }
     workers: dict[str, Worker] = {}
     results: dict[str, list[dict[str, Any]]] = {e: [] for e in engines}

@@ -56,6 +56,8 @@ from machine import machine_header, matmul_peak_gflops  # noqa: E402  (bench/mac
 RECIPE = REPO / "recipes" / "gsm8k_grpo.yaml"
 DATA_ENV = "LLMRL_BENCH_DATA"
 VARIANTS = ("llmrl-hf", "llmrl-hf-skip", "llmrl-vllm", "trl")
+# --reward: what llmrl's reward.functions gets; TRL wraps the same function.
+REWARDS = {"gsm8k": "gsm8k", "closeness": f"{REPO / 'bench' / 'closeness_reward.py'}:closeness"}
 LABELS = {"llmrl-hf": "llmrl hf, skip off", "llmrl-hf-skip": "llmrl hf, skip on", "llmrl-vllm": "llmrl vllm"}
 
 
@@ -122,7 +124,7 @@ def llmrl_overrides(spec: dict[str, Any], run_dir: Path) -> list[str]:
         # rollout logs, none of which TRL does here (TRL: save_strategy=no, report_to=none).
         "eval.every=0", "checkpoint.every=0", "checkpoint.save_optimizer=false", "logging.progress=false",
         "logging.tensorboard=false", "logging.curves=false", "logging.rollouts_every=0", f"seed={spec['seed']}",
-        f"output_dir={run_dir}",
+        f"output_dir={run_dir}", f"reward.functions=[{REWARDS[spec['reward']]}]",
     ]
 
 
@@ -198,10 +200,14 @@ def child_trl(spec: dict[str, Any]) -> dict[str, Any]:
     tasks = load_tasks(spec, tokenizer)
     dataset = Dataset.from_list([{"prompt": t.messages, "answer": t.answer} for t in tasks])
 
+    from closeness_reward import closeness
+
+    score = {"gsm8k": lambda text, task: gsm8k(text, task)["score"], "closeness": closeness}[spec["reward"]]
+
     def gsm8k_reward(prompts: list[Any], completions: list[Any], answer: list[str], **_: Any) -> list[float]:
-        """llmrl's built-in gsm8k check on each completion's text."""
+        """The reward llmrl's run uses (the built-in gsm8k check, or bench/closeness_reward.py) on each completion's text."""
         return [
-            float(gsm8k(c[0]["content"] if isinstance(c, list) else c, Task(task_id="trl", messages=p, answer=a, kind="gsm8k"))["score"])
+            float(score(c[0]["content"] if isinstance(c, list) else c, Task(task_id="trl", messages=p, answer=a, kind="gsm8k")))
             for p, c, a in zip(prompts, completions, answer)
         ]
 
@@ -371,6 +377,9 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--lr", type=float, default=1e-6)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--reward", choices=sorted(REWARDS), default="gsm8k",
+                        help="gsm8k: exact answer (SmolLM2 rarely scores, so the weights may never move); "
+                             "closeness: partial credit by distance from the gold number (bench/closeness_reward.py)")
     parser.add_argument("--precision", default="auto", help="comma list of fp32,bf16; auto = both where bf16 is native, else fp32")
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {', '.join(VARIANTS)}")
     parser.add_argument("--out", help="work directory for run logs (default: a temporary one, removed at the end)")
@@ -407,13 +416,13 @@ def main() -> int:
     params = count_params(model_dir)
     base_spec = {"model": args.model, "data": str(Path(args.data).resolve()), "prompts": args.prompts, "n": args.n,
                  "max_new_tokens": args.max_new_tokens, "micro_batch": args.micro_batch, "steps": args.steps,
-                 "lr": args.lr, "seed": args.seed}
+                 "lr": args.lr, "seed": args.seed, "reward": args.reward}
     tasks = load_tasks(base_spec, load_tokenizer(args.model))
     if len(tasks) < args.prompts * args.steps:
         raise SystemExit(f"vs_trl: {args.data} gave {len(tasks)} GSM8K prompts, the run needs {args.prompts * args.steps}")
     prompt_tokens = [sum(len(t.prompt_ids) for t in tasks[i * args.prompts:(i + 1) * args.prompts]) for i in range(args.steps)]
     print(f"work: {args.model} ({params / 1e6:.1f}M params), {args.prompts} prompts x {args.n} samples, {args.max_new_tokens} new tokens, "
-          f"{args.steps} steps (medians over steps 2..{args.steps}), micro-batch {args.micro_batch}, lr {args.lr:g}, no KL, "
+          f"{args.steps} steps (medians over steps 2..{args.steps}), micro-batch {args.micro_batch}, lr {args.lr:g}, no KL, reward {args.reward}, "
           f"{sum(prompt_tokens) / len(prompt_tokens) / args.prompts:.0f} prompt tokens per prompt")
 
     import torch
