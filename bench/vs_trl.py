@@ -27,6 +27,7 @@ scored alike, so the gradient is exactly zero) cannot be verified (exit 3).
 
     pip install -e '.[bench]'      # trl==1.16.0
     python bench/vs_trl.py --data DIR              # DIR holds gsm8k/train.jsonl; or set LLMRL_BENCH_DATA
+    python bench/vs_trl.py --data DIR --reward closeness   # partial credit (bench/closeness_reward.py): groups differ, weights move
     python bench/vs_trl.py --data DIR --quick      # smoke run: tiny model, 2 steps, every trainer
 """
 from __future__ import annotations

@@ -44,7 +44,10 @@ class ModelConfig(Section):
     )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
     trust_remote_code: bool = Field(False, description="Allow custom model code from the hub.")
-    attn_implementation: str = Field("sdpa", description="transformers attention implementation.")
+    attn_implementation: str = Field(
+        "sdpa",
+        description="transformers attention implementation. With sdpa the hf rollout engine decodes with llmrl_decode: the same maths without copying KV heads (llmrl/rollout/decode_attention.py).",
+    )
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
     lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA adapter options.")
 
