@@ -96,7 +96,8 @@ class ChordLoss:
 
     def skipped_row_metrics(self, mb: Batch, ctx: LossContext) -> Metrics:
         """Skipped rows are on-policy ones (expert rows always train): the RL loss's figures."""
-        metrics = dict(self._rl_loss(ctx.cfg).skipped_row_metrics(mb, ctx))
+        of_skipped = getattr(self._rl_loss(ctx.cfg), "skipped_row_metrics", None)
+        metrics = dict(of_skipped(mb, ctx)) if of_skipped else {}
         if "actor/pg_loss" in metrics:
             metrics["chord/rl_loss"] = metrics["actor/pg_loss"]
         return metrics

@@ -3,11 +3,10 @@
 transformers' SDPA path repeats every key and value head `groups` times before the kernel when
 an attention mask is given (and the engine always gives one: rows are left-padded), so each
 decode step of a grouped-query model copies the whole cache of every layer to 3x its size
-(SmolLM2: 9 query heads over 3 KV heads) and then runs a kernel built for long queries. With a
-single query per row the grouped product needs no copy: view the query heads as
-[kv_heads, groups] and let each KV head serve its group of queries as SDPA's query positions. Prefill (several
-queries per row) keeps transformers' SDPA. Registered as the attention implementation
-`llmrl_decode`; the masks are SDPA's, so both paths see the same masking.
+(SmolLM2: 9 query heads over 3 KV heads). With a single query per row no copy is needed: view
+the query heads as [kv_heads, groups] and let each KV head serve its group of queries as SDPA's
+query positions. Prefill (several queries per row) keeps transformers' SDPA. Registered as the
+attention implementation `llmrl_decode`; the masks are SDPA's, so both paths mask alike.
 """
 from __future__ import annotations
 
