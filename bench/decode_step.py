@@ -27,12 +27,13 @@ from machine import machine_header, native_bf16  # noqa: E402  (bench/machine.py
 
 from llmrl.models import ModelConfig, load_causal_lm  # noqa: E402
 from llmrl.rollout.decode_attention import NAME as GROUPED  # noqa: E402
+from llmrl.rollout.kv_cache import PreallocatedCache  # noqa: E402
 
 IMPLEMENTATIONS = ("sdpa", GROUPED, "eager")
 
 
 @torch.no_grad()
-def time_decode(model: torch.nn.Module, batch: int, context: int, pad: int, steps: int) -> float:
+def time_decode(model: torch.nn.Module, batch: int, context: int, pad: int, steps: int, cache_kind: str = "dynamic") -> float:
     """Seconds per decode step after a prefill, with the engine's masks and positions."""
     from transformers import DynamicCache
 
@@ -43,7 +44,7 @@ def time_decode(model: torch.nn.Module, batch: int, context: int, pad: int, step
     for row in range(batch):
         attention[row, : row % (pad + 1)] = 0  # left padding of 0..pad slots
     positions = (attention.cumsum(-1) - 1).clamp(min=0)
-    cache = DynamicCache()
+    cache = DynamicCache() if cache_kind == "dynamic" else PreallocatedCache(room=steps)
     model(input_ids=ids, attention_mask=attention, position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=1)
     next_pos = positions[:, -1] + 1
     token = torch.randint(0, vocab, (batch, 1), generator=g)
@@ -65,9 +66,12 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--dtypes", default="auto", help="comma list of float32,bfloat16; auto = both where bf16 is native")
     parser.add_argument("--implementations", default=",".join(IMPLEMENTATIONS))
+    parser.add_argument("--caches", default="dynamic",
+                        help="comma list of dynamic (transformers' DynamicCache, torch.cat per token), preallocated "
+                             "(llmrl/rollout/kv_cache.py); every implementation runs with each")
     args = parser.parse_args()
     dtypes = (["float32", "bfloat16"] if native_bf16() else ["float32"]) if args.dtypes == "auto" else args.dtypes.split(",")
-    names = args.implementations.split(",")
+    names = [f"{impl}+{cache}" if cache != "dynamic" else impl for impl in args.implementations.split(",") for cache in args.caches.split(",")]
     print(machine_header())
     print(f"model {args.model}: batch {args.batch}, context {args.context} (+{args.steps} decoded), left padding 0..{args.pad}, "
           f"{args.steps} decode steps per round, {args.rounds} rounds, implementations alternating")
@@ -76,19 +80,23 @@ def main() -> int:
         times: dict[str, list[float]] = {name: [] for name in names}
         for _ in range(args.rounds):
             for name in names:
-                model.set_attn_implementation(name)
-                times[name].append(time_decode(model, args.batch, args.context, args.pad, args.steps))
+                impl, _, cache = name.partition("+")
+                model.set_attn_implementation(impl)
+                times[name].append(time_decode(model, args.batch, args.context, args.pad, args.steps, cache or "dynamic"))
         print(f"\n{dtype}: ms per decode step ({args.batch} rows)")
         for name in names:
             ms = [1000 * t for t in times[name]]
             median = statistics.median(ms)
             spread = (max(ms) - min(ms)) / 2 / median
-            print(f"  {name:<14} rounds [{' '.join(f'{x:7.1f}' for x in ms)} ]  median {median:7.1f} ms (+-{100 * spread:.1f}%)  "
+            print(f"  {name:<26} rounds [{' '.join(f'{x:7.1f}' for x in ms)} ]  median {median:7.1f} ms (+-{100 * spread:.1f}%)  "
                   f"{args.batch / median * 1000:7.1f} tok/s")
         base = statistics.median(times["sdpa"]) if "sdpa" in times else None
         for name in names:
             if base and name != "sdpa":
                 print(f"  speedup {name} vs sdpa ({dtype}): {base / statistics.median(times[name]):.2f}x")
+            impl, _, cache = name.partition("+")
+            if cache and impl in times:
+                print(f"  speedup {name} vs {impl} with DynamicCache ({dtype}): {statistics.median(times[impl]) / statistics.median(times[name]):.2f}x")
     return 0
 
 

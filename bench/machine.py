@@ -129,6 +129,27 @@ def matmul_weights(model: torch.nn.Module) -> int:
     return sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
 
 
+def linear_shapes_gflops(model: torch.nn.Module, rows: int, dtype: torch.dtype, repeats: int = 5) -> float:
+    """GFLOP/s of one decode step's matmuls for `rows` sequences at once: every nn.Linear of
+    `model` (a meta-device model is enough; only shapes are read) as `rows` x in_features
+    against its own weight, each with weights of its own as in the model, so each pass streams
+    them from memory as a decode step does. Best of `repeats` passes. A decode step is these
+    skinny products, which reach less of the hardware than the square peak: this is the ceiling
+    a decode at this batch could reach if nothing but its matmuls took time."""
+    shapes = [(m.out_features, m.in_features) for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    weights = [torch.randn(out_features, in_features).to(dtype) for out_features, in_features in shapes]
+    inputs = {in_features: torch.randn(rows, in_features).to(dtype) for _, in_features in shapes}
+    flops = sum(2.0 * rows * out_features * in_features for out_features, in_features in shapes)
+    best = float("inf")
+    for index in range(repeats + 1):  # the first pass allocates and picks kernels: untimed
+        start = time.perf_counter()
+        for w in weights:
+            torch.nn.functional.linear(inputs[w.shape[1]], w)
+        if index:
+            best = min(best, time.perf_counter() - start)
+    return flops / best / 1e9
+
+
 def native_bf16() -> bool:
     """Whether bf16 matmuls are native here (the test llmrl's precision=auto uses)."""
     flags = cpu_flags()

@@ -4,7 +4,7 @@ Every engine gets the same token-id prompts and the same sampling: the built-in 
 prompts (no data files) through the model's chat template, --prompts distinct prompts x --n
 samples each, each prompt repeated n times in a row as the training loop sends a GRPO group
 (default 8 x 8 = 64 sequences), temperature 1, top-p 1, no top-k, --max-new-tokens new tokens
-(EOS still stops a sequence), fp32 weights unless --dtype bfloat16.
+(EOS still stops a sequence unless --ignore-eos), fp32 weights unless --dtype bfloat16.
 
 Engines (--engines, comma-separated):
   vllm-llmrl          llmrl.rollout.build_rollout_engine with engine="vllm": what training uses.
@@ -22,6 +22,8 @@ Engines (--engines, comma-separated):
   vllm-raw-compiled   (optional, not in the default list) raw vLLM with vLLM's own default
                       enforce_eager=False, which on the CPU build compiles the model with
                       torch inductor (vllm/platforms/cpu.py); start-up takes minutes longer.
+  vllm-raw-settings   (optional) raw vLLM with llmrl's two logprob settings (logprobs_mode=
+                      "processed_logprobs", max_logprobs=-1) and nothing else of llmrl's.
 
 Fairness choices:
 - One worker process per engine, started one after another and kept alive for all rounds:
@@ -48,7 +50,15 @@ Decode floor: each generated token needs one forward position, 2 FLOPs per matmu
 tied lm_head counted as a matmul: sharing the embedding saves memory, not the multiply) plus
 attention, 4 x layers x heads x head_dim FLOPs per key attended (QK^T and AV). Divided into the
 fp32 matmul peak measured here, that gives the most tokens/s any engine could reach; prompt
-prefill is left out, so the floor is generous. Each engine's % of floor is reported.
+prefill is left out, so the floor is generous. Each engine's % of floor is reported, and also
+its % of a decode-shaped floor: the same FLOPs at the throughput this machine's matmul reaches on
+the model's own linear shapes with one row per sequence (64 x 576 against 576 x 1536, ...), which
+is lower than the square peak and is what a decode at this batch could reach at best.
+
+With --ignore-eos every sequence decodes --max-new-tokens tokens, so every engine does the same
+work in every round and the comparison does not depend on how long its samples came out. For
+vllm-llmrl the worker also times vLLM's own LLM.generate inside llmrl's call: the difference is
+what llmrl's code adds, read off the same call rather than across rounds.
 
     .venv/bin/python bench/rollout.py                                   # the real run
     .venv/bin/python bench/rollout.py --model tiny --engines hf --prompts 2 --n 2 --max-new-tokens 8 --rounds 2
@@ -71,9 +81,9 @@ from typing import Any, Callable
 
 import torch
 
-from machine import machine_header, matmul_peak_gflops, matmul_weights
+from machine import linear_shapes_gflops, machine_header, matmul_peak_gflops, matmul_weights
 
-ENGINES = ("vllm-llmrl", "vllm-raw", "hf", "hf-sdpa", "vllm-raw-compiled")
+ENGINES = ("vllm-llmrl", "vllm-raw", "hf", "hf-sdpa", "vllm-raw-compiled", "vllm-raw-settings")
 DEFAULT_ENGINES = "vllm-llmrl,vllm-raw,hf"
 # How long the parent waits for one reply (start-up or one generate call) before giving up.
 REPLY_TIMEOUT_S = 3600.0
@@ -107,6 +117,7 @@ class DecodeFlops:
         config = AutoConfig.from_pretrained(resolve_model_path(model))
         with torch.device("meta"):
             meta = AutoModelForCausalLM.from_config(config)
+        self.meta = meta
         self.params = sum(p.numel() for p in meta.parameters())  # shared tensors counted once
         self.matmul = matmul_weights(meta)
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -130,7 +141,8 @@ class DecodeFlops:
 def _make_generate(name: str, spec: dict[str, Any]) -> Callable[[list[list[int]], int, int], Callable[[], list[int]]]:
     """Build engine `name`; return prepare(prompts, max_new_tokens, seed) -> run, where run()
     is the call to time and returns the completion lengths. Building the request objects
-    outside run() would hide llmrl's share of that work, so run() does it for every engine."""
+    outside run() would hide llmrl's share of that work, so run() does it for every engine.
+    For vllm-llmrl, INNER_SECONDS collects the time spent inside vLLM's own LLM.generate."""
     if name in ("vllm-llmrl", "hf", "hf-sdpa"):
         from llmrl.models import ModelConfig, load_tokenizer
         from llmrl.rollout.base import RolloutConfig, SamplingParams, build_rollout_engine
@@ -147,11 +159,13 @@ def _make_generate(name: str, spec: dict[str, Any]) -> Callable[[list[list[int]]
         engine = build_rollout_engine(cfg, ModelConfig(name=spec["model"]), load_tokenizer(spec["model"]), seed=spec["seed"])
         if name == "hf-sdpa":
             engine.model.set_attn_implementation("sdpa")
+        if name == "vllm-llmrl":
+            _time_inner_generate(engine.llm)
 
         def prepare_llmrl(prompts: list[list[int]], max_new_tokens: int, seed: int) -> Callable[[], list[int]]:
             # seed: the hf engine draws from a generator seeded per call; vLLM ignores it and
             # continues the engine-wide generator seeded at start-up (see vllm_engine.py).
-            sampling = SamplingParams(temperature=spec["temperature"], max_new_tokens=max_new_tokens, seed=seed)
+            sampling = SamplingParams(temperature=spec["temperature"], max_new_tokens=max_new_tokens, seed=seed, ignore_eos=spec["ignore_eos"])
             return lambda: [len(c.token_ids) for c in engine.generate(prompts, sampling)]
 
         return prepare_llmrl
@@ -171,10 +185,15 @@ def _make_generate(name: str, spec: dict[str, Any]) -> Callable[[list[list[int]]
         max_model_len=spec["max_model_len"],
         seed=spec["seed"],
         **({} if name == "vllm-raw-compiled" else {"enforce_eager": True}),
+        # llmrl's logprob settings on an otherwise raw engine: splits llmrl's overhead into what
+        # these settings cost inside vLLM and what llmrl's own code adds around the call.
+        **({"logprobs_mode": "processed_logprobs", "max_logprobs": -1} if name == "vllm-raw-settings" else {}),
     )
 
     def prepare_raw(prompts: list[list[int]], max_new_tokens: int, seed: int) -> Callable[[], list[int]]:
-        params = vllm.SamplingParams(temperature=spec["temperature"], top_p=1.0, top_k=0, max_tokens=max_new_tokens, logprobs=0)
+        params = vllm.SamplingParams(
+            temperature=spec["temperature"], top_p=1.0, top_k=0, max_tokens=max_new_tokens, logprobs=0, ignore_eos=spec["ignore_eos"]
+        )
 
         def run() -> list[int]:
             outputs = llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params, use_tqdm=False)
@@ -183,6 +202,24 @@ def _make_generate(name: str, spec: dict[str, Any]) -> Callable[[list[list[int]]
         return run
 
     return prepare_raw
+
+
+INNER_SECONDS: list[float] = []
+
+
+def _time_inner_generate(llm: Any) -> None:
+    """Time every call of this LLM's generate, so llmrl's own work around it (request and
+    output conversion) can be read off the same call: fixed work, no run-to-run noise."""
+    inner = llm.generate
+
+    def timed(*args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return inner(*args, **kwargs)
+        finally:
+            INNER_SECONDS.append(time.perf_counter() - start)
+
+    llm.generate = timed
 
 
 def worker_main(name: str, spec: dict[str, Any], reply_fd: int) -> None:
@@ -199,10 +236,14 @@ def worker_main(name: str, spec: dict[str, Any], reply_fd: int) -> None:
         if request.get("quit"):
             break
         run = prepare(request["prompts"], request["max_new_tokens"], request["seed"])
+        INNER_SECONDS.clear()
         start = time.perf_counter()
         lengths = run()
         seconds = time.perf_counter() - start
-        replies.write(json.dumps({"seconds": seconds, "lengths": lengths}) + "\n")
+        reply = {"seconds": seconds, "lengths": lengths}
+        if INNER_SECONDS:
+            reply["inner_seconds"] = sum(INNER_SECONDS)
+        replies.write(json.dumps(reply) + "\n")
 
 
 class Worker:
@@ -282,7 +323,7 @@ def _spread(values: list[float]) -> float:
     return (max(values) - min(values)) / 2 / median if median else 0.0
 
 
-def report(results: dict[str, list[dict[str, Any]]], prompt_lengths: list[int], flops: DecodeFlops, peak: float) -> None:
+def report(results: dict[str, list[dict[str, Any]]], prompt_lengths: list[int], flops: DecodeFlops, peak: float, skinny: float) -> None:
     print("\nthroughput (generated tokens / s of the generate call)")
     rates: dict[str, list[float]] = {}
     for name, rounds in results.items():
@@ -314,9 +355,31 @@ def report(results: dict[str, list[dict[str, Any]]], prompt_lengths: list[int], 
         )
         same = [sum(a["lengths"]) == sum(b["lengths"]) for a, b in zip(results["vllm-llmrl"], results["vllm-raw"])]
         print(f"  same seed, same sampler: identical token counts per round: {same}")
-    for other in ("hf", "hf-sdpa", "vllm-raw-compiled"):
+    wrapped = [r for r in results.get("vllm-llmrl", []) if "inner_seconds" in r]
+    if wrapped:
+        # The same call, timed outside and inside vLLM's LLM.generate: what llmrl's code adds at
+        # fixed work. What differs between the two engines' vLLM settings is in the paired line above.
+        added = [r["seconds"] - r["inner_seconds"] for r in wrapped]
+        shares = [a / r["inner_seconds"] for a, r in zip(added, wrapped)]
+        print(
+            f"llmrl's code around LLM.generate (same call, fixed work): median {100 * statistics.median(shares):.2f}% of the "
+            f"vLLM call [per round: {' '.join(f'{1000 * a:.1f} ms' for a in added)}]"
+        )
+    for other in ("hf", "hf-sdpa", "vllm-raw-compiled", "vllm-raw-settings"):
         if other in rates and "vllm-raw" in rates:
-            print(f"{other} vs raw vllm: {statistics.median(rates[other]) / statistics.median(rates['vllm-raw']):.2f}x")
+            paired = [a / b for a, b in zip(rates[other], rates["vllm-raw"])]
+            noise = max(_spread(rates[other]), _spread(rates["vllm-raw"]))
+            ratio = statistics.median(rates[other]) / statistics.median(rates["vllm-raw"])
+            if len(paired) < 2:
+                verdict = "one round: no spread to judge by"
+            elif min(paired) > 1 or max(paired) < 1:
+                verdict = f"{'faster' if ratio > 1 else 'slower'} in every round"
+            else:
+                verdict = "within noise" if abs(ratio - 1) <= noise else "faster" if ratio > 1 else "slower"
+            print(
+                f"{other} vs raw vllm: {ratio:.2f}x (medians; spread +-{100 * noise:.1f}%): {verdict}  "
+                f"[per round: {' '.join(f'{p:.2f}x' for p in paired)}]"
+            )
     if "hf" in rates and "hf-sdpa" in rates:
         paired = [a / b for a, b in zip(rates["hf"], rates["hf-sdpa"])]
         print(f"speedup hf (grouped decode attention) vs hf-sdpa: median {statistics.median(paired):.2f}x  "
@@ -332,7 +395,14 @@ def report(results: dict[str, list[dict[str, Any]]], prompt_lengths: list[int], 
         per_token = total / tokens
         floor = peak * 1e9 / per_token
         median = statistics.median(rates[name])
-        print(f"  {name:<18} {per_token / 1e6:7.1f} MFLOP/token  floor {floor:8.1f} tok/s  measured {median:8.1f} tok/s = {100 * median / floor:5.1f}% of floor")
+        print(
+            f"  {name:<18} {per_token / 1e6:7.1f} MFLOP/token  floor {floor:8.1f} tok/s  measured {median:8.1f} tok/s = "
+            f"{100 * median / floor:5.1f}% of floor; {100 * median / (floor * skinny / peak):5.1f}% of the decode-shaped floor"
+        )
+    print(
+        f"  (decode-shaped floor: the same FLOPs at {skinny:.1f} GFLOP/s, what this machine's matmul reaches on the model's own "
+        f"linear shapes at batch {len(prompt_lengths)} = {100 * skinny / peak:.0f}% of the square peak)"
+    )
 
 
 # ---------------------------------------------------------------------------- main
@@ -353,6 +423,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                         help="weights and activations of every engine; the floor uses the matmul peak of this dtype")
+    parser.add_argument("--ignore-eos", action="store_true",
+                        help="decode past EOS: every sequence runs --max-new-tokens, so every engine does the same work")
     parser.add_argument("--log-dir", type=Path, default=None, help="worker logs (default: a new temporary directory)")
     parser.add_argument("--worker", choices=ENGINES, help=argparse.SUPPRESS)
     parser.add_argument("--worker-spec", help=argparse.SUPPRESS)
@@ -374,10 +446,12 @@ def main() -> None:
     prompts = build_prompts(args.model, args.prompts, args.n)
     prompt_lengths = [len(p) for p in prompts]
     flops = DecodeFlops(args.model)
+    skinny = linear_shapes_gflops(flops.meta, len(prompts), getattr(torch, args.dtype))
+    print(f"matmul on the model's linear shapes at batch {len(prompts)}, {args.dtype}: {skinny:.1f} GFLOP/s")
     print(
         f"model {args.model}: {args.prompts} prompts x {args.n} samples = {len(prompts)} sequences, prompt "
         f"{min(prompt_lengths)}-{max(prompt_lengths)} tokens, up to {args.max_new_tokens} new tokens, temperature "
-        f"{args.temperature}, {args.dtype}; {args.rounds} rounds; max_model_len {args.max_model_len}, max_num_seqs "
+        f"{args.temperature}, {args.dtype}{', EOS ignored' if args.ignore_eos else ''}; {args.rounds} rounds; max_model_len {args.max_model_len}, max_num_seqs "
         f"{args.max_num_seqs}, KV cache {args.kvcache_gib} GiB"
     )
     if max(prompt_lengths) + args.max_new_tokens > args.max_model_len:
@@ -395,6 +469,7 @@ def main() -> None:
     spec = {
         "model": args.model, "temperature": args.temperature, "max_num_seqs": args.max_num_seqs,
         "max_model_len": args.max_model_len, "kvcache_gib": args.kvcache_gib, "seed": args.seed, "dtype": args.dtype,
+        "ignore_eos": args.ignore_eos,
     }
     workers: dict[str, Worker] = {}
     results: dict[str, list[dict[str, Any]]] = {e: [] for e in engines}
@@ -433,7 +508,7 @@ def main() -> None:
         for worker in workers.values():
             worker.close()
 
-    report(results, prompt_lengths, flops, peak)
+    report(results, prompt_lengths, flops, peak, skinny)
 
 
 if __name__ == "__main__":

@@ -57,8 +57,11 @@ def test_finish_reasons_length_eos_and_stop_string(engine, tokenizer):
     engine.eos_ids = torch.tensor([base.token_ids[1]])
     try:
         stopped = engine.generate([p], greedy)[0]
+        past_eos = engine.generate([p], SamplingParams(temperature=0.0, max_new_tokens=6, ignore_eos=True))[0]
     finally:
         engine.eos_ids = saved
+    # ignore_eos decodes through the EOS: the full budget, the same greedy tokens.
+    assert past_eos.finish_reason == "length" and past_eos.token_ids == base.token_ids
     assert stopped.finish_reason == "stop"
     assert stopped.token_ids == base.token_ids[: base.token_ids.index(base.token_ids[1]) + 1]
     text = tokenizer.decode(base.token_ids[:3])

@@ -198,3 +198,18 @@ def test_multi_turn_episode_batch_on_the_vllm_engine(engine, tokenizer):
     cut = engine.generate([prompt], SamplingParams(temperature=0.0, max_new_tokens=24, stop=[stop], seed=0))[0]
     assert cut.finish_reason == "stop" and stop in tokenizer.decode(cut.token_ids)
     assert cut.token_ids == free.token_ids[: len(cut.token_ids)] and len(cut.token_ids) <= middle + 1
+
+
+def test_ignore_eos_decodes_the_whole_budget(engine, tokenizer):
+    # Fixed work for throughput benchmarks: the same greedy tokens, then on past the EOS. The
+    # engine first gets the shipped weights back (earlier tests perturbed them, and the perturbed
+    # model rambles on without ever sampling EOS).
+    trainer = TorchTrainEngine(load_policy(ModelConfig(name=MODEL)), TrainConfig(precision="fp32"), total_updates=1)
+    InProcessWeightSync(trainer, [engine]).sync(step=0)
+    ps = prompts(tokenizer, ["What is 2 + 2? Answer with the number only.", "Name a colour.", "Say yes.", "What is 7 - 3?"])
+    free = engine.generate(ps, SamplingParams(temperature=0.0, max_new_tokens=48))
+    assert any(c.finish_reason == "stop" for c in free), "some greedy answer ends within the budget"
+    full = engine.generate(ps, SamplingParams(temperature=0.0, max_new_tokens=48, ignore_eos=True))
+    for before, after in zip(free, full):
+        assert after.finish_reason == "length" and len(after.token_ids) == len(after.logprobs) == 48
+        assert after.token_ids[: len(before.token_ids)] == before.token_ids

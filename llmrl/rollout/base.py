@@ -77,6 +77,9 @@ class SamplingParams:
     # which rows share the batch (evaluation resumed half-way draws what an uninterrupted run drew).
     # Engines that cannot seed a request (vllm, see vllm_engine.py) use `seed` alone.
     row_seeds: list[int] | None = None
+    # Decode past EOS so every row runs max_new_tokens (stop strings still apply): fixed work,
+    # for comparing engines' throughput without their samples' lengths in the way.
+    ignore_eos: bool = False
 
     @property
     def greedy(self) -> bool:

@@ -9,12 +9,12 @@ from __future__ import annotations
 from typing import Any, Iterable
 
 import torch
-from transformers import DynamicCache
 
 from llmrl.models import ModelConfig, load_causal_lm
 from llmrl.precision import resolve_dtype
 from llmrl.rollout.base import RolloutConfig, SamplingParams, register_rollout_engine
 from llmrl.rollout.decode_attention import NAME as DECODE_ATTENTION
+from llmrl.rollout.kv_cache import PreallocatedCache
 from llmrl.train.logprobs import sequence_logprobs
 from llmrl.types import Completion
 
@@ -106,7 +106,7 @@ class HFRolloutEngine:
             input_ids[i, width - len(p) :] = torch.tensor(p)
             attention[i, width - len(p) :] = 1
         positions = (attention.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache()
+        cache = PreallocatedCache(room=sp.max_new_tokens)  # no torch.cat of the whole cache per token
         logits = self.model(
             input_ids=input_ids, attention_mask=attention, position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=1
         ).logits[:, -1]
@@ -125,7 +125,7 @@ class HFRolloutEngine:
                 logp_all = torch.log_softmax(logits, dim=-1)
                 chosen = logp_all.argmax(-1)
             else:
-                scaled = logits / sp.temperature
+                scaled = logits if sp.temperature == 1.0 else logits / sp.temperature  # x / 1 == x: one vocab pass fewer
                 logp_all = torch.log_softmax(scaled, dim=-1)
                 if sp.top_k == 0 and sp.top_p >= 1.0:
                     probs = logp_all.exp()  # unfiltered: reuse the log-softmax, one vocab pass fewer
@@ -138,7 +138,7 @@ class HFRolloutEngine:
                 chosen = sample_from(probs, uniform)
             chosen_logp = logp_all.gather(-1, chosen[:, None]).squeeze(-1).tolist()
             chosen_ids = chosen.tolist()
-            done = torch.isin(chosen, self.eos_ids).tolist()
+            done = [False] * len(rows) if sp.ignore_eos else torch.isin(chosen, self.eos_ids).tolist()
             for j, i in enumerate(rows):
                 tokens[i].append(chosen_ids[j])
                 logps[i].append(chosen_logp[j])

@@ -121,6 +121,7 @@ class VLLMRolloutEngine:
             max_tokens=sampling.max_new_tokens,
             stop=list(sampling.stop) or None,
             logprobs=0,
+            ignore_eos=sampling.ignore_eos,
         )
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompt_ids], params, use_tqdm=False)
         completions = []
