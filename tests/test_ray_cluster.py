@@ -171,6 +171,40 @@ def test_a_stuck_rollout_engine_ends_the_run_with_its_name_not_a_hang(tmp_path, 
     assert time.monotonic() - started < 150  # start-up (under a minute in CI) plus 5 s, never the 300 s stall
 
 
+def test_a_failure_caused_by_a_peer_dying_names_the_dead_peer(local_ray):
+    """Rank 0 fails at once (as a gloo collective does when its peer's socket closes) while Ray
+    reports rank 1's death a moment later: the error names the death, not the symptom. With no
+    death behind it, the failure itself is reported after the grace period, not the deadline."""
+    import os
+    import time
+
+    from llmrl.distributed.ray_calls import DEATH_GRACE_S, ActorHandle, ClusterError, gather
+
+    @local_ray.remote(num_cpus=0.1)
+    class Worker:
+        def fail(self) -> None:
+            raise RuntimeError("Connection closed by peer")
+
+        def exit_after(self, seconds: float) -> None:
+            time.sleep(seconds)
+            os._exit(1)
+
+        def sleep(self, seconds: float) -> None:
+            time.sleep(seconds)
+
+    ranks = [ActorHandle(Worker.remote(), f"train rank {k}", host="here") for k in range(2)]
+    local_ray.get([r.actor.sleep.remote(0) for r in ranks])  # both started before the clock runs
+    with pytest.raises(ClusterError, match=r"train rank 1 on here died during exit_after") as caught:
+        gather([(ranks[0], "fail", (), {}), (ranks[1], "exit_after", (1.0,), {})], timeout=60)
+    assert caught.value.kind == "died" and caught.value.handle is ranks[1]
+
+    started = time.monotonic()
+    with pytest.raises(ClusterError, match=r"train rank 0 on here failed in fail: RuntimeError: Connection closed") as caught:
+        gather([(ranks[0], "fail", (), {}), (ranks[0], "sleep", (30.0,), {})], timeout=60)
+    assert caught.value.kind == "failed"
+    assert DEATH_GRACE_S <= time.monotonic() - started < DEATH_GRACE_S + 10
+
+
 @pytest.mark.slow
 def test_a_dead_train_rank_ends_the_run_naming_it_and_resume_continues(tmp_path, local_ray, monkeypatch):
     import json

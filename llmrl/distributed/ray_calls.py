@@ -50,16 +50,53 @@ def gather(calls: list[tuple[ActorHandle, str, tuple, dict]], timeout: float) ->
         if not ready:
             handle, method = owner[pending[0]]
             raise ClusterError(f"{handle.role} on {handle.host}: {method} did not answer within {timeout:g} s", "timeout", handle)
-        handle, method = owner[ready[0]]
-        try:
-            results[ready[0]] = ray.get(ready[0])
-        except ray.exceptions.RayActorError as err:
-            raise ClusterError(f"{handle.role} on {handle.host} died during {method}: {_root_cause(err)}", "died", handle) from None
-        except ray.exceptions.RayTaskError as err:
-            raise ClusterError(f"{handle.role} on {handle.host} failed in {method}: {_root_cause(err)}", "failed", handle) from None
-        except ray.exceptions.RayError as err:  # killed for memory, node lost, object lost...
-            raise ClusterError(f"{handle.role} on {handle.host}: {method} failed: {type(err).__name__}: {_root_cause(err)}", "died", handle) from None
+        error = _outcome(ready[0], owner, results)
+        if error is not None:
+            if error.kind == "failed":
+                error = _death_behind(error, pending, owner, min(DEATH_GRACE_S, max(0.0, deadline - time.monotonic())))
+            raise error
     return [results[ref] for ref in refs]
+
+
+# A rank whose peer dies mid-collective fails at once ("connection closed by peer") while Ray may
+# take a moment more to report the death itself; the death is the cause a user needs named.
+DEATH_GRACE_S = 5.0
+
+
+def _outcome(ref: Any, owner: dict, results: dict) -> "ClusterError | None":
+    """Store a finished call's result, or return the ClusterError that names why it failed."""
+    import ray
+
+    handle, method = owner[ref]
+    try:
+        results[ref] = ray.get(ref)
+        return None
+    except ray.exceptions.RayActorError as err:
+        return ClusterError(f"{handle.role} on {handle.host} died during {method}: {_root_cause(err)}", "died", handle)
+    except ray.exceptions.RayTaskError as err:
+        return ClusterError(f"{handle.role} on {handle.host} failed in {method}: {_root_cause(err)}", "failed", handle)
+    except ray.exceptions.RayError as err:  # killed for memory, node lost, object lost...
+        return ClusterError(f"{handle.role} on {handle.host}: {method} failed: {type(err).__name__}: {_root_cause(err)}", "died", handle)
+
+
+def _death_behind(failure: ClusterError, pending: list, owner: dict, grace: float) -> ClusterError:
+    """The error to report for `failure`: a death among the still-pending calls within `grace`
+    seconds if there is one (a failure is often a peer's death seen through a collective),
+    otherwise `failure` itself."""
+    import time
+
+    import ray
+
+    until = time.monotonic() + grace
+    pending = list(pending)
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, until - time.monotonic()))
+        if not ready:
+            break
+        error = _outcome(ready[0], owner, {})
+        if error is not None and error.kind == "died":
+            return error
+    return failure
 
 
 def _root_cause(err: Exception) -> str:
