@@ -44,6 +44,22 @@ def _cpuinfo() -> tuple[str, set[str]]:
     return model, flags
 
 
+def kernel_host() -> str:
+    """What decides the last bits of a float result here: the CPU vendor (MKL and oneDNN pick
+    their kernels by it) and the precision flags. Runs on hosts of one kind repeat to the bit;
+    across kinds they differ in the last bits, and sampled tokens then drift apart."""
+    vendor = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "vendor_id":
+                vendor = value.strip()
+                break
+    except OSError:
+        vendor = platform.processor() or "unknown"
+    return " ".join([vendor] + [flag for flag, present in cpu_flags().items() if present])
+
+
 def cpu_flags() -> dict[str, bool]:
     """Each of CPU_FLAGS -> whether this CPU has it."""
     _, flags = _cpuinfo()
