@@ -136,9 +136,11 @@ def test_broadcast_sync_gathers_two_zero3_ranks_weights_into_an_engine_actor(loc
         logp = trainer.forward(batch, {"logprobs"})["logprobs"]  # data-parallel: 2 rows per rank
         want = torch.cat([logp[i, len(p) : len(p) + len(c)] for i, (p, c) in enumerate(zip(prompts, conts))])
 
-        before = torch.cat([torch.tensor(r) for r in rollout.score(prompts, conts)])
+        # The trainer's logprobs are of logits / the recipe's sampling temperature; score alike.
+        temperature = recipe.rollout.temperature
+        before = torch.cat([torch.tensor(r) for r in rollout.score(prompts, conts, temperature=temperature)])
         stats = sync.sync(step=1)
-        after = torch.cat([torch.tensor(r) for r in rollout.score(prompts, conts)])
+        after = torch.cat([torch.tensor(r) for r in rollout.score(prompts, conts, temperature=temperature)])
         gap_before, gap_after = (before - want).abs().mean(), (after - want).abs().mean()
         assert gap_after <= 1e-4, gap_after
         assert gap_before >= 10 * 1e-4, gap_before
