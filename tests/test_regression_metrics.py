@@ -9,9 +9,10 @@ from test_e2e import regression_check
 @pytest.mark.slow
 def test_quickstart_on_smollm2_matches_the_recorded_metrics(tmp_path):
     regression = regression_check()
-    if regression.baseline() is None:
+    recorded = regression.baseline()
+    if recorded is None:
         pytest.skip(regression.no_baseline_message())
     path, overrides = regression.runs()["smollm2/quickstart"]
     got = regression.run_metrics(path, overrides, tmp_path)
-    problems, _ = regression.compare("smollm2/quickstart", regression.baseline()["smollm2/quickstart"], got)
+    problems, _ = regression.compare("smollm2/quickstart", recorded["smollm2/quickstart"], got)
     assert not problems, "\n".join(problems)
