@@ -114,3 +114,20 @@ def test_loop_on_deepspeed_with_a_critic_resumes_exactly(tmp_path):
     for key in ("reward/mean", "actor/loss", "actor/grad_norm", "critic/vf_loss", "critic/grad_norm"):
         assert resumed[2][key] == pytest.approx(straight[2][key], rel=1e-5, abs=1e-7), key
     assert straight[0]["actor/grad_norm"] > 0 and straight[0]["critic/grad_norm"] > 0
+
+
+def test_a_lone_process_group_leaves_no_rank_for_child_processes_to_inherit():
+    """A process that trained on DeepSpeed alone (a notebook, a test) and then starts `llmrl
+    train` must not hand it RANK/MASTER_PORT: the child would try to host the group's store on
+    the port this process still holds, and fail."""
+    script = (
+        "import os, subprocess, sys\n"
+        "from llmrl.train.deepspeed_engine import init_process_group\n"
+        "init_process_group()\n"
+        "import torch.distributed as dist\n"
+        "assert dist.get_world_size() == 1 and 'RANK' not in os.environ and 'MASTER_PORT' not in os.environ, dict(os.environ)\n"
+        "child = 'from llmrl.train.deepspeed_engine import init_process_group; init_process_group(); print(\"child joined\")'\n"
+        "sys.exit(subprocess.run([sys.executable, '-c', child], timeout=300).returncode)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and "child joined" in done.stdout, done.stderr[-3000:]

@@ -201,7 +201,8 @@ def test_inprocess_weight_sync_moves_every_weight_and_reports_bytes(tiny_path, t
     sync = build_weight_sync("inprocess", trainer, [engine], bucket_bytes=1 << 20)
     sync.setup()
     stats = sync.sync(step=1)
-    expected_bytes = sum(t.numel() * t.element_size() for t in policy.state_dict().values())
+    # every distinct tensor once: parameters() lists the tied lm_head once, as the embedding
+    expected_bytes = sum(p.numel() * p.element_size() for p in policy.parameters())
     assert stats.bytes == expected_bytes and stats.seconds > 0
     synced = dict(engine.model.named_parameters())
     for name, p in policy.named_parameters():

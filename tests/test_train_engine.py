@@ -283,3 +283,17 @@ def test_shared_prompt_forward_needs_a_shared_prompt():
     batch = grouped_batch()
     assert plan_shared_prefix(select_rows(batch, [0, 3])) is None  # two different prompts
     assert plan_shared_prefix(select_rows(batch, [0, 1])) is not None
+
+
+def test_named_weights_lists_a_tied_lm_head_once_under_the_embedding_name(tiny_path):
+    from llmrl.train.engine import each_tensor_once, storage_key
+
+    policy = load_policy(ModelConfig(name=tiny_path))
+    assert policy.config.tie_word_embeddings and "lm_head.weight" in policy.state_dict()
+    engine = TorchTrainEngine(policy, TrainConfig(precision="fp32"), total_updates=1)
+    names = [n for bucket in engine.named_weights(bucket_bytes=1 << 20) for n, _ in bucket]
+    assert sorted(names) == sorted(n for n, _ in policy.named_parameters())  # embedding in, lm_head out
+    # detached aliases of one tensor are one; equal values in other memory are two
+    a = torch.zeros(4, 3)
+    entries = [("x", a.detach()), ("tied", a.detach()), ("copy", a.clone()), ("row", a[0]), ("t", a.t())]
+    assert [n for n, _ in each_tensor_once(entries, storage_key)] == ["x", "copy", "row", "t"]

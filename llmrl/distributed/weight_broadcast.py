@@ -75,7 +75,10 @@ def _send_bucket(group: Any, bucket: list[tuple[str, torch.Tensor]]) -> int:
     flat = [t.detach().contiguous().cpu().reshape(-1).view(torch.uint8) for _, t in bucket]
     header = [(name, str(t.dtype), tuple(t.shape), f.numel()) for (name, t), f in zip(bucket, flat)]
     _send_blob(group, torch.frombuffer(bytearray(pickle.dumps(header)), dtype=torch.uint8))
-    _send_blob(group, torch.cat(flat) if flat else torch.empty(0, dtype=torch.uint8))
+    # A lone tensor goes as it is: packing would copy it, and the largest bucket (the embedding,
+    # alone in its bucket) would then cost twice its size on top of the sender's weights.
+    payload = flat[0] if len(flat) == 1 else torch.cat(flat) if flat else torch.empty(0, dtype=torch.uint8)
+    _send_blob(group, payload)
     return sum(f.numel() for f in flat)
 
 

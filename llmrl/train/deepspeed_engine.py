@@ -32,7 +32,7 @@ from llmrl.algorithms.base import Batch
 from llmrl.batch import select_rows
 from llmrl.models import is_lora
 from llmrl.precision import resolve_precision
-from llmrl.train.engine import TrainConfig
+from llmrl.train.engine import TrainConfig, each_tensor_once
 from llmrl.train.logprobs import attach_token_logprobs
 from llmrl.train.torch_engine import TRAINER_STATE, TorchTrainEngine, lr_lambda
 
@@ -65,7 +65,8 @@ def init_process_group() -> None:
     import os
     import socket
 
-    if "RANK" not in os.environ:
+    lone = "RANK" not in os.environ
+    if lone:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
@@ -77,6 +78,12 @@ def init_process_group() -> None:
 
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    if lone:
+        # Children inherit the environment: a `llmrl train` started from here would read RANK as
+        # a group to join and try to host its store on this process's port. DeepSpeed reads
+        # LOCAL_RANK later (device names), and a LOCAL_RANK alone makes no child join anything.
+        for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+            os.environ.pop(key, None)
 
 
 class DeepSpeedTrainEngine(TorchTrainEngine):
@@ -214,7 +221,8 @@ class DeepSpeedTrainEngine(TorchTrainEngine):
 
         bucket: list[tuple[str, torch.Tensor]] = []
         size = 0
-        entries = list(self.model.state_dict(keep_vars=True).items())
+        # keep_vars: the Parameters themselves, so a tied pair is one object (partitions are empty)
+        entries = list(each_tensor_once(self.model.state_dict(keep_vars=True).items(), id))
         for index, (name, tensor) in enumerate(entries):
             bucket.append((name, tensor))
             size += getattr(tensor, "ds_numel", tensor.numel()) * tensor.element_size()

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterator, Literal, Protocol
+from typing import Callable, Hashable, Iterable, Iterator, Literal, Protocol
 
 import torch
 from pydantic import Field, model_validator
@@ -89,7 +89,8 @@ class TrainEngine(Protocol):
     def named_weights(self, bucket_bytes: int = 256 << 20) -> Iterator[list[tuple[str, torch.Tensor]]]:
         """Full (merged) weights in size-bounded buckets, for weight sync and export. A bucket's
         tensors may be views that change or vanish once the next bucket is asked for (ZeRO-3
-        releases each gathered bucket): copy what you keep."""
+        releases each gathered bucket): copy what you keep. A tensor shared under two names (a
+        tied lm_head) comes once, under its first name."""
 
     def save_policy(self, directory: Path) -> None:
         """The trained model as an HF directory (the checkpoint's `policy/`)."""
@@ -98,3 +99,20 @@ class TrainEngine(Protocol):
         """Everything needed to resume exactly: weights, optimizer, scheduler, counters."""
 
     def load(self, directory: Path) -> None: ...
+
+
+def each_tensor_once(entries: Iterable[tuple[str, torch.Tensor]], key: Callable[[torch.Tensor], Hashable]) -> Iterator[tuple[str, torch.Tensor]]:
+    """`entries` with each tensor once, under the first name it has. A state dict lists a tied
+    lm_head beside the input embedding it shares; engines re-tie it from the embedding, so sending
+    it too would ship the largest tensor twice (SmolLM2-135M: 108 MiB of 621 a sync)."""
+    seen: set[Hashable] = set()
+    for name, tensor in entries:
+        k = key(tensor)
+        if k not in seen:
+            seen.add(k)
+            yield name, tensor
+
+
+def storage_key(tensor: torch.Tensor) -> Hashable:
+    """Equal for tensors that are the same memory seen the same way (detached aliases included)."""
+    return (tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tensor.stride()) if tensor.numel() else id(tensor)

@@ -12,7 +12,7 @@ from llmrl.algorithms.base import Batch, LossContext, LossFn
 from llmrl.batch import ROLLOUT_GAP, rollout_gap_sums, select_rows, split_micro_batches
 from llmrl.models import export_policy, is_lora, merged_state_dict
 from llmrl.precision import resolve_precision
-from llmrl.train.engine import NonFiniteUpdateError, TrainConfig
+from llmrl.train.engine import NonFiniteUpdateError, TrainConfig, each_tensor_once, storage_key
 from llmrl.train.logprobs import head_logprobs
 from llmrl.train.shared_prefix import PrefixPlan, plan_shared_prefix
 
@@ -319,7 +319,7 @@ class TorchTrainEngine:
     def named_weights(self, bucket_bytes: int = 256 << 20) -> Iterator[list[tuple[str, torch.Tensor]]]:
         bucket: list[tuple[str, torch.Tensor]] = []
         size = 0
-        for name, tensor in merged_state_dict(self.model).items():
+        for name, tensor in each_tensor_once(merged_state_dict(self.model).items(), storage_key):
             bucket.append((name, tensor))
             size += tensor.numel() * tensor.element_size()
             if size >= bucket_bytes:
