@@ -10,7 +10,10 @@ Runs, each in its own process (so start-up and peak RSS are per run), per precis
   llmrl-hf       hf engine, train.skip_zero_advantage_rows=false: the same update work as TRL
   llmrl-hf-skip  hf engine, zero-advantage rows skipped (llmrl's default)
   llmrl-vllm     rollout.engine=vllm (only when `import vllm` works and vLLM serves the model)
-  trl            GRPOTrainer, transformers `generate`, use_cpu=True, gradient checkpointing off
+  trl            GRPOTrainer, transformers `generate`, use_cpu=True, gradient checkpointing off;
+                 torch's default 4 KiB pages (THP_MEM_ALLOC_ENABLE=0), as TRL runs out of the box
+  trl-thp        the same with THP_MEM_ALLOC_ENABLE=1, the huge-page setting llmrl turns on when
+                 imported (llmrl/__init__.py): TRL given llmrl's allocator setting
 fp32, plus bf16 where the CPU has native bf16 (avx512_bf16 / amx_bf16). llmrl bf16: autocast
 training over fp32 weights and a bf16 rollout copy; TRL bf16: `bf16=True` (autocast over fp32).
 
@@ -56,7 +59,9 @@ from machine import machine_header, matmul_peak_gflops  # noqa: E402  (bench/mac
 
 RECIPE = REPO / "recipes" / "gsm8k_grpo.yaml"
 DATA_ENV = "LLMRL_BENCH_DATA"
-VARIANTS = ("llmrl-hf", "llmrl-hf-skip", "llmrl-vllm", "trl")
+VARIANTS = ("llmrl-hf", "llmrl-hf-skip", "llmrl-vllm", "trl", "trl-thp")
+# TRL imports llmrl here (model loading, the reward), which would switch huge pages on for it too.
+THP_SETTING = {"trl": "0", "trl-thp": "1"}
 # --reward: what llmrl's reward.functions gets; TRL wraps the same function.
 REWARDS = {"gsm8k": "gsm8k", "closeness": f"{REPO / 'bench' / 'closeness_reward.py'}:closeness"}
 LABELS = {"llmrl-hf": "llmrl hf, skip off", "llmrl-hf-skip": "llmrl hf, skip on", "llmrl-vllm": "llmrl vllm"}
@@ -288,7 +293,7 @@ def child_trl(spec: dict[str, Any]) -> dict[str, Any]:
 
 def run_child(spec: dict[str, Any]) -> None:
     """Child entry: train, then write the report where the parent asked."""
-    report = child_trl(spec) if spec["variant"] == "trl" else child_llmrl(spec)
+    report = child_trl(spec) if spec["variant"].startswith("trl") else child_llmrl(spec)
     Path(spec["report"]).write_text(json.dumps(report))
 
 
@@ -331,6 +336,8 @@ def launch(spec: dict[str, Any], log_path: Path) -> dict[str, Any]:
     """One run in its own process; its report plus the launch time (start-up is measured from it)."""
     path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": path}
+    if spec["variant"] in THP_SETTING:
+        env["THP_MEM_ALLOC_ENABLE"] = THP_SETTING[spec["variant"]]
     launched = time.time()
     with log_path.open("w") as log:
         proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)],
@@ -382,7 +389,8 @@ def main() -> int:
                         help="gsm8k: exact answer (SmolLM2 rarely scores, so the weights may never move); "
                              "closeness: partial credit by distance from the gold number (bench/closeness_reward.py)")
     parser.add_argument("--precision", default="auto", help="comma list of fp32,bf16; auto = both where bf16 is native, else fp32")
-    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {', '.join(VARIANTS)}")
+    parser.add_argument("--variants", default=",".join(v for v in VARIANTS if v != "trl-thp"),
+                        help=f"comma list of {', '.join(VARIANTS)} (default: all but trl-thp)")
     parser.add_argument("--out", help="work directory for run logs (default: a temporary one, removed at the end)")
     parser.add_argument("--json", help="write every run's summary here")
     parser.add_argument("--quick", action="store_true",
@@ -483,11 +491,12 @@ def main() -> int:
     print("step_s: wall time of a step, logging included; gen_s: sampling; update_s: forward/backward/optimizer "
           "(TRL: the optimizer step less its generate-and-score call); other_s: rewards, advantages, weight sync, logging")
     for precision in precisions:
-        trl = results.get(("trl", precision))
-        for variant in ("llmrl-hf", "llmrl-hf-skip", "llmrl-vllm"):
-            mine = results.get((variant, precision))
-            if trl and mine:
-                print(f"speedup ({LABELS[variant]}, vs TRL) {precision}: {trl['step_s'] / mine['step_s']:.2f}x")
+        for baseline, label in (("trl", "TRL"), ("trl-thp", "TRL with huge pages")):
+            trl = results.get((baseline, precision))
+            for variant in ("llmrl-hf", "llmrl-hf-skip", "llmrl-vllm"):
+                mine = results.get((variant, precision))
+                if trl and mine:
+                    print(f"speedup ({LABELS[variant]}, vs {label}) {precision}: {trl['step_s'] / mine['step_s']:.2f}x")
     if args.json:
         Path(args.json).write_text(json.dumps({f"{v}-{p}": r for (v, p), r in results.items()}, indent=1))
     if crashed:
