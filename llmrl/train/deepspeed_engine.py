@@ -23,6 +23,7 @@ Ray actor set them); CPU runs use gloo.
 """
 from __future__ import annotations
 
+import atexit
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -78,12 +79,23 @@ def init_process_group() -> None:
 
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+        # Leave the group before the interpreter tears down: exiting with gloo's threads still
+        # attached aborted a finished ZeRO-3 rank in CI ("terminate called without an active
+        # exception", exit -6) after its results were written.
+        atexit.register(leave_process_group)
     if lone:
         # Children inherit the environment: a `llmrl train` started from here would read RANK as
         # a group to join and try to host its store on this process's port. DeepSpeed reads
         # LOCAL_RANK later (device names), and a LOCAL_RANK alone makes no child join anything.
         for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
             os.environ.pop(key, None)
+
+
+def leave_process_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 class DeepSpeedTrainEngine(TorchTrainEngine):
