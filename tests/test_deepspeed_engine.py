@@ -131,3 +131,21 @@ def test_a_lone_process_group_leaves_no_rank_for_child_processes_to_inherit():
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0 and "child joined" in done.stdout, done.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_a_process_with_deepspeed_and_an_in_process_vllm_engine_exits_cleanly():
+    """DeepSpeed's exit hook leaves the process group; with vLLM in the same process it must
+    leave the teardown to vLLM, whose own exit cleanup raised when the groups were gone."""
+    pytest.importorskip("vllm")
+    script = (
+        "from llmrl.models import ModelConfig, load_tokenizer\n"
+        "from llmrl.rollout.base import RolloutConfig, build_rollout_engine\n"
+        "from llmrl.train.deepspeed_engine import init_process_group\n"
+        "init_process_group()\n"
+        "build_rollout_engine(RolloutConfig(engine='vllm', dtype='float32'), ModelConfig(name='tiny'), load_tokenizer('tiny'))\n"
+        "print('built')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and "built" in done.stdout, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]

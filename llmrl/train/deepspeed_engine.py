@@ -92,8 +92,13 @@ def init_process_group() -> None:
 
 
 def leave_process_group() -> None:
+    import sys
+
     import torch.distributed as dist
 
+    vllm_groups = sys.modules.get("vllm.distributed.parallel_state")
+    if vllm_groups is not None and vllm_groups.model_parallel_is_initialized():
+        return  # an in-process vLLM engine tears the groups down at exit; going first made it raise
     if dist.is_initialized():
         dist.destroy_process_group()
 
