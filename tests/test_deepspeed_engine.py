@@ -116,20 +116,23 @@ def test_loop_on_deepspeed_with_a_critic_resumes_exactly(tmp_path):
     assert straight[0]["actor/grad_norm"] > 0 and straight[0]["critic/grad_norm"] > 0
 
 
+def run_python(*lines: str) -> subprocess.CompletedProcess:
+    """A fresh interpreter that joins a lone DeepSpeed group first, then runs `lines`."""
+    script = "\n".join(("from llmrl.train.deepspeed_engine import init_process_group", "init_process_group()", *lines))
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+
+
 def test_a_lone_process_group_leaves_no_rank_for_child_processes_to_inherit():
     """A process that trained on DeepSpeed alone (a notebook, a test) and then starts `llmrl
     train` must not hand it RANK/MASTER_PORT: the child would try to host the group's store on
     the port this process still holds, and fail."""
-    script = (
-        "import os, subprocess, sys\n"
-        "from llmrl.train.deepspeed_engine import init_process_group\n"
-        "init_process_group()\n"
-        "import torch.distributed as dist\n"
-        "assert dist.get_world_size() == 1 and 'RANK' not in os.environ and 'MASTER_PORT' not in os.environ, dict(os.environ)\n"
-        "child = 'from llmrl.train.deepspeed_engine import init_process_group; init_process_group(); print(\"child joined\")'\n"
-        "sys.exit(subprocess.run([sys.executable, '-c', child], timeout=300).returncode)\n"
+    done = run_python(
+        "import os, subprocess, sys",
+        "import torch.distributed as dist",
+        "assert dist.get_world_size() == 1 and 'RANK' not in os.environ and 'MASTER_PORT' not in os.environ, dict(os.environ)",
+        "child = 'from llmrl.train.deepspeed_engine import init_process_group; init_process_group(); print(\"child joined\")'",
+        "sys.exit(subprocess.run([sys.executable, '-c', child], timeout=300).returncode)",
     )
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0 and "child joined" in done.stdout, done.stderr[-3000:]
 
 
@@ -138,14 +141,11 @@ def test_a_process_with_deepspeed_and_an_in_process_vllm_engine_exits_cleanly():
     """DeepSpeed's exit hook leaves the process group; with vLLM in the same process it must
     leave the teardown to vLLM, whose own exit cleanup raised when the groups were gone."""
     pytest.importorskip("vllm")
-    script = (
-        "from llmrl.models import ModelConfig, load_tokenizer\n"
-        "from llmrl.rollout.base import RolloutConfig, build_rollout_engine\n"
-        "from llmrl.train.deepspeed_engine import init_process_group\n"
-        "init_process_group()\n"
-        "build_rollout_engine(RolloutConfig(engine='vllm', dtype='float32'), ModelConfig(name='tiny'), load_tokenizer('tiny'))\n"
-        "print('built')\n"
+    done = run_python(
+        "from llmrl.models import ModelConfig, load_tokenizer",
+        "from llmrl.rollout.base import RolloutConfig, build_rollout_engine",
+        "build_rollout_engine(RolloutConfig(engine='vllm', dtype='float32'), ModelConfig(name='tiny'), load_tokenizer('tiny'))",
+        "print('built')",
     )
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0 and "built" in done.stdout, done.stderr[-3000:]
     assert "Traceback" not in done.stderr, done.stderr[-3000:]
