@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's 
 from machine import machine_header, native_bf16  # noqa: E402  (bench/machine.py)
 
 from llmrl.models import ModelConfig, load_causal_lm  # noqa: E402
-from llmrl.rollout.decode_attention import NAME as GROUPED  # noqa: E402
+from llmrl.grouped_attention import NAME as GROUPED  # noqa: E402
 from llmrl.rollout.kv_cache import PreallocatedCache  # noqa: E402
 
 IMPLEMENTATIONS = ("sdpa", GROUPED, "eager")

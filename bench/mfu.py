@@ -30,6 +30,9 @@ them are padding, and the FLOP/s. Under shared the useful FLOPs stay those of th
 step spent clipping gradients and in AdamW (fixed per step, whatever the batch); "fwd+bwd"
 is the FLOP/s of the rest.
 
+--attention lists model.attn_implementation values: each configuration runs under each, in the
+same alternating rounds (so the same weights and batch), and a per-round speedup is printed.
+
 bf16 (autocast over fp32 master weights, train.precision=bf16) runs too where the CPU has
 native bf16 matmuls (avx512_bf16 / amx_bf16); elsewhere it is emulated and would take hours.
 
@@ -50,7 +53,7 @@ from llmrl.algorithms.base import Batch, LossContext
 from llmrl.batch import split_micro_batches
 from llmrl.data import build_tasks
 from llmrl.data.config import DataConfig
-from llmrl.models import ModelConfig, load_policy, load_tokenizer
+from llmrl.models import GROUPED_ATTENTION, ModelConfig, load_policy, load_tokenizer
 from llmrl.train.engine import TrainConfig
 from llmrl.train.shared_prefix import plan_shared_prefix
 from llmrl.train.torch_engine import TorchTrainEngine
@@ -131,6 +134,9 @@ def main() -> None:
     parser.add_argument("--configs", default=None, help="comma-separated subset of rows16,tokens,rows16+shared,tokens+shared")
     parser.add_argument("--repeats", type=int, default=3, help="timed steps per configuration, after one warm-up")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--attention", default=GROUPED_ATTENTION,
+                        help=f"comma-separated model.attn_implementation values, each run with every config "
+                             f"(e.g. sdpa,{GROUPED_ATTENTION} compares transformers' SDPA with llmrl's grouped one)")
     args = parser.parse_args()
 
     transformers.utils.logging.disable_progress_bar()  # the weight-loading bar, once per model load
@@ -154,10 +160,15 @@ def main() -> None:
     }
     if args.configs:
         configs = {name: configs[name] for name in args.configs.split(",")}
+    attentions = args.attention.split(",")
+    if len(attentions) > 1:  # every config under every attention, named config@attention
+        configs = {f"{name}@{impl}": dict(flags, attention=impl) for name, flags in configs.items() for impl in attentions}
+    else:
+        configs = {name: dict(flags, attention=attentions[0]) for name, flags in configs.items()}
 
     algo = resolve_algorithm(AlgorithmConfig(name="grpo"))
     loss_fn = LOSSES[algo.loss]
-    model = load_policy(ModelConfig(name=args.model))
+    model = load_policy(ModelConfig(name=args.model, attn_implementation=attentions[0]))
     weights = matmul_weights(model)
     params = sum(p.numel() for p in model.parameters())
     flops = 6.0 * weights * real_tokens
@@ -182,7 +193,8 @@ def main() -> None:
         engines = {}
         optim: dict[str, list[float]] = {}
         for name, flags in configs.items():
-            cfg = TrainConfig(lr=0.0, precision=precision, skip_zero_advantage_rows=False, **flags)
+            cfg = TrainConfig(lr=0.0, precision=precision, skip_zero_advantage_rows=False,
+                              **{k: v for k, v in flags.items() if k != "attention"})
             engines[name] = (cfg, TorchTrainEngine(model, cfg, total_updates=1))
             optim[name] = [0.0]
             time_optimizer(engines[name][1], optim[name])
@@ -192,6 +204,7 @@ def main() -> None:
         # round 0 is the warm-up (first-step allocations, AdamW state) and is not counted.
         for round_index in range(1 + args.repeats):
             for name, (cfg, engine) in engines.items():
+                model.set_attn_implementation(configs[name]["attention"])
                 optim[name][0] = 0.0
                 start = time.perf_counter()
                 engine.step(batch, loss_fn, LossContext(step=0, cfg=algo))
@@ -202,7 +215,7 @@ def main() -> None:
 
         print(f"\n{precision}: matmul peak {peak:.1f} GFLOP/s")
         print(
-            f"{'config':<14} {'micro':>5} {'slots':>7} {'padding':>8} {'update_s':>9} {'min-max':>13} "
+            f"{'config':<28} {'micro':>5} {'slots':>7} {'padding':>8} {'update_s':>9} {'min-max':>13} "
             f"{'GFLOP/s':>8} {'% peak':>7} {'executed':>9} {'optim_s':>8} {'fwd+bwd GFLOP/s':>16}"
         )
         baseline = None
@@ -214,11 +227,19 @@ def main() -> None:
             optim_s = statistics.median(optim_times[name])
             baseline = baseline or median
             print(
-                f"{name:<14} {micro:>5} {slots:>7} {100 * (slots - real) / slots:>7.1f}% {median:>9.2f} "
+                f"{name:<28} {micro:>5} {slots:>7} {100 * (slots - real) / slots:>7.1f}% {median:>9.2f} "
                 f"{min(times[name]):>6.2f}-{max(times[name]):<6.2f} {achieved:>8.1f} {100 * achieved / peak:>6.1f}% "
                 f"{executed:>9.1f} {optim_s:>8.2f} {flops / max(median - optim_s, 1e-9) / 1e9:>16.1f}  "
                 f"({baseline / median:.2f}x {next(iter(engines))})"
             )
+        # Rounds alternate the variants, so a per-round ratio cancels the machine's drift.
+        for name in engines:
+            config, _, impl = name.partition("@")
+            first = f"{config}@{attentions[0]}"
+            if impl and impl != attentions[0]:
+                paired = [x / y for x, y in zip(times[first], times[name])]
+                print(f"speedup {name} vs {first}: per round {' '.join(f'{r:.2f}x' for r in paired)}, "
+                      f"median {statistics.median(paired):.2f}x")
         del engines  # the AdamW states, before the next precision builds its own
 
 

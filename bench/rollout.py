@@ -17,8 +17,8 @@ Engines (--engines, comma-separated):
                       and its own prompt/Completion conversion inside the timed call.
   hf                  llmrl's transformers engine (llmrl/rollout/hf.py), max_batch_size =
                       --max-num-seqs so all sequences decode as one batch, as in vLLM.
-  hf-sdpa             (optional) the hf engine with transformers' SDPA attention in decode too,
-                      as before llmrl/rollout/decode_attention.py: the before/after of that change.
+  hf-sdpa             (optional) the hf engine with transformers' SDPA attention instead of
+                      llmrl/grouped_attention.py: the before/after of that change.
   vllm-raw-compiled   (optional, not in the default list) raw vLLM with vLLM's own default
                       enforce_eager=False, which on the CPU build compiles the model with
                       torch inductor (vllm/platforms/cpu.py); start-up takes minutes longer.

@@ -21,6 +21,9 @@ from pydantic import Field
 from llmrl.config_base import Section
 from llmrl.registry import Registry
 
+# Registered with transformers by llmrl.grouped_attention, which load_causal_lm imports.
+GROUPED_ATTENTION = "llmrl_grouped"
+
 
 class ModelError(ValueError):
     """A model name that cannot be resolved; the message says how to fix it."""
@@ -45,8 +48,12 @@ class ModelConfig(Section):
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
     trust_remote_code: bool = Field(False, description="Allow custom model code from the hub.")
     attn_implementation: str = Field(
-        "sdpa",
-        description="transformers attention implementation. With sdpa the hf rollout engine decodes with llmrl_decode: the same maths without copying KV heads (llmrl/rollout/decode_attention.py).",
+        GROUPED_ATTENTION,
+        description=(
+            "transformers attention implementation for every model llmrl loads (policy, reference, critic, hf rollout). "
+            f"{GROUPED_ATTENTION} (default) is SDPA without copying key/value heads for grouped-query models, faster "
+            "in decode and in training (llmrl/grouped_attention.py); sdpa is transformers' own; eager is plain PyTorch."
+        ),
     )
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
     lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA adapter options.")
@@ -217,6 +224,8 @@ def load_tokenizer(name: str, revision: str | None = None):
 
 def load_causal_lm(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
+
+    import llmrl.grouped_attention  # noqa: F401  registers GROUPED_ATTENTION
 
     return AutoModelForCausalLM.from_pretrained(
         resolve_model_path(cfg.name),

@@ -5,6 +5,7 @@ import textwrap
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from llmrl.algorithms.base import LossContext, LossOutput
 from llmrl.batch import select_rows, split_micro_batches
@@ -84,6 +85,53 @@ def test_chunked_logprobs_match_full_softmax():
     torch.testing.assert_close(logp[:, 1:], expected)
     assert torch.all(logp[:, 0] == 0)
     torch.testing.assert_close(ent[:, 1:], -(full.exp() * full).sum(-1)[:, :-1])
+
+
+class _CountOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.calls: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls[str(func)] = self.calls.get(str(func), 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_logged_entropy_is_detached_and_not_recomputed_in_backward():
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 6, 8, requires_grad=True)
+    weight = torch.randn(50, 8, requires_grad=True)
+    ids = torch.randint(0, 50, (2, 6))
+    runs = {}
+    for entropy_grad in (True, False):
+        logp, ent = token_logprobs(hidden, weight, ids, want_entropy=True, chunk_tokens=4, entropy_grad=entropy_grad)
+        with _CountOps() as backward_ops:
+            logp.sum().backward()
+        runs[entropy_grad] = (logp.detach(), ent, hidden.grad.clone(), weight.grad.clone(), backward_ops.calls)
+        hidden.grad = weight.grad = None
+    differentiable, logged = runs[True], runs[False]
+    assert differentiable[1].requires_grad and not logged[1].requires_grad
+    for a, b in zip(differentiable[:4], logged[:4]):
+        torch.testing.assert_close(a.detach(), b)
+    # 3 chunks: the recomputation redoes each chunk's exp for a differentiable entropy only
+    assert differentiable[4].get("aten.exp.default") == 3 and "aten.exp.default" not in logged[4]
+
+
+def test_the_entropy_bonus_still_has_a_gradient(tiny_path):
+    """Policy losses ask for a differentiable entropy only with entropy_coef > 0; then it is one."""
+    from llmrl.algorithms import LOSSES, AlgorithmConfig, resolve_algorithm
+
+    norms = {}
+    for coef in (0.0, 0.1):
+        algo = resolve_algorithm(AlgorithmConfig(name="grpo", entropy_coef=coef))
+        assert LOSSES["ppo_clip"].gradient_outputs(algo) == ({"logprobs", "entropy"} if coef else {"logprobs"})
+        model = load_policy(ModelConfig(name=tiny_path))
+        engine = TorchTrainEngine(model, TrainConfig(lr=0.0, grad_clip=0.0, skip_zero_advantage_rows=False), total_updates=1)
+        batch = random_batch(seed=3)
+        batch["advantages"].zero_()  # no policy-gradient signal: only the bonus can move the weights
+        engine.step(batch, LOSSES["ppo_clip"], LossContext(step=0, cfg=algo))
+        norms[coef] = sum(float(p.grad.norm()) for p in model.parameters() if p.grad is not None)
+    assert norms[0.0] == 0.0 and norms[0.1] > 1e-4
 
 
 def test_logprob_pass_memory_is_bounded():

@@ -53,6 +53,13 @@ class LossFn(Protocol):
         ...
 
 
+# Optional attributes of a loss, read by the train engine:
+#   outputs: tuple[str, ...]  the model outputs it reads; default ("logprobs", "entropy").
+#   gradient_outputs(cfg) -> set[str]  those it differentiates; default all of `outputs`. The
+#       engine hands the others over detached, which spares backward their recomputation (a
+#       full-vocabulary softmax per token for an entropy that is only logged).
+
+
 REWARD_PREFIX = "rewards/"  # batch key of a reward channel: rewards/<channel> [B,T]
 
 

@@ -72,6 +72,10 @@ class ChordLoss:
     def on_policy_loss_name(self, cfg: Any) -> str:
         return cfg.rl_loss
 
+    def gradient_outputs(self, cfg: Any) -> set[str]:
+        of_rl = getattr(self._rl_loss(cfg), "gradient_outputs", None)
+        return {"logprobs"} | (of_rl(cfg) if of_rl else {"logprobs", "entropy"})
+
     def denominators(self, mb: Batch, ctx: LossContext) -> dict[str, float]:
         expert = _expert_rows(mb)
         out: dict[str, float] = {}

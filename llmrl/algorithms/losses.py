@@ -164,6 +164,10 @@ class _PolicyLoss(ABC):
     def pg_denominator(self, mb: Batch, cfg: Any) -> float:
         return agg_denominator(mb["loss_mask"], cfg.loss_agg_mode)
 
+    def gradient_outputs(self, cfg: Any) -> set[str]:
+        """Entropy is a metric unless the entropy bonus uses it (Clip-Cov and KL-Cov read logprobs)."""
+        return {"logprobs", "entropy"} if cfg.entropy_coef > 0 else {"logprobs"}
+
     def denominators(self, mb: Batch, ctx: LossContext) -> dict[str, float]:
         return {"pg": self.pg_denominator(mb, ctx.cfg), **regulariser_denominators(mb, ctx.cfg)}
 
@@ -386,6 +390,8 @@ class ValueLoss:
 @register_loss("sft")
 class SFTLoss:
     """Token-mean negative log-likelihood on loss_mask tokens, part "sft" (CHORD's L_SFT, docs/formulas.md#sft-loss)."""
+
+    outputs = ("logprobs",)
 
     def denominators(self, mb: Batch, ctx: LossContext) -> dict[str, float]:
         return {"sft": agg_denominator(mb["loss_mask"], "token-mean")}

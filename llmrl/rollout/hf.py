@@ -13,7 +13,6 @@ import torch
 from llmrl.models import ModelConfig, load_causal_lm
 from llmrl.precision import resolve_dtype
 from llmrl.rollout.base import RolloutConfig, SamplingParams, register_rollout_engine
-from llmrl.rollout.decode_attention import NAME as DECODE_ATTENTION
 from llmrl.rollout.kv_cache import PreallocatedCache
 from llmrl.train.logprobs import sequence_logprobs
 from llmrl.types import Completion
@@ -57,8 +56,6 @@ class HFRolloutEngine:
         self.cfg = cfg
         self.tokenizer = tokenizer
         load = {"gradient_checkpointing": False}
-        if model_cfg.attn_implementation == "sdpa":  # same maths, without SDPA's per-step copy of the cache
-            load["attn_implementation"] = DECODE_ATTENTION
         self.model = load_causal_lm(model_cfg.model_copy(update=load), resolve_dtype(cfg.dtype)).eval()
         self.model.requires_grad_(False)
         eos = self.model.generation_config.eos_token_id if self.model.generation_config else None

@@ -19,7 +19,9 @@ from torch.utils.checkpoint import checkpoint
 DEFAULT_CHUNK_TOKENS = 1024
 
 
-def _chunk_stats(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float, want_entropy: bool):
+def _chunk_stats(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float, want_entropy: bool, entropy_grad: bool
+):
     logits = F.linear(hidden, weight).float()
     if temperature != 1.0:
         logits = logits / temperature
@@ -27,8 +29,12 @@ def _chunk_stats(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tens
     logp = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     if not want_entropy:
         return logp, torch.zeros_like(logp)
-    entropy = -(logp_all.exp() * logp_all).sum(-1)
-    return logp, entropy
+    if entropy_grad:
+        return logp, -(logp_all.exp() * logp_all).sum(-1)
+    # A logged entropy: no graph, and computed after the gather, so a checkpoint's recomputation
+    # (which stops once the tensors backward saved are back) never redoes this vocabulary pass.
+    with torch.no_grad():
+        return logp, -(logp_all.exp() * logp_all).sum(-1)
 
 
 def token_logprobs(
@@ -39,13 +45,16 @@ def token_logprobs(
     want_entropy: bool = False,
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
     only: torch.Tensor | None = None,
+    entropy_grad: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Token-aligned logprobs (and entropies) for `input_ids` [B,T] from decoder states [B,T,H].
 
     Position t holds log p(x_t | x_<t) under logits / temperature; position 0 has no
     prediction and is 0. The entropy at t is that of the distribution that sampled x_t.
     `only` ([B,T] mask) limits the work to those positions (others are 0): the lm_head is a
-    large share of a small model's FLOPs, and prompt positions need no logprob.
+    large share of a small model's FLOPs, and prompt positions need no logprob. With
+    `entropy_grad` False the entropy comes back detached, at the cost of one vocabulary pass
+    instead of three (forward, recomputation, backward).
     """
     B, T, H = hidden.shape
     h = hidden[:, :-1].reshape(-1, H)
@@ -57,7 +66,8 @@ def token_logprobs(
     use_ckpt = torch.is_grad_enabled() and (h.requires_grad or lm_head_weight.requires_grad)
     logps, ents = [], []
     for start in range(0, h.shape[0], chunk_tokens):
-        args = (h[start : start + chunk_tokens], lm_head_weight, targets[start : start + chunk_tokens], temperature, want_entropy)
+        args = (h[start : start + chunk_tokens], lm_head_weight, targets[start : start + chunk_tokens], temperature, want_entropy,
+                entropy_grad)
         if use_ckpt:
             lp, ent = checkpoint(_chunk_stats, *args, use_reentrant=False)
         else:
@@ -97,8 +107,8 @@ class TokenLogprobs(torch.nn.Module):
         object.__setattr__(self, "head", head)
 
     def forward(self, hidden: torch.Tensor, input_ids: torch.Tensor, temperature: float, want_entropy: bool,
-                chunk_tokens: int, only: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        return token_logprobs(hidden, self.head.weight, input_ids, temperature, want_entropy, chunk_tokens, only)
+                chunk_tokens: int, only: torch.Tensor | None, entropy_grad: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return token_logprobs(hidden, self.head.weight, input_ids, temperature, want_entropy, chunk_tokens, only, entropy_grad)
 
 
 def attach_token_logprobs(model: torch.nn.Module) -> TokenLogprobs:
@@ -118,13 +128,14 @@ def head_logprobs(
     want_entropy: bool = False,
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
     only: torch.Tensor | None = None,
+    entropy_grad: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """`token_logprobs` through the model's lm_head, via its TokenLogprobs module when it has one."""
     module = getattr(model, LOGPROB_MODULE, None)
     if module is not None:
-        return module(hidden, input_ids, temperature, want_entropy, chunk_tokens, only)
+        return module(hidden, input_ids, temperature, want_entropy, chunk_tokens, only, entropy_grad)
     _, weight = decoder_and_head(model)
-    return token_logprobs(hidden, weight, input_ids, temperature, want_entropy, chunk_tokens, only)
+    return token_logprobs(hidden, weight, input_ids, temperature, want_entropy, chunk_tokens, only, entropy_grad)
 
 
 def sequence_logprobs(

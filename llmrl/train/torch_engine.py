@@ -81,10 +81,10 @@ class TorchTrainEngine:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
 
-    def _outputs(self, model: torch.nn.Module, mb: Batch, want: set[str]) -> dict[str, torch.Tensor]:
+    def _outputs(self, model: torch.nn.Module, mb: Batch, want: set[str], entropy_grad: bool = True) -> dict[str, torch.Tensor]:
         plan = self._shared_prefix_plan(model, mb, want)
         if plan is not None:
-            return self._shared_prefix_outputs(model, plan, want)
+            return self._shared_prefix_outputs(model, plan, want, entropy_grad)
         decoder = model.get_decoder()
         with self._autocast():
             hidden = decoder(
@@ -94,7 +94,7 @@ class TorchTrainEngine:
             if want & {"logprobs", "entropy"}:
                 logp, ent = head_logprobs(
                     model, hidden, mb["input_ids"], self.temperature, "entropy" in want, self.cfg.logprob_chunk_tokens,
-                    only=mb["loss_mask"] > 0 if "loss_mask" in mb else None,
+                    only=mb["loss_mask"] > 0 if "loss_mask" in mb else None, entropy_grad=entropy_grad,
                 )
                 out["logprobs"] = logp
                 if ent is not None:
@@ -114,12 +114,14 @@ class TorchTrainEngine:
             return None
         return plan_shared_prefix(mb)
 
-    def _shared_prefix_outputs(self, model: torch.nn.Module, plan: PrefixPlan, want: set[str]) -> dict[str, torch.Tensor]:
+    def _shared_prefix_outputs(
+        self, model: torch.nn.Module, plan: PrefixPlan, want: set[str], entropy_grad: bool
+    ) -> dict[str, torch.Tensor]:
         with self._autocast():
             hidden = plan.run_decoder(model.get_decoder())
             logp, ent = head_logprobs(
                 model, hidden, plan.suffix_ids, self.temperature, "entropy" in want, self.cfg.logprob_chunk_tokens,
-                only=plan.suffix_loss_mask > 0,
+                only=plan.suffix_loss_mask > 0, entropy_grad=entropy_grad,
             )
         out = {"logprobs": plan.to_rows(logp)}
         if ent is not None:
@@ -179,6 +181,8 @@ class TorchTrainEngine:
         sampled policy tokens of every row given, those that skip the update included."""
         micro_batches = self._micro_batches(self.local_rows(mini_batch))
         want = set(getattr(loss_fn, "outputs", ("logprobs", "entropy")))
+        differentiated = getattr(loss_fn, "gradient_outputs", None)
+        entropy_grad = "entropy" in (differentiated(ctx.cfg) if differentiated else want)
         track_rollout_diff = ctx.measure_rollout_gap
         denominators: dict[str, float] = {}
         for mb in micro_batches:
@@ -207,7 +211,7 @@ class TorchTrainEngine:
                 mb = select_rows(mb, keep.nonzero().flatten())
             rows_trained += mb["input_ids"].shape[0]
             self._start_micro_batch()
-            out = self._outputs(self.model, mb, want)
+            out = self._outputs(self.model, mb, want, entropy_grad)
             if "old_logprobs" not in mb and "logprobs" in out:
                 mb = {**mb, "old_logprobs": out["logprobs"].detach()}
             if track_rollout_diff and "logprobs" in out:
