@@ -29,11 +29,9 @@ def _chunk_stats(
     logp = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     if not want_entropy:
         return logp, torch.zeros_like(logp)
-    if entropy_grad:
-        return logp, -(logp_all.exp() * logp_all).sum(-1)
-    # A logged entropy: no graph, and computed after the gather, so a checkpoint's recomputation
-    # (which stops once the tensors backward saved are back) never redoes this vocabulary pass.
-    with torch.no_grad():
+    # A logged entropy gets no graph. It comes after the gather, so a checkpoint's recomputation
+    # (which stops once the tensors backward saved are back) never redoes its vocabulary pass.
+    with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
         return logp, -(logp_all.exp() * logp_all).sum(-1)
 
 
