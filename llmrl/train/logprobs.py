@@ -1,38 +1,88 @@
 """Token logprobs and entropy without materialising full-vocabulary fp32 logits for a batch.
 
-The lm_head projection, log-softmax and entropy run over chunks of tokens. Under autograd each
-chunk is checkpointed, so backward recomputes that chunk's logits instead of keeping them: peak
-extra memory is one chunk of logits (chunk_tokens x vocab), not the whole batch's.
+The lm_head projection, log-softmax and entropy run over chunks of tokens, each chunk one
+autograd function with a closed-form backward (`_HeadChunk`). Backward recomputes that chunk's
+logits from the saved hidden states and lm_head weight instead of keeping them, so peak extra
+memory is one chunk of logits (chunk_tokens x vocab), not the whole batch's. Writing the
+gradient out by hand, rather than checkpointing the chunk and letting autograd differentiate
+log_softmax, gather and the entropy, saves several full passes over the vocabulary per chunk.
 
 Under ZeRO-3 the lm_head weight is partitioned over ranks and only whole inside a module's
 forward or backward. The chunks read it outside lm_head's own forward, so a ZeRO-3 engine
 attaches a `TokenLogprobs` module to the model and registers the weight as its external
-parameter: DeepSpeed then gathers it once around the whole chunked pass (and once around its
-backward, where the checkpointed chunks are recomputed) and releases it after.
+parameter: DeepSpeed then gathers it once around the whole chunked pass, and again around its
+backward, where each chunk's logits are recomputed.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 DEFAULT_CHUNK_TOKENS = 1024
 
 
-def _chunk_stats(
-    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float, want_entropy: bool, entropy_grad: bool
-):
-    logits = F.linear(hidden, weight).float()
-    if temperature != 1.0:
-        logits = logits / temperature
-    logp_all = torch.log_softmax(logits, dim=-1)
-    logp = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    if not want_entropy:
-        return logp, torch.zeros_like(logp)
-    # A logged entropy gets no graph. It comes after the gather, so a checkpoint's recomputation
-    # (which stops once the tensors backward saved are back) never redoes its vocabulary pass.
-    with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
-        return logp, -(logp_all.exp() * logp_all).sum(-1)
+class _HeadChunk(torch.autograd.Function):
+    """Logprobs of `targets` and entropies under z = hidden @ weight.T / temperature.
+
+    With p = softmax(z) and lse = logsumexp(z):
+      logp_t = z_t - lse          d logp_t / dz = onehot(t) - p
+      H = -sum_i p_i log p_i      dH / dz_i = -p_i (log p_i + H)
+    so one recomputed chunk of logits, one exp and a scatter give the gradient of any mix of the
+    two outputs. Logits are fp32 (fp64 stays fp64), whatever dtype the matmul ran in.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, matmul_weight, targets, temperature, want_entropy, entropy_grad):
+        ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None: no work
+        z = _logits(hidden, matmul_weight, temperature)
+        lse = torch.logsumexp(z, dim=-1)
+        logp = z.gather(-1, targets.unsqueeze(-1)).squeeze(-1).sub_(lse)
+        if want_entropy:
+            log_p = z.sub_(lse.unsqueeze(-1))
+            entropy = log_p.exp().mul_(log_p).sum(-1).neg_()
+        else:
+            entropy = torch.zeros_like(logp)
+        if not (want_entropy and entropy_grad):
+            ctx.mark_non_differentiable(entropy)
+        ctx.save_for_backward(hidden, matmul_weight, targets, lse, entropy)
+        ctx.temperature = temperature
+        ctx.weight_dtype = weight.dtype
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy):
+        hidden, weight, targets, lse, entropy = ctx.saved_tensors
+        if grad_logp is None:
+            grad_logp = torch.zeros_like(lse)
+        # The 1/temperature of z's chain rule is folded into the per-token coefficients.
+        g = grad_logp.unsqueeze(-1) / ctx.temperature
+        log_p = _logits(hidden, weight, ctx.temperature).sub_(lse.unsqueeze(-1))
+        if grad_entropy is None:
+            grad_z = log_p.exp_().mul_(g.neg())  # log p is not needed again: softmax in place
+        else:
+            p = log_p.exp()
+            coef = log_p.add_(entropy.unsqueeze(-1)).mul_(grad_entropy.unsqueeze(-1) / ctx.temperature).add_(g)
+            grad_z = p.mul_(coef).neg_()
+        grad_z.scatter_add_(-1, targets.unsqueeze(-1), g)
+        grad_z = grad_z.to(hidden.dtype)
+        grad_hidden = grad_z @ weight if ctx.needs_input_grad[0] else None
+        # In the weight's own dtype per chunk, so the chunks add up in fp32 under autocast.
+        grad_weight = (grad_z.t() @ hidden).to(ctx.weight_dtype) if ctx.needs_input_grad[1] else None
+        return grad_hidden, grad_weight, None, None, None, None, None
+
+
+def _logits(hidden: torch.Tensor, weight: torch.Tensor, temperature: float) -> torch.Tensor:
+    z = F.linear(hidden, weight)
+    z = z.to(torch.promote_types(z.dtype, torch.float32))
+    return z.div_(temperature) if temperature != 1.0 else z
+
+
+def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The dtype the lm_head matmul runs in: autocast's where it is on, as F.linear would."""
+    device = hidden.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return torch.promote_types(hidden.dtype, weight.dtype)
 
 
 def token_logprobs(
@@ -51,8 +101,7 @@ def token_logprobs(
     prediction and is 0. The entropy at t is that of the distribution that sampled x_t.
     `only` ([B,T] mask) limits the work to those positions (others are 0): the lm_head is a
     large share of a small model's FLOPs, and prompt positions need no logprob. With
-    `entropy_grad` False the entropy comes back detached, at the cost of one vocabulary pass
-    instead of three (forward, recomputation, backward).
+    `entropy_grad` False the entropy comes back detached, for logging.
     """
     B, T, H = hidden.shape
     h = hidden[:, :-1].reshape(-1, H)
@@ -61,15 +110,19 @@ def token_logprobs(
     if only is not None:
         selected = only[:, 1:].reshape(-1).nonzero().flatten()
         h, targets = h.index_select(0, selected), targets.index_select(0, selected)
-    use_ckpt = torch.is_grad_enabled() and (h.requires_grad or lm_head_weight.requires_grad)
+    # A weight in another dtype is cast once for every chunk's forward and backward, outside
+    # autograd: its gradient flows to lm_head_weight itself. A weight already in the compute dtype
+    # is used as it is, since under ZeRO-3 its storage is valid only while DeepSpeed gathers it
+    # (around this pass and again around its backward).
+    dtype = _compute_dtype(hidden, lm_head_weight)
+    h = h.to(dtype)
+    matmul_weight = lm_head_weight if lm_head_weight.dtype == dtype else lm_head_weight.detach().to(dtype)
     logps, ents = [], []
     for start in range(0, h.shape[0], chunk_tokens):
-        args = (h[start : start + chunk_tokens], lm_head_weight, targets[start : start + chunk_tokens], temperature, want_entropy,
-                entropy_grad)
-        if use_ckpt:
-            lp, ent = checkpoint(_chunk_stats, *args, use_reentrant=False)
-        else:
-            lp, ent = _chunk_stats(*args)
+        lp, ent = _HeadChunk.apply(
+            h[start : start + chunk_tokens], lm_head_weight, matmul_weight, targets[start : start + chunk_tokens], temperature,
+            want_entropy, entropy_grad,
+        )
         logps.append(lp)
         ents.append(ent)
     flat_logp = torch.cat(logps) if logps else h.new_zeros(0, dtype=torch.float32)
@@ -77,7 +130,7 @@ def token_logprobs(
     if selected is not None:
         flat_logp = flat_logp.new_zeros(B * (T - 1)).index_copy(0, selected, flat_logp)
         flat_ent = flat_ent.new_zeros(B * (T - 1)).index_copy(0, selected, flat_ent)
-    zero = torch.zeros(B, 1, dtype=torch.float32, device=hidden.device)
+    zero = torch.zeros(B, 1, dtype=flat_logp.dtype, device=hidden.device)
     logp = torch.cat([zero, flat_logp.view(B, T - 1)], dim=1)
     entropy = torch.cat([zero, flat_ent.view(B, T - 1)], dim=1) if want_entropy else None
     return logp, entropy
