@@ -125,15 +125,16 @@ def token_logprobs(
         )
         logps.append(lp)
         ents.append(ent)
-    flat_logp = torch.cat(logps) if logps else h.new_zeros(0, dtype=torch.float32)
-    flat_ent = torch.cat(ents) if ents else flat_logp
+    logp = _token_aligned(logps, selected, B, T, h)
+    return logp, (_token_aligned(ents, selected, B, T, h) if want_entropy else None)
+
+
+def _token_aligned(parts: list[torch.Tensor], selected: torch.Tensor | None, B: int, T: int, like: torch.Tensor) -> torch.Tensor:
+    """Per-chunk values back to [B, T]: unselected positions and position 0 hold 0."""
+    flat = torch.cat(parts) if parts else like.new_zeros(0, dtype=torch.float32)
     if selected is not None:
-        flat_logp = flat_logp.new_zeros(B * (T - 1)).index_copy(0, selected, flat_logp)
-        flat_ent = flat_ent.new_zeros(B * (T - 1)).index_copy(0, selected, flat_ent)
-    zero = torch.zeros(B, 1, dtype=flat_logp.dtype, device=hidden.device)
-    logp = torch.cat([zero, flat_logp.view(B, T - 1)], dim=1)
-    entropy = torch.cat([zero, flat_ent.view(B, T - 1)], dim=1) if want_entropy else None
-    return logp, entropy
+        flat = flat.new_zeros(B * (T - 1)).index_copy(0, selected, flat)
+    return torch.cat([flat.new_zeros(B, 1), flat.view(B, T - 1)], dim=1)
 
 
 def decoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.Tensor]:
