@@ -180,6 +180,49 @@ def test_a_logged_entropy_is_detached_and_costs_backward_nothing():
     assert logged[4].get("aten.exp_.default") == 3 and work(differentiable[4]) == work(logged[4])
 
 
+class _FreshVocabularyTensors(TorchDispatchMode):
+    """Counts ops that return a new tensor of at least `size` elements, by op name. In-place ops,
+    out= overloads and views write or show memory that exists already; anything else allocates."""
+
+    def __init__(self, size):
+        super().__init__()
+        self.size, self.fresh = size, {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        reuses = func._schema.is_mutable or func.is_view
+        if not reuses and isinstance(out, torch.Tensor) and out.numel() >= self.size:
+            self.fresh[str(func)] = self.fresh.get(str(func), 0) + 1
+        return out
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_the_head_pass_reuses_its_vocabulary_sized_buffers(precision):
+    """After a first pass sizes the scratch buffers, neither forward nor backward allocates a
+    chunk x vocabulary tensor again: only the hidden states' and the weight's own gradients are
+    new (one each per pass, not per chunk)."""
+    torch.manual_seed(0)
+    hidden = torch.randn(3, 40, 16, requires_grad=True)
+    weight = torch.randn(2000, 16, requires_grad=True)  # 2000 x 16 = the weight's size, 32k
+    ids = torch.randint(0, 2000, (3, 40))
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+    counts = []
+    for _ in range(2):
+        with _FreshVocabularyTensors(size=8 * 2000) as seen:
+            with autocast:
+                logp, ent = token_logprobs(hidden, weight, ids, want_entropy=True, chunk_tokens=16, entropy_grad=True)
+            (logp.sum() + ent.sum()).backward()
+        counts.append(seen.fresh)
+    # the second pass: the weight's cast for the matmul (bf16 only) and its gradient, once each
+    cast = {"aten._to_copy.default": 1} if precision == "bf16" else {}
+    weight_grad = {"aten._to_copy.default": 1} if precision == "bf16" else {"aten.mm.default": 1}
+    merged = dict(cast)
+    for op, n in weight_grad.items():
+        merged[op] = merged.get(op, 0) + n
+    assert counts[1] == merged, counts[1]
+    assert sum(counts[0].values()) > sum(counts[1].values())  # the first pass made the buffers
+
+
 def test_the_entropy_bonus_still_has_a_gradient(tiny_path):
     """Policy losses ask for a differentiable entropy only with entropy_coef > 0; then it is one."""
     from llmrl.algorithms import LOSSES, AlgorithmConfig, resolve_algorithm
@@ -386,6 +429,19 @@ def test_shared_prompt_forward_matches_per_row_forward(tiny_path, precision):
     for name, grad in results[False][2].items():
         err = (results[True][2][name] - grad).norm() / grad.norm().clamp(min=1e-12)
         assert err < (1e-4 if precision == "fp32" else 5e-2), (name, float(err))
+
+
+def test_shared_prompt_forward_looks_its_embeddings_up_once(tiny_path):
+    """Prefix and suffix tokens share one embedding lookup, so backward builds one dense
+    vocabulary-sized embedding gradient per micro-batch, not two plus their sum."""
+    batch = grouped_batch()
+    model = load_policy(ModelConfig(name=tiny_path))
+    engine = TorchTrainEngine(model, TrainConfig(micro_batch_size=6, shared_prompt_forward=True), total_updates=1)
+    with _CountOps() as ops:
+        out = engine._outputs(model, batch, {"logprobs"})
+        (out["logprobs"] * batch["loss_mask"]).sum().backward()
+    assert ops.calls.get("aten.embedding.default") == 1
+    assert ops.calls.get("aten.embedding_dense_backward.default") == 1
 
 
 def test_shared_prompt_forward_needs_a_shared_prompt():

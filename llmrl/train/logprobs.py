@@ -1,9 +1,10 @@
 """Token logprobs and entropy without materialising full-vocabulary fp32 logits for a batch.
 
-The lm_head projection, log-softmax and entropy run over chunks of tokens, each chunk one
-autograd function with a closed-form backward (`_HeadChunk`). Backward recomputes that chunk's
-logits from the saved hidden states and lm_head weight instead of keeping them, so peak extra
-memory is one chunk of logits (chunk_tokens x vocab), not the whole batch's. Writing the
+The lm_head projection, log-softmax and entropy run over chunks of tokens inside one autograd
+function with a closed-form backward (`_HeadPass`). Backward recomputes each chunk's logits from
+the saved hidden states and lm_head weight instead of keeping them, so peak extra memory is a
+few chunks' worth of logits (chunk_tokens x vocab), not the whole batch's, held in scratch
+buffers that are reused from chunk to chunk and call to call (`_Workspace`). Writing the
 gradient out by hand, rather than checkpointing the chunk and letting autograd differentiate
 log_softmax, gather and the entropy, saves several full passes over the vocabulary per chunk.
 
@@ -15,65 +16,130 @@ backward, where each chunk's logits are recomputed.
 """
 from __future__ import annotations
 
+import threading
+
 import torch
-import torch.nn.functional as F
 
 DEFAULT_CHUNK_TOKENS = 1024
 
 
-class _HeadChunk(torch.autograd.Function):
-    """Logprobs of `targets` and entropies under z = hidden @ weight.T / temperature.
+class _Workspace:
+    """Scratch buffers for the head pass, kept across calls: `logits` [rows, V] in the logits'
+    dtype, `low` [rows, V] in the matmul's when that differs, `spare` [rows, V] for a second
+    vocabulary-sized value, and `weight_grad` [V, H] in the matmul's dtype. Chunks run one after
+    another, forward and backward alike, and no buffer outlives the call that fills it, so one set
+    serves every chunk. Fresh buffers of this size cost more than the arithmetic done in them:
+    torch's CPU allocator returns every large block to the kernel, whose pages are then faulted
+    in and zeroed again (docs/benchmarks.md)."""
 
-    With p = softmax(z) and lse = logsumexp(z):
+    def __init__(self) -> None:
+        self.buffers: dict[tuple, torch.Tensor] = {}
+
+    def get(self, name: str, rows: int, cols: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        key = (name, cols, dtype, device)
+        buf = self.buffers.get(key)
+        if buf is None or buf.shape[0] < rows:
+            self.buffers.pop(key, None)  # free the smaller one before allocating its successor
+            buf = self.buffers[key] = torch.empty(rows, cols, dtype=dtype, device=device)
+        return buf[:rows]
+
+
+_LOCAL = threading.local()
+
+
+def _workspace() -> _Workspace:
+    if not hasattr(_LOCAL, "workspace"):
+        _LOCAL.workspace = _Workspace()
+    return _LOCAL.workspace
+
+
+class _HeadPass(torch.autograd.Function):
+    """Logprobs of `targets` and entropies under z = hidden @ weight.T / temperature, over
+    chunks of `chunk` tokens.
+
+    With p = softmax(z), m = max z, e = exp(z - m), s = sum e, lse = m + log s:
       logp_t = z_t - lse          d logp_t / dz = onehot(t) - p
-      H = -sum_i p_i log p_i      dH / dz_i = -p_i (log p_i + H)
+      H = log s - sum_i e_i (z_i - m) / s
+                                  dH / dz_i = -p_i (log p_i + H)
     so one recomputed chunk of logits, one exp and a scatter give the gradient of any mix of the
     two outputs. Logits are fp32 (fp64 stays fp64), whatever dtype the matmul ran in.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, matmul_weight, targets, temperature, want_entropy, entropy_grad):
+    def forward(ctx, hidden, weight, matmul_weight, targets, temperature, want_entropy, entropy_grad, chunk):
         ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None: no work
-        z = _logits(hidden, matmul_weight, temperature)
-        lse = torch.logsumexp(z, dim=-1)
-        logp = z.gather(-1, targets.unsqueeze(-1)).squeeze(-1).sub_(lse)
-        if want_entropy:
-            log_p = z.sub_(lse.unsqueeze(-1))
-            entropy = log_p.exp().mul_(log_p).sum(-1).neg_()
-        else:
-            entropy = torch.zeros_like(logp)
+        logits_dtype = torch.promote_types(hidden.dtype, torch.float32)
+        n = hidden.shape[0]
+        logp = hidden.new_empty(n, dtype=logits_dtype)
+        lse = torch.empty_like(logp)
+        entropy = torch.zeros_like(logp)
+        for start in range(0, n, chunk):
+            rows = slice(start, min(start + chunk, n))
+            z = _chunk_logits(hidden[rows], matmul_weight, temperature)
+            m = z.amax(-1, keepdim=True)
+            target_z = z.gather(-1, targets[rows].unsqueeze(-1)).squeeze(-1)
+            shifted = z.sub_(m)  # z - m, in place
+            if want_entropy:  # e and z - m are both needed: e goes to the spare buffer
+                e = torch.exp(shifted, out=_workspace().get("spare", *shifted.shape, shifted.dtype, shifted.device))
+            else:
+                e = shifted.exp_()
+            s = e.sum(-1)
+            log_s = s.log()
+            lse[rows] = m.squeeze(-1) + log_s
+            logp[rows] = target_z - lse[rows]
+            if want_entropy:
+                entropy[rows] = log_s - e.mul_(shifted).sum(-1) / s
         if not (want_entropy and entropy_grad):
             ctx.mark_non_differentiable(entropy)
         ctx.save_for_backward(hidden, matmul_weight, targets, lse, entropy)
-        ctx.temperature = temperature
+        ctx.temperature, ctx.chunk = temperature, chunk
         ctx.weight_dtype = weight.dtype
         return logp, entropy
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy):
         hidden, weight, targets, lse, entropy = ctx.saved_tensors
+        temperature, chunk = ctx.temperature, ctx.chunk
         if grad_logp is None:
             grad_logp = torch.zeros_like(lse)
-        # The 1/temperature of z's chain rule is folded into the per-token coefficients.
-        g = grad_logp.unsqueeze(-1) / ctx.temperature
-        log_p = _logits(hidden, weight, ctx.temperature).sub_(lse.unsqueeze(-1))
-        if grad_entropy is None:
-            grad_z = log_p.exp_().mul_(g.neg())  # log p is not needed again: softmax in place
-        else:
-            p = log_p.exp()
-            coef = log_p.add_(entropy.unsqueeze(-1)).mul_(grad_entropy.unsqueeze(-1) / ctx.temperature).add_(g)
-            grad_z = p.mul_(coef).neg_()
-        grad_z.scatter_add_(-1, targets.unsqueeze(-1), g)
-        grad_z = grad_z.to(hidden.dtype)
-        grad_hidden = grad_z @ weight if ctx.needs_input_grad[0] else None
-        # In the weight's own dtype per chunk, so the chunks add up in fp32 under autocast.
-        grad_weight = (grad_z.t() @ hidden).to(ctx.weight_dtype) if ctx.needs_input_grad[1] else None
-        return grad_hidden, grad_weight, None, None, None, None, None
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_weight = None  # one gradient for the whole pass, in the weight's dtype (fp32 sums under autocast)
+        ws = _workspace()
+        for start in range(0, hidden.shape[0], chunk):
+            rows = slice(start, min(start + chunk, hidden.shape[0]))
+            # The 1/temperature of z's chain rule is folded into the per-token coefficients.
+            g = grad_logp[rows].unsqueeze(-1) / temperature
+            log_p = _chunk_logits(hidden[rows], weight, temperature).sub_(lse[rows].unsqueeze(-1))
+            if grad_entropy is None:
+                grad_z = log_p.exp_().mul_(g.neg())  # log p is not needed again: softmax in place
+            else:
+                p = torch.exp(log_p, out=ws.get("spare", *log_p.shape, log_p.dtype, log_p.device))
+                coef = log_p.add_(entropy[rows].unsqueeze(-1)).mul_(grad_entropy[rows].unsqueeze(-1) / temperature).add_(g)
+                grad_z = p.mul_(coef).neg_()
+            grad_z.scatter_add_(-1, targets[rows].unsqueeze(-1), g)
+            if grad_z.dtype != hidden.dtype:
+                grad_z = ws.get("low", *grad_z.shape, hidden.dtype, hidden.device).copy_(grad_z)
+            if grad_hidden is not None:
+                torch.mm(grad_z, weight, out=grad_hidden[rows])
+            if ctx.needs_input_grad[1]:
+                if ctx.weight_dtype == hidden.dtype:
+                    grad_weight = grad_z.t() @ hidden[rows] if grad_weight is None else grad_weight.addmm_(grad_z.t(), hidden[rows])
+                else:
+                    part = torch.mm(grad_z.t(), hidden[rows], out=ws.get("weight_grad", *weight.shape, hidden.dtype, hidden.device))
+                    grad_weight = part.to(ctx.weight_dtype) if grad_weight is None else grad_weight.add_(part)
+        return grad_hidden, grad_weight, None, None, None, None, None, None
 
 
-def _logits(hidden: torch.Tensor, weight: torch.Tensor, temperature: float) -> torch.Tensor:
-    z = F.linear(hidden, weight)
-    z = z.to(torch.promote_types(z.dtype, torch.float32))
+def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, temperature: float) -> torch.Tensor:
+    """hidden @ weight.T / temperature in a workspace buffer, in fp32 (fp64 stays fp64)."""
+    ws = _workspace()
+    rows, vocab = hidden.shape[0], weight.shape[0]
+    logits_dtype = torch.promote_types(hidden.dtype, torch.float32)
+    z = ws.get("logits", rows, vocab, logits_dtype, hidden.device)
+    if hidden.dtype == logits_dtype:
+        torch.mm(hidden, weight.t(), out=z)
+    else:
+        z.copy_(torch.mm(hidden, weight.t(), out=ws.get("low", rows, vocab, hidden.dtype, hidden.device)))
     return z.div_(temperature) if temperature != 1.0 else z
 
 
@@ -117,21 +183,12 @@ def token_logprobs(
     dtype = _compute_dtype(hidden, lm_head_weight)
     h = h.to(dtype)
     matmul_weight = lm_head_weight if lm_head_weight.dtype == dtype else lm_head_weight.detach().to(dtype)
-    logps, ents = [], []
-    for start in range(0, h.shape[0], chunk_tokens):
-        lp, ent = _HeadChunk.apply(
-            h[start : start + chunk_tokens], lm_head_weight, matmul_weight, targets[start : start + chunk_tokens], temperature,
-            want_entropy, entropy_grad,
-        )
-        logps.append(lp)
-        ents.append(ent)
-    logp = _token_aligned(logps, selected, B, T, h)
-    return logp, (_token_aligned(ents, selected, B, T, h) if want_entropy else None)
+    logp, entropy = _HeadPass.apply(h, lm_head_weight, matmul_weight, targets, temperature, want_entropy, entropy_grad, chunk_tokens)
+    return _token_aligned(logp, selected, B, T), (_token_aligned(entropy, selected, B, T) if want_entropy else None)
 
 
-def _token_aligned(parts: list[torch.Tensor], selected: torch.Tensor | None, B: int, T: int, like: torch.Tensor) -> torch.Tensor:
-    """Per-chunk values back to [B, T]: unselected positions and position 0 hold 0."""
-    flat = torch.cat(parts) if parts else like.new_zeros(0, dtype=torch.float32)
+def _token_aligned(flat: torch.Tensor, selected: torch.Tensor | None, B: int, T: int) -> torch.Tensor:
+    """Per-position values back to [B, T]: unselected positions and position 0 hold 0."""
     if selected is not None:
         flat = flat.new_zeros(B * (T - 1)).index_copy(0, selected, flat)
     return torch.cat([flat.new_zeros(B, 1), flat.view(B, T - 1)], dim=1)

@@ -36,17 +36,27 @@ class PrefixPlan:
     def run_decoder(self, decoder: torch.nn.Module) -> torch.Tensor:
         """Suffix hidden states [R, S, H]: prompt pass once per prefix, then the suffixes."""
         cache = DynamicCache()
+        prefix_embeds, suffix_embeds = self._embed(decoder)
         prefix_positions = (self.prefix_mask.cumsum(-1) - 1).clamp(min=0)
         decoder(
-            input_ids=self.prefix_ids, attention_mask=self.prefix_mask, position_ids=prefix_positions,
+            inputs_embeds=prefix_embeds, attention_mask=self.prefix_mask, position_ids=prefix_positions,
             past_key_values=cache, use_cache=True,
         )
         cache.batch_select_indices(self.source)  # an index copy: gradients add back into the prefix pass
         attention = torch.cat([self.prefix_mask[self.source], self.suffix_mask], dim=1)
         return decoder(
-            input_ids=self.suffix_ids, attention_mask=attention, position_ids=self.suffix_positions,
+            inputs_embeds=suffix_embeds, attention_mask=attention, position_ids=self.suffix_positions,
             past_key_values=cache, use_cache=True,
         ).last_hidden_state
+
+    def _embed(self, decoder: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prefix and suffix token embeddings from one lookup. Each lookup's backward builds a
+        dense vocabulary x hidden gradient (113 MB for SmolLM2) and autograd then adds the two:
+        one lookup is one such tensor fewer to allocate, zero and add per micro-batch."""
+        ids = torch.cat([self.prefix_ids.flatten(), self.suffix_ids.flatten()])
+        embeds = decoder.get_input_embeddings()(ids)
+        split = self.prefix_ids.numel()
+        return embeds[:split].view(*self.prefix_ids.shape, -1), embeds[split:].view(*self.suffix_ids.shape, -1)
 
     def to_rows(self, suffix_values: torch.Tensor) -> torch.Tensor:
         """[R, S] values in suffix columns -> [B, T] token-aligned values (0 elsewhere)."""
