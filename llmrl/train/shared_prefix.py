@@ -42,7 +42,7 @@ class PrefixPlan:
             inputs_embeds=prefix_embeds, attention_mask=self.prefix_mask, position_ids=prefix_positions,
             past_key_values=cache, use_cache=True,
         )
-        cache.batch_select_indices(self.source)  # an index copy: gradients add back into the prefix pass
+        _copy_rows(cache, self.source)  # gradients add back into the prefix pass
         attention = torch.cat([self.prefix_mask[self.source], self.suffix_mask], dim=1)
         return decoder(
             inputs_embeds=suffix_embeds, attention_mask=attention, position_ids=self.suffix_positions,
@@ -65,6 +65,16 @@ class PrefixPlan:
         columns = self.suffix_start[:, None] + torch.arange(S)[None]
         wide = suffix_values.new_zeros(R, T + S).scatter(1, columns, suffix_values)
         return suffix_values.new_zeros(B, T).index_copy(0, self.rows, wide[:, :T])
+
+
+def _copy_rows(cache: DynamicCache, source: torch.Tensor) -> None:
+    """Every layer's keys and values to the rows `source` names: DynamicCache.batch_select_indices
+    with index_select, whose backward is an index_add. The cache's own advanced indexing
+    differentiates to an accumulating index_put, which took 5x as long on a CPU (bf16, 2 prefixes
+    copied to 16 rows, forward and backward: 240 against 47 us a call)."""
+    for layer in cache.layers:
+        layer.keys = layer.keys.index_select(0, source)
+        layer.values = layer.values.index_select(0, source)
 
 
 def plan_shared_prefix(mb: Batch) -> PrefixPlan | None:
