@@ -73,6 +73,7 @@ class _HeadPass(torch.autograd.Function):
         logp = hidden.new_empty(n, dtype=logits_dtype)
         lse = torch.empty_like(logp)
         entropy = torch.zeros_like(logp)
+        ws = _workspace()
         for start in range(0, n, chunk):
             rows = slice(start, min(start + chunk, n))
             z = _chunk_logits(hidden[rows], matmul_weight, temperature)
@@ -80,7 +81,7 @@ class _HeadPass(torch.autograd.Function):
             target_z = z.gather(-1, targets[rows].unsqueeze(-1)).squeeze(-1)
             shifted = z.sub_(m)  # z - m, in place
             if want_entropy:  # e and z - m are both needed: e goes to the spare buffer
-                e = torch.exp(shifted, out=_workspace().get("spare", *shifted.shape, shifted.dtype, shifted.device))
+                e = torch.exp(shifted, out=ws.get("spare", *shifted.shape, shifted.dtype, shifted.device))
             else:
                 e = shifted.exp_()
             s = e.sum(-1)
