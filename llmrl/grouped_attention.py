@@ -25,6 +25,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from llmrl.materialized_attention import fits, materialized_attention
 from llmrl.models import GROUPED_ATTENTION as NAME
 
 
@@ -54,7 +55,12 @@ def grouped_attention(
     grouped = query.reshape(batch, kv_heads, groups * queries, dim)
     if mask is not None:
         mask = _grouped_mask(mask, kv_heads, groups)
-    out = torch.nn.functional.scaled_dot_product_attention(grouped, key, value, attn_mask=mask, scale=scaling)
+    # Prefill and training (several queries a head) run as batched matmuls where the scores fit;
+    # decode's single query reads the cache once through the fused kernel, which is faster there.
+    if queries > 1 and fits(grouped, key) and not (mask is not None and mask.requires_grad):
+        out = materialized_attention(grouped, key, value, mask, scaling)
+    else:
+        out = torch.nn.functional.scaled_dot_product_attention(grouped, key, value, attn_mask=mask, scale=scaling)
     return out.reshape(batch, heads, queries, dim).transpose(1, 2).contiguous()
 
 

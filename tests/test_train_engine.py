@@ -13,6 +13,7 @@ from llmrl.models import ModelConfig, load_causal_lm, load_policy
 from llmrl.train.engine import NonFiniteUpdateError, TrainConfig
 from llmrl.train.logprobs import token_logprobs
 from llmrl.train.torch_engine import TorchTrainEngine
+from llmrl.workspace import workspace
 from llmrl.train.value_model import ValueModel
 
 
@@ -60,9 +61,11 @@ def test_one_micro_batch_of_8_equals_four_of_2(tiny_path):
     assert whole.keys() == split.keys() and whole
     for name in whole:
         # Relative to the tensor's norm: element-wise tolerances trip on fp32 reassociation
-        # in near-zero entries, while a normalisation bug is off by a factor (here 4).
+        # in near-zero entries, while a normalisation bug is off by a factor (here 4). Splitting
+        # trims each micro-batch's padding, so attention sums over other lengths: 8e-6 with
+        # SDPA's kernel, 1.1e-5 with the materialised one (fp32 rounding either way).
         err = (split[name] - whole[name]).norm() / whole[name].norm().clamp(min=1e-12)
-        assert err < 1e-5, (name, float(err))
+        assert err < 5e-5, (name, float(err))
 
 
 def test_micro_batches_trim_padding():
@@ -206,6 +209,7 @@ def test_the_head_pass_reuses_its_vocabulary_sized_buffers(precision):
     weight = torch.randn(2000, 16, requires_grad=True)  # 2000 x 16 = the weight's size, 32k
     ids = torch.randint(0, 2000, (3, 40))
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+    workspace().buffers.clear()  # earlier tests on this thread may have sized them already
     counts = []
     for _ in range(2):
         with _FreshVocabularyTensors(size=8 * 2000) as seen:

@@ -4,7 +4,7 @@ The lm_head projection, log-softmax and entropy run over chunks of tokens inside
 function with a closed-form backward (`_HeadPass`). Backward recomputes each chunk's logits from
 the saved hidden states and lm_head weight instead of keeping them, so peak extra memory is a
 few chunks' worth of logits (chunk_tokens x vocab), not the whole batch's, held in scratch
-buffers that are reused from chunk to chunk and call to call (`_Workspace`). Writing the
+buffers that are reused from chunk to chunk and call to call (`llmrl.workspace`). Writing the
 gradient out by hand, rather than checkpointing the chunk and letting autograd differentiate
 log_softmax, gather and the entropy, saves several full passes over the vocabulary per chunk.
 
@@ -16,41 +16,15 @@ backward, where each chunk's logits are recomputed.
 """
 from __future__ import annotations
 
-import threading
-
 import torch
 
+from llmrl.workspace import workspace
+
 DEFAULT_CHUNK_TOKENS = 1024
-
-
-class _Workspace:
-    """Scratch buffers for the head pass, kept across calls: `logits` [rows, V] in the logits'
-    dtype, `low` [rows, V] in the matmul's when that differs, `spare` [rows, V] for a second
-    vocabulary-sized value, and `weight_grad` [V, H] in the matmul's dtype. Chunks run one after
-    another, forward and backward alike, and no buffer outlives the call that fills it, so one set
-    serves every chunk. Fresh buffers of this size cost more than the arithmetic done in them:
-    torch's CPU allocator returns every large block to the kernel, whose pages are then faulted
-    in and zeroed again (docs/benchmarks.md)."""
-
-    def __init__(self) -> None:
-        self.buffers: dict[tuple, torch.Tensor] = {}
-
-    def get(self, name: str, rows: int, cols: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        key = (name, cols, dtype, device)
-        buf = self.buffers.get(key)
-        if buf is None or buf.shape[0] < rows:
-            self.buffers.pop(key, None)  # free the smaller one before allocating its successor
-            buf = self.buffers[key] = torch.empty(rows, cols, dtype=dtype, device=device)
-        return buf[:rows]
-
-
-_LOCAL = threading.local()
-
-
-def _workspace() -> _Workspace:
-    if not hasattr(_LOCAL, "workspace"):
-        _LOCAL.workspace = _Workspace()
-    return _LOCAL.workspace
+# Workspace names the head pass uses: `logits` [rows, V] in the logits' dtype, `low` [rows, V]
+# in the matmul's when that differs, `spare` [rows, V] for a second vocabulary-sized value, and
+# `weight_grad` [V, H] in the matmul's dtype. Chunks run one after another, forward and backward
+# alike, and no buffer outlives the call that fills it, so one set serves every chunk.
 
 
 class _HeadPass(torch.autograd.Function):
@@ -73,7 +47,7 @@ class _HeadPass(torch.autograd.Function):
         logp = hidden.new_empty(n, dtype=logits_dtype)
         lse = torch.empty_like(logp)
         entropy = torch.zeros_like(logp)
-        ws = _workspace()
+        ws = workspace()
         for start in range(0, n, chunk):
             rows = slice(start, min(start + chunk, n))
             z = _chunk_logits(hidden[rows], matmul_weight, temperature)
@@ -81,7 +55,7 @@ class _HeadPass(torch.autograd.Function):
             target_z = z.gather(-1, targets[rows].unsqueeze(-1)).squeeze(-1)
             shifted = z.sub_(m)  # z - m, in place
             if want_entropy:  # e and z - m are both needed: e goes to the spare buffer
-                e = torch.exp(shifted, out=ws.get("spare", *shifted.shape, shifted.dtype, shifted.device))
+                e = torch.exp(shifted, out=ws.get("spare", shifted.shape, shifted.dtype, shifted.device))
             else:
                 e = shifted.exp_()
             s = e.sum(-1)
@@ -105,7 +79,7 @@ class _HeadPass(torch.autograd.Function):
             grad_logp = torch.zeros_like(lse)
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         grad_weight = None  # one gradient for the whole pass, in the weight's dtype (fp32 sums under autocast)
-        ws = _workspace()
+        ws = workspace()
         for start in range(0, hidden.shape[0], chunk):
             rows = slice(start, min(start + chunk, hidden.shape[0]))
             # The 1/temperature of z's chain rule is folded into the per-token coefficients.
@@ -114,33 +88,33 @@ class _HeadPass(torch.autograd.Function):
             if grad_entropy is None:
                 grad_z = log_p.exp_().mul_(g.neg())  # log p is not needed again: softmax in place
             else:
-                p = torch.exp(log_p, out=ws.get("spare", *log_p.shape, log_p.dtype, log_p.device))
+                p = torch.exp(log_p, out=ws.get("spare", log_p.shape, log_p.dtype, log_p.device))
                 coef = log_p.add_(entropy[rows].unsqueeze(-1)).mul_(grad_entropy[rows].unsqueeze(-1) / temperature).add_(g)
                 grad_z = p.mul_(coef).neg_()
             grad_z.scatter_add_(-1, targets[rows].unsqueeze(-1), g)
             if grad_z.dtype != hidden.dtype:
-                grad_z = ws.get("low", *grad_z.shape, hidden.dtype, hidden.device).copy_(grad_z)
+                grad_z = ws.get("low", grad_z.shape, hidden.dtype, hidden.device).copy_(grad_z)
             if grad_hidden is not None:
                 torch.mm(grad_z, weight, out=grad_hidden[rows])
             if ctx.needs_input_grad[1]:
                 if ctx.weight_dtype == hidden.dtype:
                     grad_weight = grad_z.t() @ hidden[rows] if grad_weight is None else grad_weight.addmm_(grad_z.t(), hidden[rows])
                 else:
-                    part = torch.mm(grad_z.t(), hidden[rows], out=ws.get("weight_grad", *weight.shape, hidden.dtype, hidden.device))
+                    part = torch.mm(grad_z.t(), hidden[rows], out=ws.get("weight_grad", weight.shape, hidden.dtype, hidden.device))
                     grad_weight = part.to(ctx.weight_dtype) if grad_weight is None else grad_weight.add_(part)
         return grad_hidden, grad_weight, None, None, None, None, None, None
 
 
 def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, temperature: float) -> torch.Tensor:
     """hidden @ weight.T / temperature in a workspace buffer, in fp32 (fp64 stays fp64)."""
-    ws = _workspace()
+    ws = workspace()
     rows, vocab = hidden.shape[0], weight.shape[0]
     logits_dtype = torch.promote_types(hidden.dtype, torch.float32)
-    z = ws.get("logits", rows, vocab, logits_dtype, hidden.device)
+    z = ws.get("logits", (rows, vocab), logits_dtype, hidden.device)
     if hidden.dtype == logits_dtype:
         torch.mm(hidden, weight.t(), out=z)
     else:
-        z.copy_(torch.mm(hidden, weight.t(), out=ws.get("low", rows, vocab, hidden.dtype, hidden.device)))
+        z.copy_(torch.mm(hidden, weight.t(), out=ws.get("low", (rows, vocab), hidden.dtype, hidden.device)))
     return z.div_(temperature) if temperature != 1.0 else z
 
 

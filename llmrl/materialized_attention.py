@@ -1,0 +1,103 @@
+"""Attention with its score matrix built in full: two batched matmuls and a softmax.
+
+On a CPU, at the lengths RL fine-tuning trains on (a few hundred keys), the backward of torch's
+fused flash kernel runs its small tiles far below the matmul peak: at the vs_trl shape (bf16,
+16 rows x 3 KV heads x 387 grouped queries over 184 keys) it takes about twice as long as this
+one, whose every product is one batched GEMM (docs/benchmarks.md).
+
+The forward keeps the probabilities for the backward, in fp32, so memory grows with queries x
+keys; calls whose score matrix would exceed `MAX_SCORE_ELEMENTS` go to the fused
+kernel. The two products whose rounding the softmax amplifies, the scores (Q K^T) and the
+probabilities' gradient (dO V^T), run in fp32 on fp32 copies of bf16 inputs, as the fused
+kernel accumulates them: CPU matmuls here cannot write a bf16 product to an fp32 result. Against
+fp64, outputs and gradients are then as close as the fused kernel's (tests). The softmax runs
+in fp32; fp64 stays fp64.
+
+Backward (dO the output's gradient, P the probabilities, O = P V):
+  dV = P^T dO,  dP = dO V^T,  dS = P * (dP - rowsum(dO * O)) * scale,  dQ = dS K,  dK = dS^T Q
+"""
+from __future__ import annotations
+
+import torch
+
+from llmrl.workspace import workspace
+
+# Scores per call above which the fused kernel is used: 2^24 is 64 MB of fp32 probabilities,
+# kept per layer for the backward (about 2 GB for a 30-layer model at the bound).
+MAX_SCORE_ELEMENTS = 1 << 24
+
+
+def fits(query: torch.Tensor, key: torch.Tensor) -> bool:
+    """Whether a call of query [B, h, Q, D] against key [B, h, K, D] is small enough to materialise."""
+    batch, heads, queries, _ = query.shape
+    return batch * heads * queries * key.shape[-2] <= MAX_SCORE_ELEMENTS
+
+
+def materialized_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None, scale: float
+) -> torch.Tensor:
+    """softmax(query key^T * scale + mask) value for [B, h, Q, D] inputs; `mask` is SDPA's,
+    boolean (True = attend) or additive, broadcastable to [B, h, Q, K]. A query that sees no
+    key gets a zero output and zero gradients, as SDPA gives. Under autocast the inputs are cast
+    to autocast's dtype, as SDPA's are; without it, to the widest of theirs."""
+    device = query.device.type
+    if torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+    else:
+        dtype = torch.promote_types(torch.promote_types(query.dtype, key.dtype), value.dtype)
+    query, key, value = (t.to(dtype) for t in (query, key, value))
+    # The casts above are autocast's for these inputs; inside, every product stays in `dtype`.
+    with torch.autocast(device, enabled=False):
+        return _Materialized.apply(query, key, value, mask, scale)
+
+
+class _Materialized(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, query, key, value, mask, scale):  # type: ignore[override]
+        probs = _probabilities(query, key, mask, scale)
+        out = _bmm(_narrowed(probs, value.dtype, "low_probs"), value)
+        ctx.save_for_backward(query, key, value, probs)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        query, key, value, probs = ctx.saved_tensors
+        grad_value = _bmm(_narrowed(probs, value.dtype, "low_probs").transpose(-1, -2), grad_out)
+        grad_probs = _bmm(grad_out.to(probs.dtype), value.to(probs.dtype).transpose(-1, -2), "scores")
+        # P * (dP - rowsum(P * dP)) in one pass; the scale goes on dQ and dK, which are smaller.
+        grad_scores = torch.ops.aten._softmax_backward_data(grad_probs, probs, -1, probs.dtype)
+        grad_scores = _narrowed(grad_scores, query.dtype, "low_scores")
+        grad_query = _bmm(grad_scores, key).mul_(ctx.scale)
+        grad_key = _bmm(grad_scores.transpose(-1, -2), query).mul_(ctx.scale)
+        return grad_query, grad_key, grad_value, None, None
+
+
+def _bmm(a: torch.Tensor, b: torch.Tensor, scratch: str | None = None) -> torch.Tensor:
+    """a @ b over [B, h, m, k] x [B, h, k, n] as one 3-D bmm (torch.matmul on 4-D operands ran
+    about 1.6x slower here at these shapes), into the workspace buffer `scratch` if named."""
+    batch, heads, rows, cols = a.shape[0], a.shape[1], a.shape[2], b.shape[3]
+    out = None if scratch is None else workspace().get(scratch, (batch * heads, rows, cols), torch.promote_types(a.dtype, b.dtype), a.device)
+    flat = torch.bmm(a.reshape(batch * heads, rows, -1), b.reshape(batch * heads, -1, cols), out=out)
+    return flat.view(batch, heads, rows, cols)
+
+
+def _narrowed(t: torch.Tensor, dtype: torch.dtype, scratch: str) -> torch.Tensor:
+    """`t` in `dtype`, through a workspace buffer when that is a cast: the copy dies with the call."""
+    if t.dtype == dtype:
+        return t
+    return workspace().get(scratch, t.shape, dtype, t.device).copy_(t)
+
+
+def _probabilities(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """The softmax over keys, in fp32 or wider; rows with every key masked come out all zero.
+    The scores live in the workspace; only the probabilities, kept for the backward, are new."""
+    wide = torch.promote_types(query.dtype, torch.float32)
+    scores = _bmm(query.to(wide) * scale, key.to(wide).transpose(-1, -2), "scores")
+    if mask is None:
+        return torch.softmax(scores, -1)
+    if mask.dtype != torch.bool:
+        return torch.softmax(scores.add_(mask), -1)
+    probs = torch.softmax(scores.masked_fill_(~mask, float("-inf")), -1)
+    blind = ~mask.any(-1, keepdim=True)  # queries that see no key: softmax gives NaN there
+    return probs.masked_fill_(blind, 0.0) if bool(blind.any()) else probs

@@ -1,0 +1,106 @@
+"""Attention with its scores materialised: equal to SDPA in fp64 (forward and backward, boolean,
+additive and per-head masks), as close to exact as the fused kernel in bf16, zero for a query
+that sees no key, dtype-correct under autocast, and the fused kernel above its size bound."""
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import llmrl.materialized_attention as materialized
+from llmrl.grouped_attention import grouped_attention
+from llmrl.materialized_attention import materialized_attention
+
+
+def inputs(dtype=torch.float64, batch=3, heads=2, queries=7, keys=12, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(batch, heads, n, 16, generator=g, dtype=torch.float64) for n in (queries, keys, keys))
+    # causal over a left-padded row: query i sees keys up to keys - queries + i, after the pad
+    attend = torch.ones(batch, 1, queries, keys, dtype=torch.bool).tril(keys - queries)
+    for row, pad in enumerate((0, 2, 4)[:batch]):
+        attend[row, ..., :pad] = False
+    return [t.to(dtype) for t in (q, k, 2 * v)], attend
+
+
+def forward_backward(fn, tensors, mask, weights):
+    leaves = [t.detach().clone().requires_grad_() for t in tensors]
+    out = fn(*leaves, mask, 0.3)
+    (out.double() * weights).sum().backward()
+    return [out.detach().double()] + [t.grad.double() for t in leaves]
+
+
+def sdpa(q, k, v, mask, scale):
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
+def test_equals_sdpa_in_fp64_forward_and_backward():
+    (q, k, v), attend = inputs()
+    per_head = attend.expand(3, 2, 7, 12).clone()
+    per_head[:, 1, :, -2] = False
+    additive = torch.zeros(attend.shape, dtype=torch.float64).masked_fill(~attend, -1e9)
+    weights = torch.linspace(-1, 1, q.numel(), dtype=torch.float64).view(q.shape)
+    for mask in (attend, additive, per_head, None):
+        got = forward_backward(materialized_attention, (q, k, v), mask, weights)
+        want = forward_backward(sdpa, (q, k, v), mask, weights)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
+
+
+def test_bf16_is_as_close_to_exact_as_the_fused_kernel():
+    (q, k, v), attend = inputs(queries=40, keys=60, seed=1)
+    k = 3 * k  # scores of a few units, where rounding them would show
+    weights = torch.randn(q.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    exact = forward_backward(sdpa, (q, k, v), attend, weights)
+    low = [t.to(torch.bfloat16) for t in (q, k, v)]
+    ours = forward_backward(materialized_attention, low, attend, weights)
+    fused = forward_backward(sdpa, low, attend, weights)
+    for name, a, b, x in zip(("out", "dq", "dk", "dv"), ours, fused, exact):
+        ours_error = ((a - x).abs().mean() / x.abs().mean()).item()
+        fused_error = ((b - x).abs().mean() / x.abs().mean()).item()
+        assert ours_error <= 1.25 * fused_error, (name, ours_error, fused_error)
+        assert a.dtype == torch.float64 and ours_error < 2e-2
+
+
+def test_a_query_that_sees_no_key_gets_zero_output_and_gradients():
+    (q, k, v), attend = inputs()
+    attend[1, :, 0] = False  # row 1's first query sees nothing
+    out, dq, dk, dv = forward_backward(materialized_attention, (q, k, v), attend, torch.ones(q.shape, dtype=torch.float64))
+    assert torch.isfinite(out).all() and torch.isfinite(dq).all() and torch.isfinite(dk).all() and torch.isfinite(dv).all()
+    assert out[1, :, 0].abs().max() == 0 and dq[1, :, 0].abs().max() == 0
+    torch.testing.assert_close(out[1, :, 1:], sdpa(q, k, v, attend, 0.3)[1, :, 1:], atol=1e-12, rtol=1e-10)
+
+
+def test_autocast_inputs_of_mixed_dtypes_compute_in_bf16_with_matching_gradients():
+    (q, k, v), attend = inputs(torch.float32)
+    q, k = q.requires_grad_(), k.requires_grad_()
+    v = v.to(torch.bfloat16).requires_grad_()  # RoPE leaves q and k in fp32, v stays in bf16
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = materialized_attention(q, k, v, attend, 0.3)
+    assert out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    assert (q.grad.dtype, k.grad.dtype, v.grad.dtype) == (torch.float32, torch.float32, torch.bfloat16)
+    want = sdpa(*(t.detach().to(torch.bfloat16) for t in (q, k, v)), attend, 0.3)
+    torch.testing.assert_close(out.float(), want.float(), atol=2e-2, rtol=2e-2)
+
+
+class _KernelCalls(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fused = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.fused += "flash_attention" in func.__name__
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("queries,bound,fused", [(4, 1 << 25, False), (4, 10, True), (1, 1 << 25, True)])
+def test_grouped_attention_materialises_several_queries_within_the_bound(monkeypatch, queries, bound, fused):
+    # 9 query heads over 3 KV heads, as SmolLM2; decode (one query) keeps the fused kernel
+    g = torch.Generator().manual_seed(3)
+    query = torch.randn(2, 9, queries, 16, generator=g)
+    key, value = torch.randn(2, 3, 6, 16, generator=g), torch.randn(2, 3, 6, 16, generator=g)
+    mask = torch.ones(2, 1, queries, 6, dtype=torch.bool).tril(6 - queries)
+    monkeypatch.setattr(materialized, "MAX_SCORE_ELEMENTS", bound)
+    with _KernelCalls() as calls:
+        out = grouped_attention(query, key, value, mask, 0.25)
+    assert (calls.fused > 0) == fused
+    want = sdpa(query, key.repeat_interleave(3, 1), value.repeat_interleave(3, 1), mask, 0.25).transpose(1, 2)
+    torch.testing.assert_close(out, want, atol=1e-6, rtol=1e-5)
