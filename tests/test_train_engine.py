@@ -1,4 +1,5 @@
 """TrainEngine: normalisation across micro-batches, chunked logprobs, value head, safety nets."""
+import contextlib
 import subprocess
 import sys
 import textwrap
@@ -225,6 +226,53 @@ def test_the_head_pass_reuses_its_vocabulary_sized_buffers(precision):
         merged[op] = merged.get(op, 0) + n
     assert counts[1] == merged, counts[1]
     assert sum(counts[0].values()) > sum(counts[1].values())  # the first pass made the buffers
+
+
+class _WeightCasts(TorchDispatchMode):
+    """Counts fp32 -> bf16 casts of a tensor shaped like `shape` (the gradient's casts back are not)."""
+
+    def __init__(self, shape):
+        super().__init__()
+        self.shape, self.casts = tuple(shape), 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.casts += (
+            func is torch.ops.aten._to_copy.default and tuple(args[0].shape) == self.shape and args[0].dtype == torch.float32
+        )
+        return func(*args, **(kwargs or {}))
+
+
+def test_one_step_casts_the_lm_head_weight_once_for_all_its_micro_batches(tiny_path):
+    """bf16: a step of four micro-batches casts the fp32 lm_head weight once, not four times, and
+    its gradients equal those of casting per micro-batch."""
+    batch = random_batch()
+    grads = {}
+    for steady in (True, False):
+        torch.manual_seed(0)
+        model = load_policy(ModelConfig(name=tiny_path))
+        engine = TorchTrainEngine(model, TrainConfig(lr=0.0, grad_clip=0.0, precision="bf16", micro_batch_size=2), total_updates=1)
+        head = model.get_output_embeddings().weight
+        with _WeightCasts(head.shape) as seen, (contextlib.nullcontext() if steady else _per_call_casts()):
+            engine.step(batch, TokenMeanPG(), LossContext(step=0, cfg=None))
+        grads[steady] = (seen.casts, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[True][0] == 1 and grads[False][0] == 4
+    for name, grad in grads[False][1].items():
+        torch.testing.assert_close(grads[True][1][name], grad, atol=0, rtol=0)
+
+
+@contextlib.contextmanager
+def _per_call_casts():
+    import llmrl.train.logprobs as logprobs
+
+    original = logprobs.steady_weights
+    logprobs.steady_weights = contextlib.nullcontext  # the engine imported its own name: patch both
+    import llmrl.train.torch_engine as torch_engine
+
+    torch_engine.steady_weights = contextlib.nullcontext
+    try:
+        yield
+    finally:
+        logprobs.steady_weights = torch_engine.steady_weights = original
 
 
 def test_the_entropy_bonus_still_has_a_gradient(tiny_path):

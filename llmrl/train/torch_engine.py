@@ -13,7 +13,7 @@ from llmrl.batch import ROLLOUT_GAP, rollout_gap_sums, select_rows, split_micro_
 from llmrl.models import export_policy, is_lora, merged_state_dict
 from llmrl.precision import resolve_precision
 from llmrl.train.engine import NonFiniteUpdateError, TrainConfig, each_tensor_once, storage_key
-from llmrl.train.logprobs import head_logprobs
+from llmrl.train.logprobs import head_logprobs, steady_weights
 from llmrl.train.shared_prefix import PrefixPlan, plan_shared_prefix
 
 TRAINER_STATE = "trainer_state.pt"
@@ -149,7 +149,7 @@ class TorchTrainEngine:
         model.eval()
         B, T = batch["input_ids"].shape
         results: dict[str, torch.Tensor] = {}
-        with ctx:
+        with ctx, steady_weights():
             for start in range(0, B, micro_batch_size):
                 rows = list(range(start, min(start + micro_batch_size, B)))
                 mb = {k: v[rows] for k, v in batch.items()}
@@ -196,40 +196,42 @@ class TorchTrainEngine:
         metric_counts: dict[str, float] = {}
         total_loss = 0.0
         rows_total = rows_trained = 0
-        for index, mb in enumerate(micro_batches):
-            rows_total += mb["input_ids"].shape[0]
-            keep = self._rows_with_gradient(mb, loss_fn, ctx)
-            if keep is not None:
-                skipped = select_rows(mb, (~keep).nonzero().flatten())
-                skipped_metrics = getattr(loss_fn, "skipped_row_metrics", None)
-                for name, value in (skipped_metrics(skipped, ctx) if skipped_metrics else {}).items():
-                    self._add_sums(metric_sums, metric_counts, name, value)
-                if track_rollout_diff:
-                    self._add_sums(metric_sums, metric_counts, ROLLOUT_GAP, self._rollout_gap_without_update(skipped))
-                if not bool(keep.any()):
-                    continue
-                mb = select_rows(mb, keep.nonzero().flatten())
-            rows_trained += mb["input_ids"].shape[0]
-            self._start_micro_batch()
-            out = self._outputs(self.model, mb, want, entropy_grad)
-            if "old_logprobs" not in mb and "logprobs" in out:
-                mb = {**mb, "old_logprobs": out["logprobs"].detach()}
-            if track_rollout_diff and "logprobs" in out:
-                self._add_sums(metric_sums, metric_counts, ROLLOUT_GAP, rollout_gap_sums(mb, mb["old_logprobs"]))
-            result = loss_fn(mb, out, ctx)
-            loss = None
-            for part, value in result.sums.items():
-                denom = denominators.get(part, 0.0)
-                if denom <= 0:
-                    continue  # e.g. no expert rows in this mini-batch: the part is absent
-                term = result.weights.get(part, 1.0) * value / denom
-                loss = term if loss is None else loss + term
-            if loss is not None and loss.requires_grad:
-                self._backward(loss, last=index == len(micro_batches) - 1)
-                total_loss += float(loss.detach())
-            for name, (s, c) in result.metrics.items():
-                metric_sums[name] = metric_sums.get(name, 0.0) + float(s)
-                metric_counts[name] = metric_counts.get(name, 0.0) + float(c)
+        # The weights hold still until the optimizer step: casts made for one micro-batch serve all.
+        with steady_weights():
+            for index, mb in enumerate(micro_batches):
+                rows_total += mb["input_ids"].shape[0]
+                keep = self._rows_with_gradient(mb, loss_fn, ctx)
+                if keep is not None:
+                    skipped = select_rows(mb, (~keep).nonzero().flatten())
+                    skipped_metrics = getattr(loss_fn, "skipped_row_metrics", None)
+                    for name, value in (skipped_metrics(skipped, ctx) if skipped_metrics else {}).items():
+                        self._add_sums(metric_sums, metric_counts, name, value)
+                    if track_rollout_diff:
+                        self._add_sums(metric_sums, metric_counts, ROLLOUT_GAP, self._rollout_gap_without_update(skipped))
+                    if not bool(keep.any()):
+                        continue
+                    mb = select_rows(mb, keep.nonzero().flatten())
+                rows_trained += mb["input_ids"].shape[0]
+                self._start_micro_batch()
+                out = self._outputs(self.model, mb, want, entropy_grad)
+                if "old_logprobs" not in mb and "logprobs" in out:
+                    mb = {**mb, "old_logprobs": out["logprobs"].detach()}
+                if track_rollout_diff and "logprobs" in out:
+                    self._add_sums(metric_sums, metric_counts, ROLLOUT_GAP, rollout_gap_sums(mb, mb["old_logprobs"]))
+                result = loss_fn(mb, out, ctx)
+                loss = None
+                for part, value in result.sums.items():
+                    denom = denominators.get(part, 0.0)
+                    if denom <= 0:
+                        continue  # e.g. no expert rows in this mini-batch: the part is absent
+                    term = result.weights.get(part, 1.0) * value / denom
+                    loss = term if loss is None else loss + term
+                if loss is not None and loss.requires_grad:
+                    self._backward(loss, last=index == len(micro_batches) - 1)
+                    total_loss += float(loss.detach())
+                for name, (s, c) in result.metrics.items():
+                    metric_sums[name] = metric_sums.get(name, 0.0) + float(s)
+                    metric_counts[name] = metric_counts.get(name, 0.0) + float(c)
 
         grad_norm = self._clip_gradients()
         # Data-parallel ranks each saw a share of the mini-batch: make the figures the whole one's.
