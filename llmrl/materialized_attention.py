@@ -5,7 +5,8 @@ fused flash kernel runs its small tiles far below the matmul peak: at the vs_trl
 16 rows x 3 KV heads x 387 grouped queries over 184 keys) it takes about twice as long as this
 one, whose every product is one batched GEMM (docs/benchmarks.md).
 
-The forward keeps the probabilities for the backward, in fp32, so memory grows with queries x
+The trainer turns it on around its forward passes (`materialized_scores`); the rollout engine's
+prefill keeps the fused kernel. The forward keeps the probabilities for the backward, in fp32, so memory grows with queries x
 keys; calls whose score matrix would exceed `MAX_SCORE_ELEMENTS` go to the fused
 kernel. The two products whose rounding the softmax amplifies, the scores (Q K^T) and the
 probabilities' gradient (dO V^T), run in fp32 on fp32 copies of bf16 inputs, as the fused
@@ -18,6 +19,10 @@ Backward (dO the output's gradient, P the probabilities, O = P V):
 """
 from __future__ import annotations
 
+import contextlib
+import threading
+from typing import Iterator
+
 import torch
 
 from llmrl.workspace import workspace
@@ -27,8 +32,29 @@ from llmrl.workspace import workspace
 MAX_SCORE_ELEMENTS = 1 << 24
 
 
+_SWITCH = threading.local()
+
+
+@contextlib.contextmanager
+def materialized_scores() -> Iterator[None]:
+    """Inside this block (the trainer's forward passes), grouped attention with several queries a
+    head uses this module. Outside it (the rollout engine's prefill) the fused kernel stays: its
+    rows come out bit-identical whatever else is in the batch and however far it is padded, which
+    keeps seeded samples independent of how prompts are spread over engines. The matmul form's
+    reductions run over the padded key length, so padding moves its last bits."""
+    outer = getattr(_SWITCH, "on", False)
+    _SWITCH.on = True
+    try:
+        yield
+    finally:
+        _SWITCH.on = outer
+
+
 def fits(query: torch.Tensor, key: torch.Tensor) -> bool:
-    """Whether a call of query [B, h, Q, D] against key [B, h, K, D] is small enough to materialise."""
+    """Whether a call of query [B, h, Q, D] against key [B, h, K, D] is to be materialised: inside
+    `materialized_scores`, and small enough."""
+    if not getattr(_SWITCH, "on", False):
+        return False
     batch, heads, queries, _ = query.shape
     return batch * heads * queries * key.shape[-2] <= MAX_SCORE_ELEMENTS
 

@@ -1,13 +1,16 @@
 """Attention with its scores materialised: equal to SDPA in fp64 (forward and backward, boolean,
 additive and per-head masks), as close to exact as the fused kernel in bf16, zero for a query
-that sees no key, dtype-correct under autocast, and the fused kernel above its size bound."""
+that sees no key, dtype-correct under autocast, and the fused kernel above its size bound and
+outside the trainer's block."""
+import contextlib
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import llmrl.materialized_attention as materialized
 from llmrl.grouped_attention import grouped_attention
-from llmrl.materialized_attention import materialized_attention
+from llmrl.materialized_attention import materialized_attention, materialized_scores
 
 
 def inputs(dtype=torch.float64, batch=3, heads=2, queries=7, keys=12, seed=0):
@@ -91,15 +94,18 @@ class _KernelCalls(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("queries,bound,fused", [(4, 1 << 25, False), (4, 10, True), (1, 1 << 25, True)])
-def test_grouped_attention_materialises_several_queries_within_the_bound(monkeypatch, queries, bound, fused):
-    # 9 query heads over 3 KV heads, as SmolLM2; decode (one query) keeps the fused kernel
+@pytest.mark.parametrize(
+    "queries,bound,switched_on,fused", [(4, 1 << 25, True, False), (4, 10, True, True), (1, 1 << 25, True, True), (4, 1 << 25, False, True)]
+)
+def test_grouped_attention_materialises_several_queries_within_the_bound(monkeypatch, queries, bound, switched_on, fused):
+    # 9 query heads over 3 KV heads, as SmolLM2. Decode (one query) keeps the fused kernel, and so
+    # does every call outside the trainer's block (the rollout engine's prefill).
     g = torch.Generator().manual_seed(3)
     query = torch.randn(2, 9, queries, 16, generator=g)
     key, value = torch.randn(2, 3, 6, 16, generator=g), torch.randn(2, 3, 6, 16, generator=g)
     mask = torch.ones(2, 1, queries, 6, dtype=torch.bool).tril(6 - queries)
     monkeypatch.setattr(materialized, "MAX_SCORE_ELEMENTS", bound)
-    with _KernelCalls() as calls:
+    with _KernelCalls() as calls, (materialized_scores() if switched_on else contextlib.nullcontext()):
         out = grouped_attention(query, key, value, mask, 0.25)
     assert (calls.fused > 0) == fused
     want = sdpa(query, key.repeat_interleave(3, 1), value.repeat_interleave(3, 1), mask, 0.25).transpose(1, 2)

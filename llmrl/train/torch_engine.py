@@ -11,6 +11,7 @@ import torch
 from llmrl.algorithms.base import Batch, LossContext, LossFn
 from llmrl.batch import ROLLOUT_GAP, rollout_gap_sums, select_rows, split_micro_batches
 from llmrl.models import export_policy, is_lora, merged_state_dict
+from llmrl.materialized_attention import materialized_scores
 from llmrl.precision import resolve_precision
 from llmrl.train.engine import NonFiniteUpdateError, TrainConfig, each_tensor_once, storage_key
 from llmrl.train.logprobs import head_logprobs, steady_weights
@@ -82,6 +83,12 @@ class TorchTrainEngine:
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
 
     def _outputs(self, model: torch.nn.Module, mb: Batch, want: set[str], entropy_grad: bool = True) -> dict[str, torch.Tensor]:
+        # Every trainer pass (with or without grad, policy or reference) attends the same way, so
+        # old, reference and new logprobs of a row agree to the bit before any update.
+        with materialized_scores():
+            return self._model_outputs(model, mb, want, entropy_grad)
+
+    def _model_outputs(self, model: torch.nn.Module, mb: Batch, want: set[str], entropy_grad: bool) -> dict[str, torch.Tensor]:
         plan = self._shared_prefix_plan(model, mb, want)
         if plan is not None:
             return self._shared_prefix_outputs(model, plan, want, entropy_grad)
