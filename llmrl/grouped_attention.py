@@ -13,9 +13,10 @@ fused kernel still keeps its fp32 scores and softmax for bf16 inputs. Measured o
 (bf16, 16 rows x 128 queries over 230 keys, 30 layers): forward and backward 1.0-1.2 s instead
 of 1.7 s (docs/benchmarks.md).
 
-With several queries a head (prefill, training) the grouped call runs as batched matmuls over a
-materialised score matrix (`llmrl.materialized_attention`) when that matrix is small enough:
-there the fused kernel's backward is the slow part. Decode's single query keeps the fused kernel.
+Inside the trainer's forward passes, calls with several queries a head run as batched matmuls
+over a materialised score matrix (`llmrl.materialized_attention`) when that matrix is small
+enough: there the fused kernel's backward is the slow part. Decode's single query and the
+rollout engine's prefill keep the fused kernel.
 
 Calls this cannot serve exactly (no mask with several queries, which needs SDPA's causal flag;
 dropout; position bias; a paged cache) go to transformers' SDPA. Masks are SDPA's.
@@ -59,7 +60,7 @@ def grouped_attention(
     grouped = query.reshape(batch, kv_heads, groups * queries, dim)
     if mask is not None:
         mask = _grouped_mask(mask, kv_heads, groups)
-    # Prefill and training (several queries a head) run as batched matmuls where the scores fit;
+    # The trainer's passes (several queries a head) run as batched matmuls where the scores fit;
     # decode's single query reads the cache once through the fused kernel, which is faster there.
     if queries > 1 and fits(grouped, key) and not (mask is not None and mask.requires_grad):
         out = materialized_attention(grouped, key, value, mask, scaling)

@@ -6,16 +6,16 @@ fused flash kernel runs its small tiles far below the matmul peak: at the vs_trl
 one, whose every product is one batched GEMM (docs/benchmarks.md).
 
 The trainer turns it on around its forward passes (`materialized_scores`); the rollout engine's
-prefill keeps the fused kernel. The forward keeps the probabilities for the backward, in fp32, so memory grows with queries x
-keys; calls whose score matrix would exceed `MAX_SCORE_ELEMENTS` go to the fused
-kernel. The two products whose rounding the softmax amplifies, the scores (Q K^T) and the
+prefill keeps the fused kernel. The forward keeps the probabilities for the backward, in fp32,
+so memory grows with queries x keys; calls whose score matrix would exceed `MAX_SCORE_ELEMENTS`
+go to the fused kernel. The two products whose rounding the softmax amplifies, the scores (Q K^T) and the
 probabilities' gradient (dO V^T), run in fp32 on fp32 copies of bf16 inputs, as the fused
 kernel accumulates them: CPU matmuls here cannot write a bf16 product to an fp32 result. Against
 fp64, outputs and gradients are then as close as the fused kernel's (tests). The softmax runs
 in fp32; fp64 stays fp64.
 
 Backward (dO the output's gradient, P the probabilities, O = P V):
-  dV = P^T dO,  dP = dO V^T,  dS = P * (dP - rowsum(dO * O)) * scale,  dQ = dS K,  dK = dS^T Q
+  dV = P^T dO,  dP = dO V^T,  dS = P * (dP - rowsum(P * dP)),  dQ = scale dS K,  dK = scale dS^T Q
 """
 from __future__ import annotations
 

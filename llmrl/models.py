@@ -52,7 +52,7 @@ class ModelConfig(Section):
         description=(
             "transformers attention implementation for every model llmrl loads (policy, reference, critic, hf rollout). "
             f"{GROUPED_ATTENTION} (default) is SDPA without copying key/value heads for grouped-query models, faster "
-            "in decode and in training (llmrl/grouped_attention.py); with several queries a head (prefill, training) it "
+            "in decode and in training (llmrl/grouped_attention.py); in the trainer's forward passes it "
             "builds the score matrix with batched matmuls where that holds at most 2^24 scores a layer call, about 64 MB "
             "kept per layer for the backward (llmrl/materialized_attention.py). sdpa is transformers' own; eager is plain "
             "PyTorch."
