@@ -30,7 +30,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from llmrl.materialized_attention import fits, materialized_attention
+from llmrl.materialized_attention import materialized_attention, serves
 from llmrl.models import GROUPED_ATTENTION as NAME
 
 
@@ -62,7 +62,7 @@ def grouped_attention(
         mask = _grouped_mask(mask, kv_heads, groups)
     # The trainer's passes (several queries a head) run as batched matmuls where the scores fit;
     # decode's single query reads the cache once through the fused kernel, which is faster there.
-    if queries > 1 and fits(grouped, key) and not (mask is not None and mask.requires_grad):
+    if queries > 1 and serves(grouped, key, mask):
         out = materialized_attention(grouped, key, value, mask, scaling)
     else:
         out = torch.nn.functional.scaled_dot_product_attention(grouped, key, value, attn_mask=mask, scale=scaling)

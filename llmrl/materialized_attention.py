@@ -8,9 +8,9 @@ one, whose every product is one batched GEMM (docs/benchmarks.md).
 The trainer turns it on around its forward passes (`materialized_scores`); the rollout engine's
 prefill keeps the fused kernel. The forward keeps the probabilities for the backward, in fp32,
 so memory grows with queries x keys; calls whose score matrix would exceed `MAX_SCORE_ELEMENTS`
-go to the fused kernel. The two products whose rounding the softmax amplifies, the scores (Q K^T) and the
-probabilities' gradient (dO V^T), run in fp32 on fp32 copies of bf16 inputs, as the fused
-kernel accumulates them: CPU matmuls here cannot write a bf16 product to an fp32 result. Against
+go to the fused kernel. The two products whose rounding the softmax amplifies, the scores
+(Q K^T) and the probabilities' gradient (dO V^T), run in fp32 on fp32 copies of bf16 inputs, as
+the fused kernel accumulates them: CPU matmuls here cannot write a bf16 product to an fp32 result. Against
 fp64, outputs and gradients are then as close as the fused kernel's (tests). The softmax runs
 in fp32; fp64 stays fp64.
 
@@ -50,10 +50,10 @@ def materialized_scores() -> Iterator[None]:
         _SWITCH.on = outer
 
 
-def fits(query: torch.Tensor, key: torch.Tensor) -> bool:
-    """Whether a call of query [B, h, Q, D] against key [B, h, K, D] is to be materialised: inside
-    `materialized_scores`, and small enough."""
-    if not getattr(_SWITCH, "on", False):
+def serves(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None) -> bool:
+    """Whether this module takes a call of query [B, h, Q, D] against key [B, h, K, D]: inside
+    `materialized_scores`, with no gradient wanted for the mask, and small enough."""
+    if not getattr(_SWITCH, "on", False) or (mask is not None and mask.requires_grad):
         return False
     batch, heads, queries, _ = query.shape
     return batch * heads * queries * key.shape[-2] <= MAX_SCORE_ELEMENTS
