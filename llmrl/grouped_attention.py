@@ -16,7 +16,9 @@ of 1.7 s (docs/benchmarks.md).
 Inside the trainer's forward passes, calls with several queries a head run as batched matmuls
 over a materialised score matrix (`llmrl.materialized_attention`) when that matrix is small
 enough: there the fused kernel's backward is the slow part. Decode's single query and the
-rollout engine's prefill keep the fused kernel.
+rollout engine's prefill keep the fused kernel. When the hf engine decodes over a cache that
+keeps each prompt once for all its samples, every call goes to that cache's `attend`
+(`llmrl.rollout.shared_prefix_cache`).
 
 Calls this cannot serve exactly (no mask with several queries, which needs SDPA's causal flag;
 dropout; position bias; a paged cache) go to transformers' SDPA. Masks are SDPA's.
@@ -32,6 +34,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from llmrl.materialized_attention import materialized_attention, serves
 from llmrl.models import GROUPED_ATTENTION as NAME
+from llmrl.rollout.shared_prefix_cache import active_shared_prefix
 
 
 def _grouped_mask(mask: torch.Tensor, kv_heads: int, groups: int) -> torch.Tensor:
@@ -79,11 +82,14 @@ def grouped_attention_forward(
     scaling: float | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    shared = active_shared_prefix()
+    if shared is not None:  # the hf engine's decode over a prompt cache shared by a group's samples
+        return shared.attend(module.layer_idx, query, key, value, scale), None
     # Several queries without a mask means "causal" to SDPA: only its own flag does that exactly.
     needs_sdpa = (attention_mask is None and query.shape[2] > 1) or dropout > 0 or query.shape[1] == key.shape[1]
     if needs_sdpa or kwargs.get("position_bias") is not None or kwargs.get("cache") is not None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     return grouped_attention(query, key, value, attention_mask, scale), None
 
 

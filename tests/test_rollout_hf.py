@@ -100,6 +100,32 @@ def test_cdf_sampling_matches_the_distribution_and_never_draws_a_zero():
     assert torch.allclose(freq, probs.double(), atol=0.006)
 
 
+def test_two_level_cdf_takes_the_same_token_as_one_running_sum_across_blocks():
+    # Blocks of 2 split the steps above across blocks, with empty tokens at block edges.
+    probs = torch.tensor([0.125, 0.0, 0.5, 0.375, 0.0])
+    uniforms = torch.tensor([1e-9, 0.125, 0.125 + 1e-9, 0.625, 0.625 + 1e-9, 1.0], dtype=torch.float64)
+    assert sample_from(probs.expand(6, 5), uniforms, block=2).tolist() == [0, 0, 2, 2, 3, 3]
+    # Multiples of 2^-12 keep every partial sum exact, so both CDFs agree token for token.
+    g = torch.Generator().manual_seed(0)
+    weights = torch.randint(0, 4, (500, 37), generator=g).float() / 4096
+    weights[:, 0] += 1 / 4096  # no row without mass
+    uniform = draw_uniform(500, g)
+    one_sum = torch.searchsorted(weights.double().cumsum(-1), (uniform * weights.double().sum(-1))[:, None]).squeeze(-1)
+    for block in (1, 4, 16, 256):
+        assert torch.equal(sample_from(weights, uniform, block=block), one_sum)
+
+
+def test_two_level_cdf_never_lands_past_a_block_whose_running_sum_rounds_low():
+    # 1 + 2^-53 + 2^-53 + ... summed one at a time stays 1.0; the vectorised block sum can pair
+    # the small terms first and come out above it. u = 1 then targets past the block's running
+    # sum, and the empty tail of the block must not be drawn.
+    probs = torch.zeros(1, 16)
+    probs[0, 0] = 1.0
+    probs[0, 1:8] = 2.0**-53
+    drawn = sample_from(probs, torch.ones(1, dtype=torch.float64), block=16)
+    assert probs[0, drawn].item() > 0
+
+
 def test_top_k_and_top_p_filtering():
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
     assert torch.isinf(filter_logits(logits, 2, 1.0)).tolist() == [[False, False, True, True]]

@@ -229,16 +229,16 @@ def test_the_head_pass_reuses_its_vocabulary_sized_buffers(precision):
 
 
 class _WeightCasts(TorchDispatchMode):
-    """Counts fp32 -> bf16 casts of a tensor shaped like `shape` (the gradient's casts back are not)."""
+    """Counts fp32 -> bf16 casts of each named weight (the gradient's casts back are bf16 -> fp32)."""
 
-    def __init__(self, shape):
+    def __init__(self, weights):
         super().__init__()
-        self.shape, self.casts = tuple(shape), 0
+        self.names = {w.data_ptr(): name for name, w in weights.items()}
+        self.casts = {name: 0 for name in weights}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.casts += (
-            func is torch.ops.aten._to_copy.default and tuple(args[0].shape) == self.shape and args[0].dtype == torch.float32
-        )
+        if func is torch.ops.aten._to_copy.default and args[0].dtype == torch.float32 and args[0].data_ptr() in self.names:
+            self.casts[self.names[args[0].data_ptr()]] += 1
         return func(*args, **(kwargs or {}))
 
 
@@ -252,12 +252,28 @@ def test_one_step_casts_the_lm_head_weight_once_for_all_its_micro_batches(tiny_p
         model = load_policy(ModelConfig(name=tiny_path))
         engine = TorchTrainEngine(model, TrainConfig(lr=0.0, grad_clip=0.0, precision="bf16", micro_batch_size=2), total_updates=1)
         head = model.get_output_embeddings().weight
-        with _WeightCasts(head.shape) as seen, (contextlib.nullcontext() if steady else _per_call_casts()):
+        with _WeightCasts({"head": head}) as seen, (contextlib.nullcontext() if steady else _per_call_casts()):
             engine.step(batch, TokenMeanPG(), LossContext(step=0, cfg=None))
-        grads[steady] = (seen.casts, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        grads[steady] = (seen.casts["head"], {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
     assert grads[True][0] == 1 and grads[False][0] == 4
     for name, grad in grads[False][1].items():
         torch.testing.assert_close(grads[True][1][name], grad, atol=0, rtol=0)
+
+
+def test_one_step_and_one_no_grad_pass_cast_each_decoder_weight_once(tiny_path):
+    """bf16: autocast's copies of the weights last for its outermost block, so the engine keeps
+    one block around all micro-batches; every matmul weight is cast once per step (and once per
+    no-grad pass), not once per micro-batch."""
+    model = load_policy(ModelConfig(name=tiny_path))
+    engine = TorchTrainEngine(model, TrainConfig(lr=0.0, grad_clip=0.0, precision="bf16", micro_batch_size=2), total_updates=1)
+    weights = {n: p for n, p in model.get_decoder().named_parameters() if n.endswith("proj.weight")}
+    assert len(weights) >= 7
+    with _WeightCasts(weights) as seen:
+        engine.step(random_batch(), TokenMeanPG(), LossContext(step=0, cfg=None))  # 4 micro-batches
+    assert set(seen.casts.values()) == {1}, seen.casts
+    with _WeightCasts(weights) as seen:
+        engine.forward(random_batch(), {"logprobs"}, micro_batch_size=2)
+    assert set(seen.casts.values()) == {1}, seen.casts
 
 
 @contextlib.contextmanager

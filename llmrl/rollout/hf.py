@@ -10,12 +10,16 @@ from typing import Any, Iterable
 
 import torch
 
-from llmrl.models import ModelConfig, load_causal_lm
+from llmrl.models import GROUPED_ATTENTION, ModelConfig, load_causal_lm
 from llmrl.precision import resolve_dtype
 from llmrl.rollout.base import RolloutConfig, SamplingParams, register_rollout_engine
 from llmrl.rollout.kv_cache import PreallocatedCache
+from llmrl.rollout.shared_prefix_cache import SharedPrefixCache
 from llmrl.train.logprobs import sequence_logprobs
 from llmrl.types import Completion
+
+
+SAMPLING_BLOCK = 256  # vocabulary entries per block of the two-level CDF in `sample_from`
 
 
 def draw_uniform(rows: int, generator: torch.Generator | None) -> torch.Tensor:
@@ -23,17 +27,36 @@ def draw_uniform(rows: int, generator: torch.Generator | None) -> torch.Tensor:
     return 1.0 - torch.rand(rows, generator=generator, dtype=torch.float64)
 
 
-def sample_from(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+def sample_from(probs: torch.Tensor, uniform: torch.Tensor, block: int = SAMPLING_BLOCK) -> torch.Tensor:
     """Draw one token per row by inverting the CDF with one uniform per row.
 
     `torch.multinomial` draws an exponential variate per vocabulary entry (49k per row for
     SmolLM2), which profiled at a fifth of decode time; one uniform and a sorted search is exact
     categorical sampling for a fraction of that. Rows need not be normalised. Token k is chosen
     when cdf[k-1] < u * total <= cdf[k], so a zero-probability token (cdf[k-1] == cdf[k]) never is.
+
+    The CDF is built in two levels, in float64: the vocabulary's blocks of `block` tokens are
+    summed (a vectorised reduction) and only the chosen block gets a running sum. A running sum
+    over the whole vocabulary is sequential and cost 1-3 ms a decode step for 32 rows, more than
+    the rest of the sampling together.
     """
-    cdf = probs.double().cumsum(-1)
-    target = (uniform * cdf[:, -1])[:, None]
-    return torch.searchsorted(cdf, target).squeeze(-1).clamp(max=probs.shape[-1] - 1)
+    rows, vocab = probs.shape
+    blocks = -(-vocab // block)
+    if blocks * block != vocab:
+        probs = torch.nn.functional.pad(probs, (0, blocks * block - vocab))  # zeros are never drawn
+    tiled = probs.reshape(rows, blocks, block)
+    block_cdf = tiled.sum(-1, dtype=torch.float64).cumsum(-1)
+    target = uniform * block_cdf[:, -1]
+    chosen_block = torch.searchsorted(block_cdf, target[:, None]).squeeze(-1).clamp(max=blocks - 1)
+    # mass before the chosen block; the search guarantees it is below the target
+    before = block_cdf.gather(1, (chosen_block - 1).clamp(min=0)[:, None]).squeeze(-1).masked_fill(chosen_block == 0, 0.0)
+    inner = tiled[torch.arange(rows), chosen_block].double()
+    inner_cdf = inner.cumsum(-1).add_(before[:, None])
+    within = torch.searchsorted(inner_cdf, target[:, None]).squeeze(-1)
+    # The block's own running sum can round just below its total: then the target is past every
+    # step, and the block's last token with mass holds it.
+    last_with_mass = ((inner > 0) * torch.arange(block)).amax(-1)
+    return chosen_block * block + torch.minimum(within, last_with_mass)
 
 
 def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
@@ -103,7 +126,10 @@ class HFRolloutEngine:
             input_ids[i, width - len(p) :] = torch.tensor(p)
             attention[i, width - len(p) :] = 1
         positions = (attention.cumsum(-1) - 1).clamp(min=0)
-        cache = PreallocatedCache(room=sp.max_new_tokens)  # no torch.cat of the whole cache per token
+        # Several samples of a prompt decode over one copy of its cache; otherwise each row gets its
+        # own, with room reserved up front (no torch.cat of the whole cache per token).
+        shared = len(prompts) < B and self.model.config._attn_implementation == GROUPED_ATTENTION
+        cache = SharedPrefixCache(room=sp.max_new_tokens) if shared else PreallocatedCache(room=sp.max_new_tokens)
         # The last position as an index tensor, not logits_to_keep=1: the int form hands the
         # lm_head a strided view [B, 1, H] of the hidden states, which torch's CPU matmul ran
         # 75-450x slower than a contiguous copy in bf16 (64 prompts: 3.7 s against 8 ms), longer
@@ -114,7 +140,7 @@ class HFRolloutEngine:
         ).logits[:, -1]
         if len(prompts) < B:
             expand = torch.tensor(source)
-            cache.batch_select_indices(expand)
+            cache.share(expand, attention)
             logits, attention, positions = logits[expand], attention[expand], positions[expand]
         next_pos = positions[:, -1] + 1
         rows = list(range(B))  # original row of each live cache row; finished rows are dropped
@@ -156,10 +182,13 @@ class HFRolloutEngine:
                 cache.batch_select_indices(keep)
                 rows = [rows[j] for j in keep.tolist()]
                 chosen, attention, next_pos = chosen[keep], attention[keep], next_pos[keep]
-            attention = torch.cat([attention, torch.ones(len(rows), 1, dtype=torch.long)], dim=1)
-            logits = self.model(
-                input_ids=chosen[:, None], attention_mask=attention, position_ids=next_pos[:, None], past_key_values=cache, use_cache=True
-            ).logits[:, -1]
+            if not shared:  # the shared cache holds its prompts' padding itself and its suffixes have none
+                attention = torch.cat([attention, torch.ones(len(rows), 1, dtype=torch.long)], dim=1)
+            with cache.decoding():
+                logits = self.model(
+                    input_ids=chosen[:, None], attention_mask=None if shared else attention, position_ids=next_pos[:, None],
+                    past_key_values=cache, use_cache=True,
+                ).logits[:, -1]
             next_pos = next_pos + 1
         return [Completion(token_ids=tokens[i], logprobs=logps[i], finish_reason=reasons[i]) for i in range(B)]
 

@@ -8,6 +8,7 @@ When a sequence outlives the room, the buffer grows by doubling (a copy, as rare
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -86,3 +87,12 @@ class PreallocatedCache(DynamicCache):
 
     def __init__(self, room: int) -> None:
         Cache.__init__(self, layer_class_to_replicate=lambda: PreallocatedLayer(room))
+
+    def share(self, row_prompt: torch.Tensor, prompt_attention: torch.Tensor) -> None:
+        """After the prefill of the distinct prompts: copy prompt `row_prompt[i]`'s cache to row i.
+        (`prompt_attention` is for `SharedPrefixCache`, which shares instead of copying.)"""
+        self.batch_select_indices(row_prompt)
+
+    def decoding(self) -> contextlib.AbstractContextManager[None]:
+        """Decode runs as it is: any attention implementation reads this cache."""
+        return contextlib.nullcontext()

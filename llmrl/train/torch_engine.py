@@ -77,10 +77,10 @@ class TorchTrainEngine:
         self.updates = 0
 
     # ------------------------------------------------------------------ forward
-    def _autocast(self):
+    def _autocast(self, enabled: bool = True) -> contextlib.AbstractContextManager[Any]:
         if self.precision != "bf16":
             return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=enabled)
 
     def _outputs(self, model: torch.nn.Module, mb: Batch, want: set[str], entropy_grad: bool = True) -> dict[str, torch.Tensor]:
         # Every trainer pass (with or without grad, policy or reference) attends the same way, so
@@ -156,7 +156,7 @@ class TorchTrainEngine:
         model.eval()
         B, T = batch["input_ids"].shape
         results: dict[str, torch.Tensor] = {}
-        with ctx, steady_weights():
+        with ctx, steady_weights(), self._autocast():  # one block: autocast's weight casts serve every micro-batch
             for start in range(0, B, micro_batch_size):
                 rows = list(range(start, min(start + micro_batch_size, B)))
                 mb = {k: v[rows] for k, v in batch.items()}
@@ -204,7 +204,9 @@ class TorchTrainEngine:
         total_loss = 0.0
         rows_total = rows_trained = 0
         # The weights hold still until the optimizer step: casts made for one micro-batch serve all.
-        with steady_weights():
+        # Autocast keeps its bf16 copies of the weights until its outermost block ends, so one
+        # block spans the micro-batches; the backward runs outside it, as torch advises.
+        with steady_weights(), self._autocast():
             for index, mb in enumerate(micro_batches):
                 rows_total += mb["input_ids"].shape[0]
                 keep = self._rows_with_gradient(mb, loss_fn, ctx)
@@ -234,7 +236,8 @@ class TorchTrainEngine:
                     term = result.weights.get(part, 1.0) * value / denom
                     loss = term if loss is None else loss + term
                 if loss is not None and loss.requires_grad:
-                    self._backward(loss, last=index == len(micro_batches) - 1)
+                    with self._autocast(enabled=False):
+                        self._backward(loss, last=index == len(micro_batches) - 1)
                     total_loss += float(loss.detach())
                 for name, (s, c) in result.metrics.items():
                     metric_sums[name] = metric_sums.get(name, 0.0) + float(s)
