@@ -54,8 +54,9 @@ class ModelConfig(Section):
             f"{GROUPED_ATTENTION} (default) is SDPA without copying key/value heads for grouped-query models, faster "
             "in decode and in training (llmrl/grouped_attention.py); in the trainer's forward passes it "
             "builds the score matrix with batched matmuls where that holds at most 2^24 scores a layer call, about 64 MB "
-            "kept per layer for the backward (llmrl/materialized_attention.py). sdpa is transformers' own; eager is plain "
-            "PyTorch."
+            "kept per layer for the backward (llmrl/materialized_attention.py). With it the hf rollout engine also "
+            "decodes a prompt's n samples over one shared copy of the prompt's cache (llmrl/rollout/shared_prefix_cache.py). "
+            "sdpa is transformers' own; eager is plain PyTorch."
         ),
     )
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
