@@ -50,6 +50,8 @@ LAYOUTS = {
     "mixed": ([2, 0, 1, 0, 2, 2, 1], {2: [2], 4: [1]}),
     # rows leave until a single prompt with one row is left
     "draining": ([0, 1, 2, 0, 1, 2], {1: [0, 1], 3: [0, 2], 5: [1]}),
+    # the last row leaves: the rows left are still numbered like their slots, but a slot is empty
+    "last row leaves": ([0, 0, 1, 1, 2, 2], {2: [5]}),
 }
 
 

@@ -114,8 +114,9 @@ class SharedPrefixCache(DynamicCache):
         rank = torch.empty_like(row_prompt)
         rank[order] = torch.arange(len(row_prompt)) - first_of_prompt[row_prompt[order]]
         self.slot = row_prompt * self.rows_per_prompt + rank
-        # rows already laid out prompt by prompt, all prompts alike: no scatter or gather needed
-        self.in_slot_order = bool(torch.equal(self.slot, torch.arange(len(row_prompt))))
+        # every slot filled by the row of the same index: no scatter or gather needed
+        rows = len(row_prompt)
+        self.in_slot_order = rows == self.prompts * self.rows_per_prompt and bool(torch.equal(self.slot, torch.arange(rows)))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         row_prompt = self.row_prompt[indices]
