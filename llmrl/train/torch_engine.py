@@ -82,6 +82,15 @@ class TorchTrainEngine:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=enabled)
 
+    def _fixed_weights(self) -> contextlib.ExitStack:
+        """A block in which no weight changes (a step's micro-batches, a no-grad pass over a
+        batch): the head pass's lm_head cast and autocast's casts of the other weights are each
+        made once for the whole block. Autocast keeps its copies until its outermost block ends."""
+        block = contextlib.ExitStack()
+        block.enter_context(steady_weights())
+        block.enter_context(self._autocast())
+        return block
+
     def _outputs(self, model: torch.nn.Module, mb: Batch, want: set[str], entropy_grad: bool = True) -> dict[str, torch.Tensor]:
         # Every trainer pass (with or without grad, policy or reference) attends the same way, so
         # old, reference and new logprobs of a row agree to the bit before any update.
@@ -156,7 +165,7 @@ class TorchTrainEngine:
         model.eval()
         B, T = batch["input_ids"].shape
         results: dict[str, torch.Tensor] = {}
-        with ctx, steady_weights(), self._autocast():  # one block: autocast's weight casts serve every micro-batch
+        with ctx, self._fixed_weights():
             for start in range(0, B, micro_batch_size):
                 rows = list(range(start, min(start + micro_batch_size, B)))
                 mb = {k: v[rows] for k, v in batch.items()}
@@ -204,9 +213,8 @@ class TorchTrainEngine:
         total_loss = 0.0
         rows_total = rows_trained = 0
         # The weights hold still until the optimizer step: casts made for one micro-batch serve all.
-        # Autocast keeps its bf16 copies of the weights until its outermost block ends, so one
-        # block spans the micro-batches; the backward runs outside it, as torch advises.
-        with steady_weights(), self._autocast():
+        # The backward runs with autocast off, as torch advises.
+        with self._fixed_weights():
             for index, mb in enumerate(micro_batches):
                 rows_total += mb["input_ids"].shape[0]
                 keep = self._rows_with_gradient(mb, loss_fn, ctx)
