@@ -1,0 +1,127 @@
+"""The hf engine's grouped, pre-packed linears: same products, same parameters, fresh after writes."""
+import pytest
+import torch
+from torch import nn
+
+from llmrl.models import ModelConfig, load_causal_lm
+from llmrl.rollout.base import RolloutConfig, SamplingParams
+from llmrl.rollout.hf import HFRolloutEngine
+from llmrl.rollout.packed_linears import GroupedLinear, LinearGroup, pack_linears
+
+TOLERANCE = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
+
+
+class Block(nn.Module):
+    """The shapes of a decoder layer's linears: q/k/v and gate/up read one input each."""
+
+    def __init__(self, bias: bool) -> None:
+        super().__init__()
+        self.q_proj, self.k_proj, self.v_proj = nn.Linear(16, 12, bias=bias), nn.Linear(16, 4, bias=bias), nn.Linear(16, 4, bias=bias)
+        self.o_proj = nn.Linear(12, 16, bias=bias)
+        self.gate_proj, self.up_proj, self.down_proj = nn.Linear(16, 24, bias=bias), nn.Linear(16, 24, bias=bias), nn.Linear(24, 16, bias=bias)
+
+
+def reference(linear: nn.Linear, weights: dict[str, torch.Tensor], name: str, x: torch.Tensor) -> torch.Tensor:
+    bias = weights.get(f"{name}.bias")
+    return nn.functional.linear(x, weights[f"{name}.weight"], bias)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [False, True])
+def test_every_member_gives_its_own_linear_product(dtype, bias):
+    torch.manual_seed(0)
+    block = Block(bias).to(dtype)
+    weights = {k: v.clone() for k, v in block.state_dict().items()}
+    names = list(block.state_dict())
+    assert pack_linears(block) == 4  # q/k/v, gate/up, and o and down alone
+    assert list(block.state_dict()) == names  # same parameters under the same names...
+    for key, value in block.state_dict().items():
+        assert torch.equal(value, weights[key])  # ...with the same values
+    q, k = block.q_proj.weight, block.k_proj.weight
+    assert k.data_ptr() == q.data_ptr() + q.numel() * q.element_size()  # views into one weight
+    x = torch.randn(3, 5, 16, dtype=dtype)  # [rows, positions, in]: the product flattens and restores
+    for name in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"):
+        got = getattr(block, name)(x)
+        assert got.shape == (3, 5, getattr(block, name).out_features)
+        torch.testing.assert_close(got, reference(getattr(block, name), weights, name, x), **TOLERANCE[dtype])
+    h = torch.randn(3, 5, 12, dtype=dtype)
+    torch.testing.assert_close(block.o_proj(h), reference(block.o_proj, weights, "o_proj", h), **TOLERANCE[dtype])
+
+
+def test_siblings_share_one_product_for_the_same_input(monkeypatch):
+    block = Block(bias=False)
+    pack_linears(block)
+    products = []
+    group = block.q_proj.group
+    original = LinearGroup._current_product
+
+    def counting(self: LinearGroup):
+        product = original(self)
+        return lambda x: products.append(self) or product(x)
+
+    monkeypatch.setattr(LinearGroup, "_current_product", counting)
+    x = torch.randn(2, 16)
+    block.q_proj(x), block.k_proj(x), block.v_proj(x)
+    assert products == [group]
+    block.gate_proj(x), block.up_proj(x)
+    assert len(products) == 2 and products[1] is block.gate_proj.group
+
+
+def test_a_different_or_changed_input_is_never_served_a_pending_output():
+    torch.manual_seed(1)
+    block = Block(bias=True)
+    weights = {k: v.clone() for k, v in block.state_dict().items()}
+    pack_linears(block)
+    x, y = torch.randn(2, 16), torch.randn(2, 16)
+    block.q_proj(x)  # leaves k and v of x pending
+    torch.testing.assert_close(block.k_proj(y), reference(block.k_proj, weights, "k_proj", y))  # another tensor
+    block.q_proj(x)
+    x.mul_(2)  # the same tensor, written in place after the product
+    torch.testing.assert_close(block.v_proj(x), reference(block.v_proj, weights, "v_proj", x))
+    block.q_proj(x)
+    torch.testing.assert_close(block.q_proj(x), reference(block.q_proj, weights, "q_proj", x))  # q twice: computed again
+
+
+def test_a_written_weight_is_packed_again_before_the_next_product():
+    torch.manual_seed(2)
+    block = Block(bias=True)
+    pack_linears(block)
+    x = torch.randn(4, 16)
+    block.up_proj(x)  # packs
+    with torch.no_grad():
+        block.up_proj.weight.copy_(torch.randn(24, 16))  # as the engine's load_weights writes
+        block.up_proj.bias.add_(1.0)
+    want = nn.functional.linear(x, block.up_proj.weight, block.up_proj.bias)
+    torch.testing.assert_close(block.up_proj(x), want)
+    torch.testing.assert_close(block.gate_proj(x), nn.functional.linear(x, block.gate_proj.weight, block.gate_proj.bias))
+
+
+def test_unequal_inputs_or_partial_biases_are_left_alone():
+    block = Block(bias=False)
+    block.k_proj = nn.Linear(16, 4, bias=True)  # a bias on one sibling only
+    pack_linears(block)
+    assert not isinstance(block.q_proj, GroupedLinear) and not isinstance(block.k_proj, GroupedLinear)
+    assert isinstance(block.gate_proj, GroupedLinear) and isinstance(block.o_proj, GroupedLinear)
+
+
+def test_the_tiny_model_gives_the_same_logits_packed_and_plain(tiny_path):
+    plain = load_causal_lm(ModelConfig(name=tiny_path), torch.float32).eval()
+    packed = load_causal_lm(ModelConfig(name=tiny_path), torch.float32).eval()
+    assert pack_linears(packed) == 4 * plain.config.num_hidden_layers
+    ids = torch.randint(0, plain.config.vocab_size, (3, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(packed(ids).logits, plain(ids).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_the_engine_samples_the_same_tokens_packed_and_plain(tiny_path, tokenizer):
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True, tokenize=True)["input_ids"]
+               for t in ("What is 2 + 3?", "Name a colour.")]
+    sampling = SamplingParams(temperature=1.0, max_new_tokens=12, seed=5)
+    outs = {}
+    for packed in (False, True):
+        engine = HFRolloutEngine(RolloutConfig(dtype="float32", packed_linears=packed), ModelConfig(name=tiny_path), tokenizer)
+        assert isinstance(engine.model.model.layers[0].self_attn.q_proj, GroupedLinear) == packed
+        outs[packed] = engine.generate(prompts * 3, sampling)
+    for a, b in zip(outs[False], outs[True]):
+        assert a.token_ids == b.token_ids and a.finish_reason == b.finish_reason
+        torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-4, rtol=1e-4)
