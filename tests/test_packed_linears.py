@@ -125,3 +125,25 @@ def test_the_engine_samples_the_same_tokens_packed_and_plain(tiny_path, tokenize
     for a, b in zip(outs[False], outs[True]):
         assert a.token_ids == b.token_ids and a.finish_reason == b.finish_reason
         torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("threads, dtype, packs", [(2, torch.bfloat16, True), (8, torch.bfloat16, False), (2, torch.float32, False)])
+def test_auto_packs_bf16_on_a_few_threads_only(tiny_path, tokenizer, threads, dtype, packs):
+    if packs and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        pytest.skip("this CPU has no native bf16 matmuls for oneDNN")
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        name = {torch.bfloat16: "bfloat16", torch.float32: "float32"}[dtype]
+        engine = HFRolloutEngine(RolloutConfig(dtype=name), ModelConfig(name=tiny_path), tokenizer)
+    finally:
+        torch.set_num_threads(before)
+    assert RolloutConfig().packed_linears == "auto"
+    assert isinstance(engine.model.model.layers[0].mlp.gate_proj, GroupedLinear) == packs
+
+
+@pytest.mark.parametrize("value, parsed", [("auto", "auto"), (True, True), (False, False)])
+def test_packed_linears_takes_auto_true_or_false(value, parsed):
+    assert RolloutConfig(packed_linears=value).packed_linears == parsed
+    with pytest.raises(ValueError, match="packed_linears"):
+        RolloutConfig(packed_linears="sometimes")

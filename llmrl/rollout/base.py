@@ -118,10 +118,11 @@ class RolloutConfig(Section):
         "auto", description="Weights dtype of the rollout copy of the model; auto = bfloat16 only where bf16 matmuls are native."
     )
     max_batch_size: int = Field(64, ge=1, description="hf engine: sequences generated together in one batch.")
-    packed_linears: bool = Field(
-        True,
+    packed_linears: bool | Literal["auto"] = Field(
+        "auto",
         description="hf engine: run q/k/v and gate/up as one matmul each, with weights pre-packed for oneDNN on a CPU "
-        "(llmrl/rollout/packed_linears.py); false keeps transformers' separate linears.",
+        "(llmrl/rollout/packed_linears.py). auto = only for bf16 weights on a CPU with at most 4 torch threads, where "
+        "it was faster; with more threads it was slower. true = always; false = transformers' separate linears.",
     )
     # vLLM engine (rollout.engine: vllm)
     tensor_parallel_size: int = Field(1, ge=1, description="vllm: GPUs one engine shards the model over.")

@@ -14,7 +14,7 @@ from llmrl.models import GROUPED_ATTENTION, ModelConfig, load_causal_lm
 from llmrl.precision import resolve_dtype
 from llmrl.rollout.base import RolloutConfig, SamplingParams, register_rollout_engine
 from llmrl.rollout.kv_cache import PreallocatedCache
-from llmrl.rollout.packed_linears import pack_linears
+from llmrl.rollout.packed_linears import pack_linears, packing_pays
 from llmrl.rollout.shared_prefix_cache import SharedPrefixCache
 from llmrl.train.logprobs import sequence_logprobs
 from llmrl.types import Completion
@@ -86,7 +86,8 @@ class HFRolloutEngine:
         load = {"gradient_checkpointing": False}
         self.model = load_causal_lm(model_cfg.model_copy(update=load), resolve_dtype(cfg.dtype)).eval()
         self.model.requires_grad_(False)
-        if cfg.packed_linears:
+        weights = next(self.model.parameters())
+        if cfg.packed_linears is True or (cfg.packed_linears == "auto" and packing_pays(weights.dtype, weights.device)):
             pack_linears(self.model, rows_hint=min(cfg.max_batch_size, 64))
         eos = self.model.generation_config.eos_token_id if self.model.generation_config else None
         eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])

@@ -19,7 +19,8 @@ so `load_weights` and `state_dict` see the model as before. Writing into any mem
 bumps its version counter; the group re-packs before its next product when a version moved.
 
 Measured on 2 AMD EPYC cores, bf16, 32 rows (docs/benchmarks.md): q/k/v 182 -> 111 us, gate/up
-377 -> 296 us, down 213 -> 163 us.
+377 -> 296 us, down 213 -> 163 us. With many threads the packed product is slower, so the engine's
+default (`auto`) packs only where `packing_pays`; `bench/packed_linears.py` times the forms.
 """
 from __future__ import annotations
 
@@ -27,6 +28,11 @@ from typing import Callable
 
 import torch
 from torch import nn
+
+# `auto` packs only up to this many torch threads. On an Intel Xeon with AMX (torch 2.11), bf16,
+# one layer's decode products ran 1.29-1.36x faster packed at 2 and 4 threads, but 0.74-0.77x at
+# 8 and 0.41-0.52x at 16: oneDNN's packed small-batch product does not spread over many threads.
+AUTO_MAX_THREADS = 4
 
 # Sibling linears that read the same input, by attribute name, in the order models call them.
 SIBLINGS: tuple[tuple[str, ...], ...] = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
@@ -53,6 +59,16 @@ def _packed_product(weight: torch.Tensor, bias: torch.Tensor | None, rows_hint: 
     except (RuntimeError, AttributeError):  # an op this build lacks, or refuses for this layout
         return None
     return product
+
+
+def packing_pays(dtype: torch.dtype, device: torch.device) -> bool:
+    """The `auto` rule (rollout.packed_linears): bf16 weights on a CPU that multiplies bf16 natively,
+    with at most AUTO_MAX_THREADS torch threads. fp32 is left out: packed, one layer ran 1.5-2x
+    faster on an AMD EPYC but 0.76-1.09x on an Intel Xeon, both at 2 threads."""
+    return (
+        device.type == "cpu" and dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
+        and torch.ops.mkldnn._is_mkldnn_bf16_supported() and torch.get_num_threads() <= AUTO_MAX_THREADS
+    )
 
 
 class LinearGroup:
