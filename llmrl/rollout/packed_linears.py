@@ -41,14 +41,19 @@ SIBLINGS: tuple[tuple[str, ...], ...] = (("q_proj", "k_proj", "v_proj"), ("gate_
 SINGLES: tuple[str, ...] = ("o_proj", "down_proj")
 
 
+def _onednn_multiplies(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether this torch can pack and multiply weights of `dtype` on `device` with oneDNN."""
+    if device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return False
+    if dtype == torch.bfloat16:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return dtype == torch.float32
+
+
 def _packed_product(weight: torch.Tensor, bias: torch.Tensor | None, rows_hint: int) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """x [M, in] -> x @ weight.T + bias through a packed copy of `weight`, or None where this torch
     or device cannot pack (no oneDNN, a GPU tensor, a dtype oneDNN does not multiply here)."""
-    if weight.device.type != "cpu" or not torch.backends.mkldnn.is_available():
-        return None
-    if weight.dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        return None
-    if weight.dtype not in (torch.float32, torch.bfloat16):
+    if not _onednn_multiplies(weight.dtype, weight.device):
         return None
     try:
         packed = torch.ops.mkldnn._reorder_linear_weight(weight, rows_hint)
@@ -65,41 +70,42 @@ def packing_pays(dtype: torch.dtype, device: torch.device) -> bool:
     """The `auto` rule (rollout.packed_linears): bf16 weights on a CPU that multiplies bf16 natively,
     with at most AUTO_MAX_THREADS torch threads. fp32 is left out: packed, one layer ran 1.5-2x
     faster on an AMD EPYC but 0.76-1.09x on an Intel Xeon, both at 2 threads."""
-    return (
-        device.type == "cpu" and dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
-        and torch.ops.mkldnn._is_mkldnn_bf16_supported() and torch.get_num_threads() <= AUTO_MAX_THREADS
-    )
+    return dtype == torch.bfloat16 and _onednn_multiplies(dtype, device) and torch.get_num_threads() <= AUTO_MAX_THREADS
+
+
+def groupable(linears: list[nn.Linear]) -> bool:
+    """One input width, and a bias on all or none: what one product can stand in for."""
+    return len({linear.in_features for linear in linears}) == 1 and len({linear.bias is None for linear in linears}) == 1
 
 
 class LinearGroup:
     """The shared weight of linears that read one input, and the outputs not yet collected."""
 
     def __init__(self, linears: list[nn.Linear], pack: bool, rows_hint: int) -> None:
+        if not groupable(linears):
+            raise ValueError("a group's linears must read inputs of one width and all have a bias or none")
         with torch.no_grad():
             self.weight = torch.cat([linear.weight.detach() for linear in linears])
-            has_bias = [linear.bias is not None for linear in linears]
-            if any(has_bias) and not all(has_bias):
-                raise ValueError("a group's linears must all have a bias or none")
-            self.bias = torch.cat([linear.bias.detach() for linear in linears]) if all(has_bias) else None
+            has_bias = linears[0].bias is not None
+            self.bias = torch.cat([linear.bias.detach() for linear in linears]) if has_bias else None
         self.sizes = [linear.out_features for linear in linears]
-        self.members: list[nn.Parameter] = []
         start = 0
         for linear, size in zip(linears, self.sizes):
+            # Views of the group's tensors: they share its version counter, so a write through any
+            # member's parameter shows in `self.weight._version` (or the bias's).
             linear.weight = nn.Parameter(self.weight[start : start + size], requires_grad=False)
-            self.members.append(linear.weight)
             if self.bias is not None:
                 linear.bias = nn.Parameter(self.bias[start : start + size], requires_grad=False)
-                self.members.append(linear.bias)
             start += size
         self.pack, self.rows_hint = pack, rows_hint
         self._product: Callable[[torch.Tensor], torch.Tensor] | None = None
-        self._versions: tuple[int, ...] | None = None
+        self._versions: tuple[int, int] | None = None
         self._input: torch.Tensor | None = None
         self._input_version = -1
         self._pending: dict[int, torch.Tensor] = {}
 
     def _current_product(self) -> Callable[[torch.Tensor], torch.Tensor]:
-        versions = tuple(p._version for p in self.members)
+        versions = (self.weight._version, -1 if self.bias is None else self.bias._version)
         if versions != self._versions:  # first call, or a weight was written since the last pack
             packed = _packed_product(self.weight, self.bias, self.rows_hint) if self.pack else None
             self._product = packed or (lambda x: nn.functional.linear(x, self.weight, self.bias))
@@ -151,7 +157,7 @@ def pack_linears(model: nn.Module, pack: bool = True, rows_hint: int = 32) -> in
             linears = [getattr(module, n) for n in names]
             if any(isinstance(linear, GroupedLinear) for linear in linears):
                 continue  # already grouped
-            if len({linear.in_features for linear in linears}) != 1 or len({linear.bias is None for linear in linears}) != 1:
+            if not groupable(linears):
                 continue  # not one input, or a bias on some only: leave them as they are
             group = LinearGroup(linears, pack, rows_hint)
             for index, linear in enumerate(linears):
