@@ -4,9 +4,10 @@ generated tokens, merged by log-sum-exp, is exact in fp64 and within rounding in
 import pytest
 import torch
 
+from llmrl import kernels
 from llmrl.models import ModelConfig, load_causal_lm
 from llmrl.rollout.kv_cache import PreallocatedCache
-from llmrl.rollout.shared_prefix_cache import SharedPrefixCache
+from llmrl.rollout.shared_prefix_cache import KERNEL, SharedPrefixCache
 
 
 def decode(model, cache, row_prompt, drops, steps=6):
@@ -56,29 +57,33 @@ LAYOUTS = {
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 2e-5)])
-def test_shared_prefix_decode_equals_decode_over_copied_rows(tiny_path, layout, dtype, tol):
+@pytest.mark.parametrize("dtype,tol,kernel", [(torch.float64, 1e-10, False), (torch.float32, 2e-5, False), (torch.float32, 2e-5, True)])
+def test_shared_prefix_decode_equals_decode_over_copied_rows(tiny_path, layout, dtype, tol, kernel):
     model = load_causal_lm(ModelConfig(name=tiny_path), dtype).eval()
     assert model.config._attn_implementation == "llmrl_grouped"
     row_prompt, drops = LAYOUTS[layout]
     with torch.no_grad():
         want = decode(model, PreallocatedCache(room=4), row_prompt, drops)
-        got = decode(model, SharedPrefixCache(room=4), row_prompt, drops)  # room 4 < 6 steps: the suffix grows
+        shared = SharedPrefixCache(room=4, kernel=kernel)  # room 4 < 6 steps: the suffix grows
+        assert shared.kernel == kernel or not kernels.load(KERNEL)
+        got = decode(model, shared, row_prompt, drops)
     assert len(got) == len(want)
     for step, (a, b) in enumerate(zip(got, want)):
         scale = b.abs().max()
         assert ((a - b).abs().max() / scale).item() <= tol, f"step {step}"
 
 
-def test_bf16_shared_prefix_decode_stays_within_bf16_rounding(tiny_path):
-    """The two partial outputs are rounded to bf16 before the fp32 merge: one extra rounding."""
+@pytest.mark.parametrize("kernel", [False, True])
+def test_bf16_shared_prefix_decode_stays_within_bf16_rounding(tiny_path, kernel):
+    """torch's path rounds the two partial outputs to bf16 before the fp32 merge: one extra
+    rounding. The kernel rounds once, after one softmax over both parts."""
     model = load_causal_lm(ModelConfig(name=tiny_path), torch.bfloat16).eval()
     exact = load_causal_lm(ModelConfig(name=tiny_path), torch.float64).eval()
     row_prompt, drops = LAYOUTS["mixed"]
     with torch.no_grad():
         reference = decode(exact, PreallocatedCache(room=8), row_prompt, drops)
         copied = decode(model, PreallocatedCache(room=8), row_prompt, drops)
-        shared = decode(model, SharedPrefixCache(room=8), row_prompt, drops)
+        shared = decode(model, SharedPrefixCache(room=8, kernel=kernel), row_prompt, drops)
     for step in range(1, len(reference)):  # the decode steps; step 0 is the common prefill
         # greedy tokens can part ways between the bf16 runs; compare only while both follow fp64's
         if not torch.equal(copied[step].argmax(-1), reference[step].argmax(-1)):

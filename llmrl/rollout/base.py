@@ -124,6 +124,13 @@ class RolloutConfig(Section):
         "(llmrl/rollout/packed_linears.py). auto = only for bf16 weights on a CPU with at most 4 torch threads, where "
         "it was faster; with more threads it was slower. true = always; false = transformers' separate linears.",
     )
+    decode_kernel: bool | Literal["auto"] = Field(
+        "auto",
+        description="hf engine on a CPU: decode attention over a group's shared prompt cache with llmrl's own kernel "
+        "(llmrl/kernels/shared_prefix_decode.cpp), built with the system C++ compiler on first use and cached in "
+        "$LLMRL_KERNEL_CACHE (default ~/.cache/llmrl/kernels). auto = use it where it builds, else torch's attention, "
+        "with a warning; true = fail if it cannot be built; false = torch's attention.",
+    )
     # vLLM engine (rollout.engine: vllm)
     tensor_parallel_size: int = Field(1, ge=1, description="vllm: GPUs one engine shards the model over.")
     gpu_memory_utilization: float = Field(

@@ -10,11 +10,13 @@ from typing import Any, Iterable
 
 import torch
 
+from llmrl import kernels
 from llmrl.models import GROUPED_ATTENTION, ModelConfig, load_causal_lm
 from llmrl.precision import resolve_dtype
 from llmrl.rollout.base import RolloutConfig, SamplingParams, register_rollout_engine
 from llmrl.rollout.kv_cache import PreallocatedCache
 from llmrl.rollout.packed_linears import pack_linears, packing_pays
+from llmrl.rollout.shared_prefix_cache import KERNEL as SHARED_PREFIX_KERNEL
 from llmrl.rollout.shared_prefix_cache import SharedPrefixCache
 from llmrl.train.logprobs import sequence_logprobs
 from llmrl.types import Completion
@@ -89,6 +91,12 @@ class HFRolloutEngine:
         weights = next(self.model.parameters())
         if cfg.packed_linears is True or (cfg.packed_linears == "auto" and packing_pays(weights.dtype, weights.device)):
             pack_linears(self.model, rows_hint=min(cfg.max_batch_size, 64))
+        # Build (once per machine) and load the decode kernel now, not inside the first rollout.
+        on_cpu = weights.device.type == "cpu"
+        self.decode_kernel = bool(cfg.decode_kernel) and on_cpu and kernels.load(SHARED_PREFIX_KERNEL)
+        if cfg.decode_kernel is True and not self.decode_kernel:
+            why = "the model is not on the CPU" if not on_cpu else kernels.failure(SHARED_PREFIX_KERNEL)
+            raise RuntimeError(f"rollout.decode_kernel=true, but the kernel cannot run: {why}")
         eos = self.model.generation_config.eos_token_id if self.model.generation_config else None
         eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         eos_ids.add(tokenizer.eos_token_id)
@@ -135,9 +143,12 @@ class HFRolloutEngine:
             attention[i, width - len(p) :] = 1
         positions = (attention.cumsum(-1) - 1).clamp(min=0)
         # Several samples of a prompt decode over one copy of its cache; otherwise each row gets its
-        # own, with room reserved up front (no torch.cat of the whole cache per token).
-        shared = len(prompts) < B and self.model.config._attn_implementation == GROUPED_ATTENTION
-        cache = SharedPrefixCache(room=sp.max_new_tokens) if shared else PreallocatedCache(room=sp.max_new_tokens)
+        # own, with room reserved up front (no torch.cat of the whole cache per token). The decode
+        # kernel reads a prompt once per row either way and skips its padding, so with it even
+        # distinct prompts take the split cache.
+        grouped = self.model.config._attn_implementation == GROUPED_ATTENTION
+        shared = grouped and (len(prompts) < B or self.decode_kernel)
+        cache = SharedPrefixCache(room=sp.max_new_tokens, kernel=self.decode_kernel) if shared else PreallocatedCache(room=sp.max_new_tokens)
         # The last position as an index tensor, not logits_to_keep=1: the int form hands the
         # lm_head a strided view [B, 1, H] of the hidden states, which torch's CPU matmul ran
         # 75-450x slower than a contiguous copy in bf16 (64 prompts: 3.7 s against 8 ms), longer
@@ -146,10 +157,11 @@ class HFRolloutEngine:
             input_ids=input_ids, attention_mask=attention, position_ids=positions, past_key_values=cache, use_cache=True,
             logits_to_keep=torch.tensor([width - 1]),
         ).logits[:, -1]
-        if len(prompts) < B:
+        if len(prompts) < B or shared:
             expand = torch.tensor(source)
             cache.share(expand, attention)
-            logits, attention, positions = logits[expand], attention[expand], positions[expand]
+            if len(prompts) < B:
+                logits, attention, positions = logits[expand], attention[expand], positions[expand]
         next_pos = positions[:, -1] + 1
         rows = list(range(B))  # original row of each live cache row; finished rows are dropped
         reasons = ["length"] * B

@@ -17,6 +17,12 @@ no mask.
 The model must use the llmrl_grouped attention: inside `decoding()` it hands every call to
 `attend`. The last bits differ from attention over the concatenated cache, since the two
 partial outputs are rounded to the model's dtype before they are merged in fp32.
+
+On a CPU, `kernel=True` runs each layer's call as one pass of llmrl's own kernel
+(`llmrl/kernels/shared_prefix_decode.cpp`) instead: each row's queries over its prompt's keys
+(read through `row_prompt`, padding skipped) and then its own, with one fp32 softmax over both,
+so nothing is rounded before the merge. torch's fused kernel spent most of its time setting up
+tiles for the 3 queries each (row, KV head) pair has in decode (docs/benchmarks.md).
 """
 from __future__ import annotations
 
@@ -28,7 +34,11 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import Cache, DynamicLayer
 
+from llmrl import kernels
 from llmrl.rollout.kv_cache import PreallocatedLayer
+
+KERNEL = "shared_prefix_decode"
+KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 
 _ACTIVE = threading.local()
 
@@ -87,17 +97,20 @@ class SharedPrefixCache(DynamicCache):
     and decode inside `decoding()`. Rows leave with `batch_select_indices`, as with any cache; a
     prompt whose rows have all left is dropped."""
 
-    def __init__(self, room: int) -> None:
+    def __init__(self, room: int, kernel: bool = False) -> None:
         Cache.__init__(self, layer_class_to_replicate=lambda: SharedPrefixLayer(room))
         self.prefix_mask: torch.Tensor | None = None
+        self.prefix_valid: torch.Tensor | None = None  # [P, W] bool, for the kernel; None = no padding
+        self.kernel = kernel and kernels.load(KERNEL)
 
     def share(self, row_prompt: torch.Tensor, prompt_attention: torch.Tensor) -> None:
         """Row i samples prompt `row_prompt[i]`; `prompt_attention` [P, W] is the prefill's
         padding mask (1 = token)."""
         layer = self.layers[0]
         if bool(prompt_attention.all()):
-            self.prefix_mask = None  # no padding: the kernel needs no mask
+            self.prefix_mask = self.prefix_valid = None  # no padding: the kernel needs no mask
         else:
+            self.prefix_valid = (prompt_attention != 0).contiguous()
             blocked = torch.zeros(prompt_attention.shape, dtype=layer.dtype, device=layer.device)
             self.prefix_mask = blocked.masked_fill_(prompt_attention == 0, float("-inf"))[:, None, None, :]
         self._assign(row_prompt)
@@ -126,6 +139,8 @@ class SharedPrefixCache(DynamicCache):
                 layer.keep_prompts(live)
             if self.prefix_mask is not None:
                 self.prefix_mask = self.prefix_mask[live]
+            if self.prefix_valid is not None:
+                self.prefix_valid = self.prefix_valid[live]
             row_prompt = torch.searchsorted(live, row_prompt)
         self._assign(row_prompt)
         for layer in self.layers:
@@ -151,6 +166,11 @@ class SharedPrefixCache(DynamicCache):
         kv_heads = suffix_keys.shape[1]
         groups = heads // kv_heads
         grouped = query.reshape(batch, kv_heads, groups, dim)
+        if self.kernel and query.device.type == "cpu" and query.dtype in KERNEL_DTYPES:
+            out = torch.ops.llmrl_kernels.shared_prefix_decode(
+                grouped, layer.prefix_keys, layer.prefix_values, self.prefix_valid, self.row_prompt, suffix_keys, suffix_values, scale
+            )
+            return out.view(batch, 1, heads, dim)  # [B, Hkv, G, D] is [B, H, D]: row-major, the layout asked for
         prompts, per_prompt = self.prompts, self.rows_per_prompt
         slots = grouped if self.in_slot_order else grouped.new_zeros(prompts * per_prompt, kv_heads, groups, dim).index_copy_(0, self.slot, grouped)
         prefix_query = slots.view(prompts, per_prompt, kv_heads, groups, dim).transpose(1, 2).reshape(prompts, kv_heads, per_prompt * groups, dim)
