@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 import torch
@@ -77,11 +78,14 @@ def _build(name: str, library: Path) -> None:
     with tempfile.TemporaryDirectory(dir=library.parent) as scratch:
         partial = Path(scratch) / library.name
         command = _compile_command(SOURCES / f"{name}.cpp", partial)
-        logger.info("building the %s kernel (once per machine, about a minute on 2 cores)", name)
+        # stderr, not the log: nothing else shows during these seconds, and logging may be off
+        print(f"llmrl: building the {name} kernel into {library.parent} (once per machine)...", file=sys.stderr, flush=True)
+        start = time.monotonic()
         done = subprocess.run(command, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
         if done.returncode != 0:
             raise RuntimeError(f"{command[0]} exited {done.returncode}: {done.stderr.strip()[-2000:]}")
         os.replace(partial, library)
+        print(f"llmrl: built the {name} kernel in {time.monotonic() - start:.1f} s", file=sys.stderr, flush=True)
 
 
 def load(name: str) -> bool:
