@@ -23,8 +23,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's llmrl
 from machine import machine_header  # noqa: E402  (bench/machine.py)
 
-from llmrl import kernels  # noqa: E402
-from llmrl.rollout.shared_prefix_cache import KERNEL, _flash  # noqa: E402
+from llmrl import kernels  # noqa: E402  (needs only torch: this bench also runs on a bare GPU box)
+
+KERNEL = kernels.SHARED_PREFIX_DECODE
+
+
+def _flash(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None, scale: float):
+    """torch's fused CPU attention with each query's log-sum-exp, as llmrl/rollout/shared_prefix_cache.py calls it."""
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(query, key, value, 0.0, False, attn_mask=mask, scale=scale)
 
 
 def inputs(dtype: torch.dtype, prompts: int, per_prompt: int, width: int, length: int, pad: int, kv_heads: int = 3,

@@ -27,6 +27,7 @@ import torch
 logger = logging.getLogger("llmrl.kernels")
 
 SOURCES = Path(__file__).resolve().parent
+SHARED_PREFIX_DECODE = "shared_prefix_decode"  # decode attention over a shared prompt cache
 CACHE_ENV = "LLMRL_KERNEL_CACHE"
 BUILD_TIMEOUT_S = 600
 
