@@ -191,13 +191,15 @@ def test_options_are_checked():
 # ---------------------------------------------------------------- mechanics on the real loop
 
 def oracle_reached(completion: str, task, trajectory) -> float:
-    """Reachable only with guidance: 1 + the share of policy tokens whose id is even when the
-    graded text holds the oracle's first six characters (which the random tiny model never
-    writes), else 0. The fractional part varies between samples, so guided groups learn."""
+    """Reachable only with guidance: 1 + the policy tokens' mean id mod 97, scaled into [0, 1),
+    when the graded text holds the oracle's first six characters (which the random tiny model
+    never writes), else 0. The fractional part varies between samples, so guided groups learn.
+    (The share of even ids, used before, tied a whole group once: all four samples of 8 tokens
+    had 4 even ids, a chance of about 1% per group.)"""
     if task.meta["oracle_solution"][:6] not in completion:
         return 0.0
     policy = [tok for s in trajectory.spans if s.role == "policy" for tok in trajectory.token_ids[s.start : s.end]]
-    return 1.0 + sum(tok % 2 == 0 for tok in policy) / max(len(policy), 1)
+    return 1.0 + sum(tok % 97 for tok in policy) / (97 * max(len(policy), 1))
 
 
 @pytest.fixture
