@@ -159,3 +159,24 @@ def test_decode_kernel_takes_auto_true_or_false(value, parsed):
     assert RolloutConfig(decode_kernel=value).decode_kernel == parsed
     with pytest.raises(ValueError, match="decode_kernel"):
         RolloutConfig(decode_kernel="sometimes")
+
+
+def test_a_cache_of_a_dtype_the_kernel_lacks_decodes_with_torch(tiny_path):
+    """fp64 is not a kernel dtype: the cache decides at `share` and keeps torch's path whole."""
+    from llmrl.models import load_causal_lm
+    from llmrl.rollout.shared_prefix_cache import SharedPrefixCache
+
+    model = load_causal_lm(ModelConfig(name=tiny_path), torch.float64).eval()
+    ids = torch.randint(3, 100, (2, 5), generator=torch.Generator().manual_seed(0))
+    attention = torch.ones(2, 5, dtype=torch.long)
+    attention[1, :2] = 0
+    outs = []
+    for kernel in (False, True):
+        cache = SharedPrefixCache(room=4, kernel=kernel)
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=attention, position_ids=(attention.cumsum(-1) - 1).clamp(min=0), past_key_values=cache, use_cache=True)
+            cache.share(torch.tensor([0, 0, 1]), attention)
+            assert not cache.kernel
+            with cache.decoding():
+                outs.append(model(input_ids=ids[[0, 0, 1], -1:], position_ids=torch.tensor([[5], [5], [3]]), past_key_values=cache, use_cache=True).logits)
+    assert torch.equal(outs[0], outs[1])

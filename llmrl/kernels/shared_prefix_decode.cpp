@@ -109,11 +109,14 @@ template <int kVectors, typename T, typename KeyRow, typename ValueRow>
 void attend_pair(const T* query, int64_t query_stride, int64_t groups, int64_t dim, int64_t keys, float scale,
                  KeyRow key_row, ValueRow value_row, float* scores, float* work, T* out) {
   const float minus_inf = -std::numeric_limits<float>::infinity();
-  float* qf = work;               // [groups, dim], scaled
-  float* acc = work + groups * dim;  // [groups, dim]
+  // one scratch block per thread, reused for every pair: no allocation on this path
+  float* qf = work;                       // [groups, dim], scaled
+  float* acc = work + groups * dim;       // [groups, dim]
+  float* peak = work + 2 * groups * dim;  // [groups]
+  float* total = peak + groups;           // [groups]
   for (int64_t g = 0; g < groups; ++g)
     for (int64_t d = 0; d < dim; ++d) qf[g * dim + d] = static_cast<float>(query[g * query_stride + d]) * scale;
-  std::vector<float> peak(groups, minus_inf);
+  std::fill(peak, peak + groups, minus_inf);
 #if defined(__AVX512F__)
   constexpr int64_t vectors = kVectors;
   constexpr bool wide = kVectors > 0;
@@ -148,7 +151,6 @@ void attend_pair(const T* query, int64_t query_stride, int64_t groups, int64_t d
       peak[g] = std::max(peak[g], s);
     }
   }
-  std::vector<float> total(groups);
   for (int64_t g = 0; g < groups; ++g) {
 #if defined(__AVX512F__)
     total[g] = peak[g] == minus_inf ? 0.f : exponentiate(scores + g * keys, keys, peak[g]);
@@ -203,7 +205,7 @@ void attend_all(const at::Tensor& query, const at::Tensor& prefix_keys, const at
   const float scale_f = static_cast<float>(scale);
 
   at::parallel_for(0, batch * kv_heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores(groups * keys), work(2 * groups * dim);
+    std::vector<float> scores(groups * keys), work(2 * groups * dim + 2 * groups);
     for (int64_t pair = begin; pair < end; ++pair) {
       const int64_t b = pair / kv_heads, h = pair % kv_heads, p = prompt_of[b];
       const bool* seen = valid == nullptr ? nullptr : valid + p * valid_stride;

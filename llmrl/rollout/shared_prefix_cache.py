@@ -107,10 +107,13 @@ class SharedPrefixCache(DynamicCache):
         """Row i samples prompt `row_prompt[i]`; `prompt_attention` [P, W] is the prefill's
         padding mask (1 = token)."""
         layer = self.layers[0]
+        # decided once, here, where the prefill has shown the cache's dtype and device
+        self.kernel = self.kernel and layer.device.type == "cpu" and layer.dtype in KERNEL_DTYPES
         if bool(prompt_attention.all()):
-            self.prefix_mask = self.prefix_valid = None  # no padding: the kernel needs no mask
-        else:
+            self.prefix_mask = self.prefix_valid = None  # no padding: neither path needs a mask
+        elif self.kernel:  # the kernel skips padding slots by a boolean row per prompt
             self.prefix_valid = (prompt_attention != 0).contiguous()
+        else:  # torch's kernel adds -inf at them
             blocked = torch.zeros(prompt_attention.shape, dtype=layer.dtype, device=layer.device)
             self.prefix_mask = blocked.masked_fill_(prompt_attention == 0, float("-inf"))[:, None, None, :]
         self._assign(row_prompt)
@@ -120,6 +123,8 @@ class SharedPrefixCache(DynamicCache):
         # the prefix call then sees every prompt's queries side by side.
         self.row_prompt = row_prompt
         self.prompts = int(row_prompt.max()) + 1
+        if self.kernel:
+            return  # the kernel reads each row's prompt through row_prompt; the slots are torch's path's
         counts = torch.bincount(row_prompt, minlength=self.prompts)
         self.rows_per_prompt = int(counts.max())
         order = torch.argsort(row_prompt, stable=True)
@@ -166,7 +171,7 @@ class SharedPrefixCache(DynamicCache):
         kv_heads = suffix_keys.shape[1]
         groups = heads // kv_heads
         grouped = query.reshape(batch, kv_heads, groups, dim)
-        if self.kernel and query.device.type == "cpu" and query.dtype in KERNEL_DTYPES:
+        if self.kernel:
             out = torch.ops.llmrl_kernels.shared_prefix_decode(
                 grouped, layer.prefix_keys, layer.prefix_values, self.prefix_valid, self.row_prompt, suffix_keys, suffix_values, scale
             )
