@@ -16,6 +16,21 @@ NATIVE_BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 
 
 @functools.lru_cache(maxsize=None)
+def cpu_field(name: str) -> str:
+    """The value of the first `name` line of /proc/cpuinfo ("vendor_id", "flags"), or "" where the
+    file or the field is missing (not Linux, or an architecture that names it otherwise)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return ""
+    for line in lines:
+        key, _, value = line.partition(":")
+        if key.strip() == name:
+            return value.strip()
+    return ""
+
+
+@functools.lru_cache(maxsize=None)
 def cpu_has_native_bf16() -> bool:
     try:
         flags = Path("/proc/cpuinfo").read_text()

@@ -1,4 +1,6 @@
 """The hf engine's grouped, pre-packed linears: same products, same parameters, fresh after writes."""
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -6,6 +8,8 @@ from torch import nn
 from llmrl.models import ModelConfig, load_causal_lm
 from llmrl.rollout.base import RolloutConfig, SamplingParams
 from llmrl.rollout.hf import HFRolloutEngine
+from llmrl.precision import cpu_field
+from llmrl.rollout import packed_linears
 from llmrl.rollout.packed_linears import GroupedLinear, LinearGroup, pack_linears
 
 TOLERANCE = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
@@ -127,10 +131,23 @@ def test_the_engine_samples_the_same_tokens_packed_and_plain(tiny_path, tokenize
         torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("threads, dtype, packs", [(2, torch.bfloat16, True), (8, torch.bfloat16, False), (2, torch.float32, False)])
-def test_auto_packs_bf16_on_a_few_threads_only(tiny_path, tokenizer, threads, dtype, packs):
-    if packs and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+@pytest.mark.parametrize(
+    "threads, dtype, vendor, packs",
+    [
+        (2, torch.bfloat16, "GenuineIntel", True),
+        (8, torch.bfloat16, "AuthenticAMD", False),
+        (2, torch.float32, "GenuineIntel", False),
+        (2, torch.float32, "AuthenticAMD", True),
+        (8, torch.float32, "AuthenticAMD", False),
+        (2, torch.float32, "", False),
+    ],
+)
+def test_auto_packs_bf16_and_amd_fp32_on_a_few_threads_only(monkeypatch, tiny_path, tokenizer, threads, dtype, vendor, packs):
+    if packs and dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
         pytest.skip("this CPU has no native bf16 matmuls for oneDNN")
+    if packs and not torch.backends.mkldnn.is_available():
+        pytest.skip("this torch has no oneDNN")
+    monkeypatch.setattr(packed_linears, "cpu_field", lambda name: vendor if name == "vendor_id" else "")
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -140,6 +157,12 @@ def test_auto_packs_bf16_on_a_few_threads_only(tiny_path, tokenizer, threads, dt
         torch.set_num_threads(before)
     assert RolloutConfig().packed_linears == "auto"
     assert isinstance(engine.model.model.layers[0].mlp.gate_proj, GroupedLinear) == packs
+
+
+def test_cpu_field_reads_proc_cpuinfo_and_is_empty_for_a_missing_field():
+    assert cpu_field("no such field") == ""
+    if Path("/proc/cpuinfo").exists() and "vendor_id" in Path("/proc/cpuinfo").read_text():
+        assert cpu_field("vendor_id") in Path("/proc/cpuinfo").read_text()
 
 
 @pytest.mark.parametrize("value, parsed", [("auto", "auto"), (True, True), (False, False)])

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from llmrl.precision import cpu_field
+
 logger = logging.getLogger("llmrl.kernels")
 
 SOURCES = Path(__file__).resolve().parent
@@ -41,13 +43,7 @@ def cache_dir() -> Path:
 
 
 def _cpu_flags() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return line
-    except OSError:
-        pass
-    return platform.processor()
+    return cpu_field("flags") or platform.processor()
 
 
 def _compile_command(source: Path, target: Path) -> list[str]:

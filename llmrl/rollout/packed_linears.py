@@ -29,10 +29,17 @@ from typing import Callable
 import torch
 from torch import nn
 
+from llmrl.precision import cpu_field
+
 # `auto` packs only up to this many torch threads. On an Intel Xeon with AMX (torch 2.11), bf16,
 # one layer's decode products ran 1.29-1.36x faster packed at 2 and 4 threads, but 0.74-0.77x at
 # 8 and 0.41-0.52x at 16: oneDNN's packed small-batch product does not spread over many threads.
 AUTO_MAX_THREADS = 4
+# fp32 products on a CPU go to torch's BLAS, MKL in the x86 wheels, which is tuned for Intel's
+# CPUs; oneDNN's packed product is not. At 2 threads, one layer's fp32 decode products ran
+# 1.50-1.76x faster packed on an AMD EPYC, and 0.76-1.09x on an Intel Xeon (docs/benchmarks.md).
+# So `auto` packs fp32 weights only on these vendors (/proc/cpuinfo's vendor_id).
+FP32_PACKING_VENDORS = ("AuthenticAMD",)
 
 # Sibling linears that read the same input, by attribute name, in the order models call them.
 SIBLINGS: tuple[tuple[str, ...], ...] = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
@@ -67,10 +74,12 @@ def _packed_product(weight: torch.Tensor, bias: torch.Tensor | None, rows_hint: 
 
 
 def packing_pays(dtype: torch.dtype, device: torch.device) -> bool:
-    """The `auto` rule (rollout.packed_linears): bf16 weights on a CPU that multiplies bf16 natively,
-    with at most AUTO_MAX_THREADS torch threads. fp32 is left out: packed, one layer ran 1.5-2x
-    faster on an AMD EPYC but 0.76-1.09x on an Intel Xeon, both at 2 threads."""
-    return dtype == torch.bfloat16 and _onednn_multiplies(dtype, device) and torch.get_num_threads() <= AUTO_MAX_THREADS
+    """The `auto` rule (rollout.packed_linears), on a CPU with at most AUTO_MAX_THREADS torch
+    threads: bf16 weights where bf16 is multiplied natively, and fp32 weights on a CPU of
+    FP32_PACKING_VENDORS."""
+    if not _onednn_multiplies(dtype, device) or torch.get_num_threads() > AUTO_MAX_THREADS:
+        return False
+    return dtype == torch.bfloat16 or (dtype == torch.float32 and cpu_field("vendor_id") in FP32_PACKING_VENDORS)
 
 
 def groupable(linears: list[nn.Linear]) -> bool:
