@@ -1,0 +1,54 @@
+"""Importing llmrl keeps freed CPU memory in the process (llmrl/host_memory.py)."""
+import os
+import platform
+import subprocess
+import sys
+
+import pytest
+
+# Twenty fresh 64 MB buffers, every page touched, one after another; 4 KiB pages so that the
+# count of faults is the count of pages the kernel had to hand out. Printed: whether the setting
+# is in force, the faults of the first buffer, and those of the last ten.
+PROBE = """
+import resource, torch
+import llmrl
+from llmrl.host_memory import keep_freed_memory
+faults = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+start = faults()
+for i in range(20):
+    x = torch.ones(64 << 20, dtype=torch.uint8)
+    del x
+    if i == 0:
+        first = faults() - start
+    if i == 9:
+        middle = faults()
+print(keep_freed_memory(), first, faults() - middle)
+"""
+
+
+def probe(setting: str | None) -> tuple[str, int, int]:
+    env = {k: v for k, v in os.environ.items() if k != "LLMRL_KEEP_FREED_MEMORY"}
+    env["THP_MEM_ALLOC_ENABLE"] = "0"
+    if setting is not None:
+        env["LLMRL_KEEP_FREED_MEMORY"] = setting
+    out = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, timeout=120, env=env, check=True)
+    applied, first, rest = out.stdout.split()
+    return applied, int(first), int(rest)
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the setting is glibc's mallopt")
+def test_freed_buffers_are_reused_without_new_page_faults():
+    applied, first, rest = probe(None)
+    assert applied == "True"
+    # 64 MB is about 16k pages: the first buffers fault them in (with 64-byte alignment glibc may
+    # place a few buffers side by side before a freed run fits), the last ten reuse them.
+    assert first > 10_000, first
+    assert rest < first // 10, (first, rest)
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the setting is glibc's mallopt")
+def test_the_user_can_keep_glibc_defaults():
+    applied, first, rest = probe("0")
+    assert applied == "False"
+    # glibc maps each 64 MB buffer afresh and unmaps it on free: each of the last ten faults again.
+    assert rest > 5 * first, (first, rest)
