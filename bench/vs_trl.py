@@ -11,11 +11,9 @@ Runs, each in its own process (so start-up and peak RSS are per run), per precis
   llmrl-hf-skip  hf engine, zero-advantage rows skipped (llmrl's default)
   llmrl-vllm     rollout.engine=vllm (only when `import vllm` works and vLLM serves the model)
   trl            GRPOTrainer, transformers `generate`, use_cpu=True, gradient checkpointing off;
-                 torch's default 4 KiB pages (THP_MEM_ALLOC_ENABLE=0) and glibc's default malloc
-                 (LLMRL_KEEP_FREED_MEMORY=0), as TRL runs out of the box
-  trl-thp        the same with THP_MEM_ALLOC_ENABLE=1 and LLMRL_KEEP_FREED_MEMORY=1, the huge-page
-                 and malloc settings llmrl turns on when
-                 imported (llmrl/__init__.py): TRL given llmrl's allocator settings
+                 torch's default 4 KiB pages (THP_MEM_ALLOC_ENABLE=0), as TRL runs out of the box
+  trl-thp        the same with THP_MEM_ALLOC_ENABLE=1, the huge-page setting llmrl turns on when
+                 imported (llmrl/__init__.py): TRL given llmrl's allocator setting
 fp32, plus bf16 where the CPU has native bf16 (avx512_bf16 / amx_bf16). llmrl bf16: autocast
 training over fp32 weights and a bf16 rollout copy; TRL bf16: `bf16=True` (autocast over fp32).
 
@@ -62,8 +60,7 @@ from machine import machine_header, matmul_peak_gflops  # noqa: E402  (bench/mac
 RECIPE = REPO / "recipes" / "gsm8k_grpo.yaml"
 DATA_ENV = "LLMRL_BENCH_DATA"
 VARIANTS = ("llmrl-hf", "llmrl-hf-skip", "llmrl-vllm", "trl", "trl-thp")
-# TRL imports llmrl here (model loading, the reward), which would switch huge pages and the kept
-# freed memory (llmrl/host_memory.py) on for it too.
+# TRL imports llmrl here (model loading, the reward), which would switch huge pages on for it too.
 THP_SETTING = {"trl": "0", "trl-thp": "1"}
 # --reward: what llmrl's reward.functions gets; TRL wraps the same function.
 REWARDS = {"gsm8k": "gsm8k", "closeness": f"{REPO / 'bench' / 'closeness_reward.py'}:closeness"}
@@ -341,7 +338,6 @@ def launch(spec: dict[str, Any], log_path: Path) -> dict[str, Any]:
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": path}
     if spec["variant"] in THP_SETTING:
         env["THP_MEM_ALLOC_ENABLE"] = THP_SETTING[spec["variant"]]
-        env["LLMRL_KEEP_FREED_MEMORY"] = THP_SETTING[spec["variant"]]
     launched = time.time()
     with log_path.open("w") as log:
         proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)],

@@ -10,9 +10,3 @@ __version__ = "0.1.0"
 # a bf16 SmolLM2 update took 11.0M page faults and 40 s of kernel time in 81 s, against 1.0M
 # and 28 s with it (docs/benchmarks.md). Set THP_MEM_ALLOC_ENABLE=0 to keep 4 KiB pages.
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
-
-# Freed CPU memory stays in the process for the next step instead of going back to the kernel
-# and faulting in again (llmrl/host_memory.py); LLMRL_KEEP_FREED_MEMORY=0 turns this off.
-from llmrl.host_memory import keep_freed_memory  # noqa: E402
-
-keep_freed_memory()

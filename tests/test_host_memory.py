@@ -1,4 +1,4 @@
-"""Importing llmrl keeps freed CPU memory in the process (llmrl/host_memory.py)."""
+"""The torch train engine on a CPU keeps freed memory in the process (llmrl/host_memory.py)."""
 import os
 import platform
 import subprocess
@@ -13,6 +13,7 @@ PROBE = """
 import resource, torch
 import llmrl
 from llmrl.host_memory import keep_freed_memory
+applied = keep_freed_memory()
 faults = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 start = faults()
 for i in range(20):
@@ -22,7 +23,7 @@ for i in range(20):
         first = faults() - start
     if i == 9:
         middle = faults()
-print(keep_freed_memory(), first, faults() - middle)
+print(applied, first, faults() - middle)
 """
 
 
@@ -52,3 +53,18 @@ def test_the_user_can_keep_glibc_defaults():
     assert applied == "False"
     # glibc maps each 64 MB buffer afresh and unmaps it on free: each of the last ten faults again.
     assert rest > 5 * first, (first, rest)
+
+
+def test_importing_llmrl_leaves_malloc_alone_and_the_torch_engine_applies_it():
+    code = (
+        "import llmrl, llmrl.host_memory as m; before = m._applied\n"
+        "from llmrl.models import ModelConfig, load_policy\n"
+        "from llmrl.train.engine import TrainConfig\n"
+        "from llmrl.train.torch_engine import TorchTrainEngine\n"
+        "TorchTrainEngine(load_policy(ModelConfig(name='tiny')), TrainConfig(), total_updates=1)\n"
+        "print(before, m._applied)"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "LLMRL_KEEP_FREED_MEMORY"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env, check=True)
+    expected = "True" if platform.libc_ver()[0] == "glibc" else "False"
+    assert out.stdout.split()[-2:] == ["None", expected], out.stdout

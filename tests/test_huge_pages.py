@@ -20,6 +20,7 @@ def probe(env_value: str | None) -> tuple[str, int]:
     import os
 
     env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    env["LLMRL_KEEP_FREED_MEMORY"] = "0"  # each fresh buffer must come from the kernel, as measured
     if env_value is not None:
         env["THP_MEM_ALLOC_ENABLE"] = env_value
     out = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, timeout=120, env=env, check=True)

@@ -11,6 +11,7 @@ import torch
 from llmrl.algorithms.base import Batch, LossContext, LossFn
 from llmrl.batch import ROLLOUT_GAP, rollout_gap_sums, select_rows, split_micro_batches
 from llmrl.models import export_policy, is_lora, merged_state_dict
+from llmrl.host_memory import keep_freed_memory
 from llmrl.materialized_attention import materialized_scores
 from llmrl.precision import resolve_precision
 from llmrl.train.engine import NonFiniteUpdateError, TrainConfig, each_tensor_once, storage_key
@@ -58,6 +59,8 @@ class TorchTrainEngine:
         self.temperature = temperature if temperature > 0 else 1.0
         self.reference = reference
         self.device = next(model.parameters()).device
+        if self.device.type == "cpu":
+            keep_freed_memory()  # each step's large buffers reuse the last step's pages
         params = [p for p in model.parameters() if p.requires_grad]
         bad = [n for n, p in model.named_parameters() if p.requires_grad and p.dtype != torch.float32]
         if bad:
