@@ -12,9 +12,8 @@ So a process that builds the torch train engine on a CPU tells glibc (mallopt) t
 size from its heap and never trim it. Freed memory stays mapped and is reused; the process's
 resident size stays at its high-water mark instead of falling between phases. In that process
 the peak did not grow (7.01 -> 6.95 GiB for the update alone, 8.07 -> 8.16 GiB for the loop).
-It is not applied elsewhere: in a DeepSpeed ZeRO-3 rank, whose gathers and partitions vary in
-size, the heap fragmented and the peak RSS grew to 5.5 GiB where it had been within 30% of a
-3.75 GiB estimate. Set LLMRL_KEEP_FREED_MEMORY=0 to keep glibc's defaults (a process that must
+It is not applied in DeepSpeed ranks: in a ZeRO-3 rank, whose gathers and partitions vary in
+size, the heap fragmented and the peak RSS grew from 4.2 GiB to 5.0-5.5 GiB. Set LLMRL_KEEP_FREED_MEMORY=0 to keep glibc's defaults (a process that must
 hand memory back between phases). Other C libraries (musl) are left alone.
 """
 from __future__ import annotations

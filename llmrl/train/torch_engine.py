@@ -45,6 +45,10 @@ class TorchTrainEngine:
     `value_head` attribute (hidden -> 1) makes it a critic whose outputs include `values`.
     """
 
+    # On a CPU, keep freed memory in the process (llmrl/host_memory.py). Subclasses whose
+    # allocations vary in size from step to step (DeepSpeed's ZeRO gathers) turn it off.
+    keeps_freed_memory = True
+
     def __init__(
         self,
         model: torch.nn.Module,
@@ -59,7 +63,7 @@ class TorchTrainEngine:
         self.temperature = temperature if temperature > 0 else 1.0
         self.reference = reference
         self.device = next(model.parameters()).device
-        if self.device.type == "cpu":
+        if self.device.type == "cpu" and self.keeps_freed_memory:
             keep_freed_memory()  # each step's large buffers reuse the last step's pages
         params = [p for p in model.parameters() if p.requires_grad]
         bad = [n for n, p in model.named_parameters() if p.requires_grad and p.dtype != torch.float32]
