@@ -13,8 +13,9 @@ size from its heap and never trim it. Freed memory stays mapped and is reused; t
 resident size stays at its high-water mark instead of falling between phases. In that process
 the peak did not grow (7.01 -> 6.95 GiB for the update alone, 8.07 -> 8.16 GiB for the loop).
 It is not applied in DeepSpeed ranks: in a ZeRO-3 rank, whose gathers and partitions vary in
-size, the heap fragmented and the peak RSS grew from 4.2 GiB to 5.0-5.5 GiB. Set LLMRL_KEEP_FREED_MEMORY=0 to keep glibc's defaults (a process that must
-hand memory back between phases). Other C libraries (musl) are left alone.
+size, the heap fragmented and the peak RSS grew from 4.2 GiB to 5.0-5.5 GiB. Set
+LLMRL_KEEP_FREED_MEMORY=0 to keep glibc's defaults (a process that must hand memory back
+between phases). Other C libraries (musl) are left alone.
 """
 from __future__ import annotations
 

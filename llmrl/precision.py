@@ -32,10 +32,7 @@ def cpu_field(name: str) -> str:
 
 @functools.lru_cache(maxsize=None)
 def cpu_has_native_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
+    flags = set(cpu_field("flags").split())
     return any(flag in flags for flag in NATIVE_BF16_CPU_FLAGS)
 
 

@@ -10,8 +10,8 @@ import torch
 
 from llmrl.algorithms.base import Batch, LossContext, LossFn
 from llmrl.batch import ROLLOUT_GAP, rollout_gap_sums, select_rows, split_micro_batches
-from llmrl.models import export_policy, is_lora, merged_state_dict
 from llmrl.host_memory import keep_freed_memory
+from llmrl.models import export_policy, is_lora, merged_state_dict
 from llmrl.materialized_attention import materialized_scores
 from llmrl.precision import resolve_precision
 from llmrl.train.engine import NonFiniteUpdateError, TrainConfig, each_tensor_once, storage_key
