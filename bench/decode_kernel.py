@@ -25,7 +25,7 @@ from machine import machine_header  # noqa: E402  (bench/machine.py)
 
 from llmrl import kernels  # noqa: E402  (needs only torch: this bench also runs on a bare GPU box)
 
-KERNEL = kernels.SHARED_PREFIX_DECODE
+KERNEL = kernels.DECODE
 
 
 def _flash(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None, scale: float):

@@ -20,7 +20,10 @@ Engines (--engines, comma-separated):
   hf-sdpa             (optional) the hf engine with transformers' SDPA attention instead of
                       llmrl/grouped_attention.py: the before/after of that change.
   hf-unpacked         (optional) the hf engine with rollout.packed_linears=false: what the
-                      packed linears give where `auto` packs (llmrl/rollout/packed_linears.py).
+                      packed linears give where `auto` packs (llmrl/rollout/packed_linears.py),
+                      together with the fused decode step, which needs grouped linears.
+  hf-unfused          (optional) the hf engine with rollout.fused_decode=false: transformers'
+                      modules for each decode step instead of llmrl/rollout/fused_decode.py.
   vllm-raw-compiled   (optional, not in the default list) raw vLLM with vLLM's own default
                       enforce_eager=False, which on the CPU build compiles the model with
                       torch inductor (vllm/platforms/cpu.py); start-up takes minutes longer.
@@ -85,7 +88,7 @@ import torch
 
 from machine import linear_shapes_gflops, machine_header, matmul_peak_gflops, matmul_weights
 
-ENGINES = ("vllm-llmrl", "vllm-raw", "hf", "hf-sdpa", "hf-unpacked", "vllm-raw-compiled", "vllm-raw-settings")
+ENGINES = ("vllm-llmrl", "vllm-raw", "hf", "hf-sdpa", "hf-unpacked", "hf-unfused", "vllm-raw-compiled", "vllm-raw-settings")
 DEFAULT_ENGINES = "vllm-llmrl,vllm-raw,hf"
 # How long the parent waits for one reply (start-up or one generate call) before giving up.
 REPLY_TIMEOUT_S = 3600.0
@@ -145,7 +148,7 @@ def _make_generate(name: str, spec: dict[str, Any]) -> Callable[[list[list[int]]
     is the call to time and returns the completion lengths. Building the request objects
     outside run() would hide llmrl's share of that work, so run() does it for every engine.
     For vllm-llmrl, INNER_SECONDS collects the time spent inside vLLM's own LLM.generate."""
-    if name in ("vllm-llmrl", "hf", "hf-sdpa", "hf-unpacked"):
+    if name in ("vllm-llmrl", "hf", "hf-sdpa", "hf-unpacked", "hf-unfused"):
         from llmrl.models import ModelConfig, load_tokenizer
         from llmrl.rollout.base import RolloutConfig, SamplingParams, build_rollout_engine
 
@@ -158,6 +161,7 @@ def _make_generate(name: str, spec: dict[str, Any]) -> Callable[[list[list[int]]
             max_model_len=spec["max_model_len"],
             vllm_cpu_kvcache_gib=spec["kvcache_gib"],
             packed_linears=False if name == "hf-unpacked" else "auto",
+            fused_decode=False if name in ("hf-unfused", "hf-sdpa") else "auto",
         )
         engine = build_rollout_engine(cfg, ModelConfig(name=spec["model"]), load_tokenizer(spec["model"]), seed=spec["seed"])
         if name == "hf-sdpa":
@@ -368,7 +372,7 @@ def report(results: dict[str, list[dict[str, Any]]], prompt_lengths: list[int], 
             f"llmrl's code around LLM.generate (same call, fixed work): median {100 * statistics.median(shares):.2f}% of the "
             f"vLLM call [per round: {' '.join(f'{1000 * a:.1f} ms' for a in added)}]"
         )
-    for other in ("hf", "hf-sdpa", "hf-unpacked", "vllm-raw-compiled", "vllm-raw-settings"):
+    for other in ("hf", "hf-sdpa", "hf-unpacked", "hf-unfused", "vllm-raw-compiled", "vllm-raw-settings"):
         if other in rates and "vllm-raw" in rates:
             paired = [a / b for a, b in zip(rates[other], rates["vllm-raw"])]
             noise = max(_spread(rates[other]), _spread(rates["vllm-raw"]))
@@ -383,7 +387,11 @@ def report(results: dict[str, list[dict[str, Any]]], prompt_lengths: list[int], 
                 f"{other} vs raw vllm: {ratio:.2f}x (medians; spread +-{100 * noise:.1f}%): {verdict}  "
                 f"[per round: {' '.join(f'{p:.2f}x' for p in paired)}]"
             )
-    for other, what in (("hf-sdpa", "grouped decode attention"), ("hf-unpacked", "packed linears where auto packs")):
+    for other, what in (
+        ("hf-sdpa", "grouped decode attention"),
+        ("hf-unpacked", "packed linears where auto packs, and the fused step"),
+        ("hf-unfused", "fused decode step"),
+    ):
         if "hf" in rates and other in rates:
             paired = [a / b for a, b in zip(rates["hf"], rates[other])]
             print(f"speedup hf ({what}) vs {other}: median {statistics.median(paired):.2f}x  "

@@ -156,7 +156,9 @@ def test_auto_packs_bf16_and_amd_fp32_on_a_few_threads_only(monkeypatch, tiny_pa
     finally:
         torch.set_num_threads(before)
     assert RolloutConfig().packed_linears == "auto"
-    assert isinstance(engine.model.model.layers[0].mlp.gate_proj, GroupedLinear) == packs
+    gate = engine.model.model.layers[0].mlp.gate_proj
+    # grouped either way (the fused decode step multiplies groups); packed only where it pays
+    assert isinstance(gate, GroupedLinear) and gate.group.pack == packs
 
 
 def test_cpu_field_reads_proc_cpuinfo_and_is_empty_for_a_missing_field():

@@ -1,7 +1,8 @@
 """CPU kernels of our own, compiled on first use and cached per machine.
 
-The sources sit beside this file. Each is built once with the system's C++ compiler against the
-installed torch, into `$LLMRL_KERNEL_CACHE` (default `~/.cache/llmrl/kernels`), under a name
+The sources sit beside this file. A library's sources (LIBRARIES) are compiled side by side, one
+compiler process each, and linked once with the system's C++ compiler against the installed
+torch, into `$LLMRL_KERNEL_CACHE` (default `~/.cache/llmrl/kernels`), under a name
 that hashes the source, the compile command, the torch version and this CPU's flags, so an
 edit, an upgrade or another machine gets a fresh build. The library is written to a temporary name and renamed into
 place, so a build killed half-way leaves nothing that a later run would load, and two processes
@@ -29,7 +30,10 @@ from llmrl.precision import cpu_field
 logger = logging.getLogger("llmrl.kernels")
 
 SOURCES = Path(__file__).resolve().parent
-SHARED_PREFIX_DECODE = "shared_prefix_decode"  # decode attention over a shared prompt cache
+DECODE = "decode"
+# library -> its sources. "decode": attention over a shared prompt cache, and the elementwise
+# steps of a Llama-family decoder layer (one build, so a first run waits for one).
+LIBRARIES: dict[str, tuple[str, ...]] = {DECODE: ("shared_prefix_decode.cpp", "decode_ops.cpp")}
 CACHE_ENV = "LLMRL_KERNEL_CACHE"
 BUILD_TIMEOUT_S = 600
 
@@ -46,7 +50,7 @@ def _cpu_flags() -> str:
     return cpu_field("flags") or platform.processor()
 
 
-def _compile_command(source: Path, target: Path) -> list[str]:
+def _flags() -> tuple[str, list[str], list[str]]:
     from torch.utils import cpp_extension
 
     compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or "c++"
@@ -57,15 +61,28 @@ def _compile_command(source: Path, target: Path) -> list[str]:
     # -fopenmp: at::parallel_for is inline OpenMP; without the flag it runs on one thread.
     # -fno-tree-loop-distribute-patterns: else gcc turns the loads of an fp32 row into registers
     # into a memcpy call per key.
-    return [compiler, "-O3", "-march=native", "-fopenmp", "-fno-tree-loop-distribute-patterns", "-std=c++17", "-fPIC", "-shared", abi, *includes, str(source),
-            "-o", str(target), *libraries, "-lc10", "-ltorch_cpu", "-ltorch"]
+    # -ffp-contract=off: no fused multiply-adds where the source has none, so the elementwise ops
+    # round as torch's do (explicit FMA intrinsics are unaffected).
+    compile_flags = ["-O3", "-march=native", "-fopenmp", "-fno-tree-loop-distribute-patterns", "-ffp-contract=off", "-std=c++17", "-fPIC", abi, *includes]
+    return compiler, compile_flags, [*libraries, "-lc10", "-ltorch_cpu", "-ltorch"]
+
+
+def _build_commands(name: str, directory: Path, target: Path) -> tuple[list[list[str]], list[str]]:
+    """One compile command per source of library `name`, objects into `directory`, and the link
+    command that makes `target` of them."""
+    compiler, compile_flags, link_flags = _flags()
+    objects = [directory / f"{Path(source).stem}.o" for source in LIBRARIES[name]]
+    compiles = [[compiler, *compile_flags, "-c", str(SOURCES / source), "-o", str(obj)] for source, obj in zip(LIBRARIES[name], objects)]
+    return compiles, [compiler, "-shared", "-fopenmp", *map(str, objects), "-o", str(target), *link_flags]
 
 
 def _library_path(name: str) -> Path:
-    source = SOURCES / f"{name}.cpp"
     digest = hashlib.sha256()
-    flags = " ".join(_compile_command(source, Path("out.so")))
-    for part in (source.read_bytes(), flags.encode(), torch.__version__.encode(), _cpu_flags().encode(), sys.version.encode()):
+    compiles, link = _build_commands(name, Path("obj"), Path("out.so"))
+    for source in LIBRARIES[name]:
+        digest.update((SOURCES / source).read_bytes())
+    flags = " ".join(" ".join(command) for command in [*compiles, link])
+    for part in (flags.encode(), torch.__version__.encode(), _cpu_flags().encode(), sys.version.encode()):
         digest.update(part)
     return cache_dir() / f"{name}-{digest.hexdigest()[:16]}.so"
 
@@ -74,15 +91,26 @@ def _build(name: str, library: Path) -> None:
     library.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=library.parent) as scratch:
         partial = Path(scratch) / library.name
-        command = _compile_command(SOURCES / f"{name}.cpp", partial)
+        compiles, link = _build_commands(name, Path(scratch), partial)
         # stderr, not the log: nothing else shows during these seconds, and logging may be off
-        print(f"llmrl: building the {name} kernel into {library.parent} (once per machine)...", file=sys.stderr, flush=True)
+        print(f"llmrl: building the {name} kernels into {library.parent} (once per machine)...", file=sys.stderr, flush=True)
         start = time.monotonic()
-        done = subprocess.run(command, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
+        # the sources compile side by side: most of each one's time is parsing torch's headers
+        running = [subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for command in compiles]
+        try:
+            outcomes = [(command, process, process.communicate(timeout=BUILD_TIMEOUT_S)[1]) for command, process in zip(compiles, running)]
+        finally:
+            for process in running:
+                if process.poll() is None:
+                    process.kill()
+        for command, process, errors in outcomes:
+            if process.returncode != 0:
+                raise RuntimeError(f"{command[0]} exited {process.returncode} on {Path(command[-3]).name}: {errors.strip()[-2000:]}")
+        done = subprocess.run(link, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
         if done.returncode != 0:
-            raise RuntimeError(f"{command[0]} exited {done.returncode}: {done.stderr.strip()[-2000:]}")
+            raise RuntimeError(f"{link[0]} exited {done.returncode} linking {name}: {done.stderr.strip()[-2000:]}")
         os.replace(partial, library)
-        print(f"llmrl: built the {name} kernel in {time.monotonic() - start:.1f} s", file=sys.stderr, flush=True)
+        print(f"llmrl: built the {name} kernels in {time.monotonic() - start:.1f} s", file=sys.stderr, flush=True)
 
 
 def load(name: str) -> bool:

@@ -132,6 +132,14 @@ class RolloutConfig(Section):
         "$LLMRL_KERNEL_CACHE (default ~/.cache/llmrl/kernels). auto = use it where it builds, else torch's attention, "
         "with a warning; true = fail if it cannot be built; false = torch's attention.",
     )
+    fused_decode: bool | Literal["auto"] = Field(
+        "auto",
+        description="hf engine on a CPU: decode steps of Llama-family models (model_type llama or qwen2) run llmrl's own "
+        "layer loop (llmrl/rollout/fused_decode.py) with fused RMSNorm, rotary and SiLU kernels, instead of transformers' "
+        "modules; same logits up to fp32 summation order. Needs the kernels of decode_kernel and grouped linears "
+        "(packed_linears not false). auto = where it can run, else transformers' forward; true = fail, naming why, "
+        "where it cannot; false = transformers' forward.",
+    )
     # vLLM engine (rollout.engine: vllm)
     tensor_parallel_size: int = Field(1, ge=1, description="vllm: GPUs one engine shards the model over.")
     gpu_memory_utilization: float = Field(

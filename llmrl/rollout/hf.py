@@ -6,6 +6,7 @@ with its EOS id, so after `generate` a padded row cannot be told from one that s
 """
 from __future__ import annotations
 
+import logging
 from typing import Any, Iterable
 
 import torch
@@ -14,6 +15,7 @@ from llmrl import kernels
 from llmrl.models import GROUPED_ATTENTION, ModelConfig, load_causal_lm
 from llmrl.precision import resolve_dtype
 from llmrl.rollout.base import RolloutConfig, SamplingParams, register_rollout_engine
+from llmrl.rollout.fused_decode import FusedDecode, fused_decode_problem
 from llmrl.rollout.kv_cache import PreallocatedCache
 from llmrl.rollout.packed_linears import pack_linears, packing_pays
 from llmrl.rollout.shared_prefix_cache import KERNEL as SHARED_PREFIX_KERNEL
@@ -22,6 +24,8 @@ from llmrl.train.logprobs import sequence_logprobs
 from llmrl.types import Completion
 from llmrl.workspace import workspace
 
+
+logger = logging.getLogger("llmrl.rollout.hf")
 
 SAMPLING_BLOCK = 256  # vocabulary entries per block of the two-level CDF in `sample_from`
 
@@ -89,19 +93,35 @@ class HFRolloutEngine:
         self.model = load_causal_lm(model_cfg.model_copy(update=load), resolve_dtype(cfg.dtype)).eval()
         self.model.requires_grad_(False)
         weights = next(self.model.parameters())
-        if cfg.packed_linears is True or (cfg.packed_linears == "auto" and packing_pays(weights.dtype, weights.device)):
-            pack_linears(self.model, rows_hint=min(cfg.max_batch_size, 64))
+        pack = cfg.packed_linears is True or (cfg.packed_linears == "auto" and packing_pays(weights.dtype, weights.device))
+        if pack or (cfg.packed_linears == "auto" and cfg.fused_decode):  # the fused step multiplies grouped linears
+            pack_linears(self.model, pack=pack, rows_hint=min(cfg.max_batch_size, 64))
         # Build (once per machine) and load the decode kernel now, not inside the first rollout.
         on_cpu = weights.device.type == "cpu"
         self.decode_kernel = bool(cfg.decode_kernel) and on_cpu and kernels.load(SHARED_PREFIX_KERNEL)
         if cfg.decode_kernel is True and not self.decode_kernel:
             why = "the model is not on the CPU" if not on_cpu else kernels.failure(SHARED_PREFIX_KERNEL)
             raise RuntimeError(f"rollout.decode_kernel=true, but the kernel cannot run: {why}")
+        self.fused_decode = self._fused_decode(cfg)
         eos = self.model.generation_config.eos_token_id if self.model.generation_config else None
         eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         eos_ids.add(tokenizer.eos_token_id)
         self.eos_ids = torch.tensor(sorted(i for i in eos_ids if i is not None))
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    def _fused_decode(self, cfg: RolloutConfig) -> FusedDecode | None:
+        if cfg.fused_decode is False:
+            return None
+        if cfg.packed_linears is False:
+            problem: str | None = "rollout.packed_linears is false, and the fused step multiplies grouped linears"
+        else:
+            problem = fused_decode_problem(self.model)
+        if problem is None:
+            return FusedDecode(self.model)
+        if cfg.fused_decode is True:
+            raise RuntimeError(f"rollout.fused_decode=true, but this model cannot take it: {problem}")
+        logger.info("decode runs transformers' forward: no fused decode step (%s)", problem)
+        return None
 
     # ------------------------------------------------------------------ generate
     @torch.no_grad()
@@ -204,11 +224,14 @@ class HFRolloutEngine:
                 chosen, attention, next_pos = chosen[keep], attention[keep], next_pos[keep]
             if not shared:  # the shared cache holds its prompts' padding itself and its suffixes have none
                 attention = torch.cat([attention, torch.ones(len(rows), 1, dtype=torch.long)], dim=1)
-            with cache.decoding():
-                logits = self.model(
-                    input_ids=chosen[:, None], attention_mask=None if shared else attention, position_ids=next_pos[:, None],
-                    past_key_values=cache, use_cache=True,
-                ).logits[:, -1]
+            if self.fused_decode is not None and shared:
+                logits = self.fused_decode.step(cache, chosen, next_pos)
+            else:
+                with cache.decoding():
+                    logits = self.model(
+                        input_ids=chosen[:, None], attention_mask=None if shared else attention, position_ids=next_pos[:, None],
+                        past_key_values=cache, use_cache=True,
+                    ).logits[:, -1]
             next_pos = next_pos + 1
         return [Completion(token_ids=tokens[i], logprobs=logps[i], finish_reason=reasons[i]) for i in range(B)]
 

@@ -122,6 +122,10 @@ class LinearGroup:
         assert self._product is not None
         return self._product
 
+    def product(self, x: torch.Tensor) -> torch.Tensor:
+        """Every member's output for `x` [rows, in], side by side: [rows, sum of outs]."""
+        return self._current_product()(x)
+
     def output(self, index: int, x: torch.Tensor) -> torch.Tensor:
         """Member `index`'s output for input `x`, from the pending ones when `x` is the very
         tensor (unchanged) that the last product was computed for."""

@@ -37,7 +37,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 from llmrl import kernels
 from llmrl.rollout.kv_cache import PreallocatedLayer
 
-KERNEL = kernels.SHARED_PREFIX_DECODE
+KERNEL = kernels.DECODE
 KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 
 _ACTIVE = threading.local()
