@@ -43,8 +43,9 @@ FP32_PACKING_VENDORS = ("AuthenticAMD",)
 
 # Sibling linears that read the same input, by attribute name, in the order models call them.
 SIBLINGS: tuple[tuple[str, ...], ...] = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
-# Linears that read an input of their own; packed alone. The lm_head is left out: at the
-# vocabulary's width the packed product was no faster, and it shares its weight with the embedding.
+# Linears that read an input of their own; packed alone. The lm_head is left out: a group copies
+# its members' weights, and the head often shares its weight with the embedding. The fused decode
+# step packs the head through `PackedWeight`, which keeps the tie.
 SINGLES: tuple[str, ...] = ("o_proj", "down_proj")
 
 
@@ -87,31 +88,17 @@ def groupable(linears: list[nn.Linear]) -> bool:
     return len({linear.in_features for linear in linears}) == 1 and len({linear.bias is None for linear in linears}) == 1
 
 
-class LinearGroup:
-    """The shared weight of linears that read one input, and the outputs not yet collected."""
+class PackedWeight:
+    """x [rows, in] -> x @ weight.T + bias, through a packed copy of `weight` when `pack` (and
+    this torch can pack it), rebuilt before the next product whenever `weight` or `bias` was
+    written in place since (their version counters moved). The tensors stay the caller's: a
+    weight tied to another module stays tied."""
 
-    def __init__(self, linears: list[nn.Linear], pack: bool, rows_hint: int) -> None:
-        if not groupable(linears):
-            raise ValueError("a group's linears must read inputs of one width and all have a bias or none")
-        with torch.no_grad():
-            self.weight = torch.cat([linear.weight.detach() for linear in linears])
-            has_bias = linears[0].bias is not None
-            self.bias = torch.cat([linear.bias.detach() for linear in linears]) if has_bias else None
-        self.sizes = [linear.out_features for linear in linears]
-        start = 0
-        for linear, size in zip(linears, self.sizes):
-            # Views of the group's tensors: they share its version counter, so a write through any
-            # member's parameter shows in `self.weight._version` (or the bias's).
-            linear.weight = nn.Parameter(self.weight[start : start + size], requires_grad=False)
-            if self.bias is not None:
-                linear.bias = nn.Parameter(self.bias[start : start + size], requires_grad=False)
-            start += size
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, pack: bool, rows_hint: int) -> None:
+        self.weight, self.bias = weight, bias
         self.pack, self.rows_hint = pack, rows_hint
         self._product: Callable[[torch.Tensor], torch.Tensor] | None = None
         self._versions: tuple[int, int] | None = None
-        self._input: torch.Tensor | None = None
-        self._input_version = -1
-        self._pending: dict[int, torch.Tensor] = {}
 
     def _current_product(self) -> Callable[[torch.Tensor], torch.Tensor]:
         versions = (self.weight._version, -1 if self.bias is None else self.bias._version)
@@ -123,8 +110,32 @@ class LinearGroup:
         return self._product
 
     def product(self, x: torch.Tensor) -> torch.Tensor:
-        """Every member's output for `x` [rows, in], side by side: [rows, sum of outs]."""
         return self._current_product()(x)
+
+
+class LinearGroup(PackedWeight):
+    """The shared weight of linears that read one input, and the outputs not yet collected."""
+
+    def __init__(self, linears: list[nn.Linear], pack: bool, rows_hint: int) -> None:
+        if not groupable(linears):
+            raise ValueError("a group's linears must read inputs of one width and all have a bias or none")
+        with torch.no_grad():
+            weight = torch.cat([linear.weight.detach() for linear in linears])
+            has_bias = linears[0].bias is not None
+            bias = torch.cat([linear.bias.detach() for linear in linears]) if has_bias else None
+        super().__init__(weight, bias, pack, rows_hint)
+        self.sizes = [linear.out_features for linear in linears]
+        start = 0
+        for linear, size in zip(linears, self.sizes):
+            # Views of the group's tensors: they share its version counter, so a write through any
+            # member's parameter shows in `self.weight._version` (or the bias's).
+            linear.weight = nn.Parameter(self.weight[start : start + size], requires_grad=False)
+            if self.bias is not None:
+                linear.bias = nn.Parameter(self.bias[start : start + size], requires_grad=False)
+            start += size
+        self._input: torch.Tensor | None = None
+        self._input_version = -1
+        self._pending: dict[int, torch.Tensor] = {}
 
     def output(self, index: int, x: torch.Tensor) -> torch.Tensor:
         """Member `index`'s output for input `x`, from the pending ones when `x` is the very
