@@ -49,7 +49,9 @@ def test_the_lm_head_is_only_handed_contiguous_hidden_states(engine, tokenizer):
         engine.generate([prompt(tokenizer), prompt(tokenizer, "Name a colour.")], SamplingParams(temperature=0.0, max_new_tokens=3))
     finally:
         hook.remove()
-    assert len(seen) == 3 and all(seen)  # the prefill, then the forwards for tokens 2 and 3 (none after)
+    # the prefill, then the forwards for tokens 2 and 3 (none after); the fused decode step
+    # multiplies its own packed copy of the head, so only the prefill's call reaches the module
+    assert len(seen) == (1 if engine.fused_decode is not None else 3) and all(seen)
 
 
 def test_seeded_sampling_is_reproducible(engine, tokenizer):

@@ -31,9 +31,9 @@ logger = logging.getLogger("llmrl.kernels")
 
 SOURCES = Path(__file__).resolve().parent
 DECODE = "decode"
-# library -> its sources. "decode": attention over a shared prompt cache, and the elementwise
-# steps of a Llama-family decoder layer (one build, so a first run waits for one).
-LIBRARIES: dict[str, tuple[str, ...]] = {DECODE: ("shared_prefix_decode.cpp", "decode_ops.cpp")}
+# library -> its sources. "decode": attention over a shared prompt cache, the elementwise steps
+# of a Llama-family decoder layer, and the sampler (one build, so a first run waits for one).
+LIBRARIES: dict[str, tuple[str, ...]] = {DECODE: ("shared_prefix_decode.cpp", "decode_ops.cpp", "sampling.cpp")}
 CACHE_ENV = "LLMRL_KERNEL_CACHE"
 BUILD_TIMEOUT_S = 600
 
@@ -79,7 +79,7 @@ def _build_commands(name: str, directory: Path, target: Path) -> tuple[list[list
 def _library_path(name: str) -> Path:
     digest = hashlib.sha256()
     compiles, link = _build_commands(name, Path("obj"), Path("out.so"))
-    for source in LIBRARIES[name]:
+    for source in [*LIBRARIES[name], *sorted(p.name for p in SOURCES.glob("*.h"))]:  # headers too: an edit rebuilds
         digest.update((SOURCES / source).read_bytes())
     flags = " ".join(" ".join(command) for command in [*compiles, link])
     for part in (flags.encode(), torch.__version__.encode(), _cpu_flags().encode(), sys.version.encode()):

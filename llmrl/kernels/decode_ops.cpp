@@ -15,6 +15,8 @@
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
+#include "elementwise.h"
+
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -22,55 +24,10 @@
 
 namespace {
 
-inline float widen(float x) { return x; }
-inline float widen(c10::BFloat16 x) {
-  uint32_t bits = static_cast<uint32_t>(x.x) << 16;  // bf16 is the top half of an fp32
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
-}
-
-// fp32 -> T, rounding to nearest even as torch's casts do
-template <typename T>
-inline T narrow(float f) {
-  if constexpr (std::is_same_v<T, float>) {
-    return f;
-  } else {
-    uint32_t bits;
-    std::memcpy(&bits, &f, sizeof bits);
-    const uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
-    T out;
-    out.x = static_cast<uint16_t>(f != f ? 0x7FC0u : rounded);  // NaN stays a NaN
-    return out;
-  }
-}
-
-// the value as the model's dtype holds it: a no-op for fp32, a bf16 rounding otherwise
-template <typename T>
-inline float as(float f) { return widen(narrow<T>(f)); }
-
-// exp(x) for x in [-87, 88] (clamped there), by x = n ln2 + r, |r| <= ln2/2, a degree-7 Taylor
-// polynomial in r (relative error below 2e-8) and 2^n built in the exponent bits. Branch-free,
-// so that gcc vectorises the loops that call it.
-inline float exp_clamped(float x) {
-  x = x < -87.f ? -87.f : (x > 88.f ? 88.f : x);
-  const float shifter = 12582912.f;  // 1.5 * 2^23: adding it rounds to an integer
-  const float n = (x * 1.44269504088896341f + shifter) - shifter;
-  float r = x - n * 0.693359375f;  // ln2 in two parts, so that n * ln2_hi is exact
-  r = r + n * 2.12194440e-4f;
-  float p = 1.f / 5040.f;
-  p = p * r + 1.f / 720.f;
-  p = p * r + 1.f / 120.f;
-  p = p * r + 1.f / 24.f;
-  p = p * r + 1.f / 6.f;
-  p = p * r + 0.5f;
-  p = p * r + 1.f;
-  p = p * r + 1.f;
-  const int32_t exponent = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &exponent, sizeof scale);
-  return p * scale;
-}
+using llmrl::as;
+using llmrl::exp_clamped;
+using llmrl::narrow;
+using llmrl::widen;
 
 template <typename T>
 inline const T* row_ptr(const at::Tensor& t, int64_t n) { return t.data_ptr<T>() + n * t.stride(0); }

@@ -103,6 +103,8 @@ class HFRolloutEngine:
             why = "the model is not on the CPU" if not on_cpu else kernels.failure(SHARED_PREFIX_KERNEL)
             raise RuntimeError(f"rollout.decode_kernel=true, but the kernel cannot run: {why}")
         self.fused_decode = self._fused_decode(cfg)
+        # the sampler kernel lives in the same library as the decode kernels, so the same switch
+        self.sampling_kernel = self.decode_kernel
         eos = self.model.generation_config.eos_token_id if self.model.generation_config else None
         eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         eos_ids.add(tokenizer.eos_token_id)
@@ -188,23 +190,8 @@ class HFRolloutEngine:
         tokens: list[list[int]] = [[] for _ in range(B)]
         logps: list[list[float]] = [[] for _ in range(B)]
         for step in range(sp.max_new_tokens):
-            logits = logits.float()
-            if sp.greedy:
-                logp_all = torch.log_softmax(logits, dim=-1)
-                chosen = logp_all.argmax(-1)
-            else:
-                scaled = logits if sp.temperature == 1.0 else logits / sp.temperature  # x / 1 == x: one vocab pass fewer
-                logp_all = torch.log_softmax(scaled, dim=-1)
-                if sp.top_k == 0 and sp.top_p >= 1.0:
-                    probs = logp_all.exp()  # unfiltered: reuse the log-softmax, one vocab pass fewer
-                else:
-                    probs = torch.softmax(filter_logits(scaled, sp.top_k, sp.top_p), dim=-1)
-                if isinstance(generator, list):  # each live row from its own stream
-                    uniform = torch.cat([draw_uniform(1, generator[i]) for i in rows])
-                else:
-                    uniform = draw_uniform(len(rows), generator)
-                chosen = sample_from(probs, uniform)
-            chosen_logp = logp_all.gather(-1, chosen[:, None]).squeeze(-1).tolist()
+            chosen, chosen_logp_t = self._choose(logits, sp, generator, rows)
+            chosen_logp = chosen_logp_t.tolist()
             chosen_ids = chosen.tolist()
             done = [False] * len(rows) if sp.ignore_eos else torch.isin(chosen, self.eos_ids).tolist()
             for j, i in enumerate(rows):
@@ -234,6 +221,32 @@ class HFRolloutEngine:
                     ).logits[:, -1]
             next_pos = next_pos + 1
         return [Completion(token_ids=tokens[i], logprobs=logps[i], finish_reason=reasons[i]) for i in range(B)]
+
+    def _choose(
+        self, logits: torch.Tensor, sp: SamplingParams, generator: torch.Generator | list[torch.Generator] | None, rows: list[int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One token per live row from its logits [rows, vocab], with its logprob under logits / T."""
+        if sp.greedy:
+            logp_all = torch.log_softmax(logits.float(), dim=-1)
+            chosen = logp_all.argmax(-1)
+            return chosen, logp_all.gather(-1, chosen[:, None]).squeeze(-1)
+        if isinstance(generator, list):  # each live row from its own stream
+            uniform = torch.cat([draw_uniform(1, generator[i]) for i in rows])
+        else:
+            uniform = draw_uniform(len(rows), generator)
+        unfiltered = sp.top_k == 0 and sp.top_p >= 1.0
+        if unfiltered and self.sampling_kernel and logits.device.type == "cpu" and logits.dtype in (torch.float32, torch.bfloat16):
+            # the same draw as `sample_from`, in two passes over the logits (llmrl/kernels/sampling.cpp)
+            return torch.ops.llmrl_kernels.sample_rows(logits.contiguous(), sp.temperature, uniform)
+        logits = logits.float()
+        scaled = logits if sp.temperature == 1.0 else logits / sp.temperature  # x / 1 == x: one vocab pass fewer
+        logp_all = torch.log_softmax(scaled, dim=-1)
+        if unfiltered:
+            probs = logp_all.exp()  # reuse the log-softmax, one vocab pass fewer
+        else:
+            probs = torch.softmax(filter_logits(scaled, sp.top_k, sp.top_p), dim=-1)
+        chosen = sample_from(probs, uniform)
+        return chosen, logp_all.gather(-1, chosen[:, None]).squeeze(-1)
 
     def _hits_stop_string(self, ids: list[int], stops: list[str]) -> bool:
         # Stop strings can straddle token boundaries, so look at a short decoded tail.
