@@ -128,9 +128,10 @@ class RolloutConfig(Section):
     decode_kernel: bool | Literal["auto"] = Field(
         "auto",
         description="hf engine on a CPU: decode attention over a group's shared prompt cache with llmrl's own kernel "
-        "(llmrl/kernels/shared_prefix_decode.cpp), built with the system C++ compiler on first use and cached in "
-        "$LLMRL_KERNEL_CACHE (default ~/.cache/llmrl/kernels). auto = use it where it builds, else torch's attention, "
-        "with a warning; true = fail if it cannot be built; false = torch's attention.",
+        "(llmrl/kernels/shared_prefix_decode.cpp), and plain sampling (no top-k/top-p) with its sampler kernel "
+        "(llmrl/kernels/sampling.cpp), built with the system C++ compiler on first use and cached in "
+        "$LLMRL_KERNEL_CACHE (default ~/.cache/llmrl/kernels). auto = use them where they build, else torch's "
+        "attention and sampling, with a warning; true = fail if they cannot be built; false = torch's.",
     )
     fused_decode: bool | Literal["auto"] = Field(
         "auto",
