@@ -103,6 +103,12 @@ class PackedWeight:
     def _current_product(self) -> Callable[[torch.Tensor], torch.Tensor]:
         versions = (self.weight._version, -1 if self.bias is None else self.bias._version)
         if versions != self._versions:  # first call, or a weight was written since the last pack
+            # Let the old packed copy go first, so that the new one can take its memory. Packed
+            # after every weight sync in a process that also trains, the lm_head's 57 MB copy
+            # (bf16) otherwise needed a fresh block each step while the old one was held, and
+            # the trainer's allocations split the freed ones: the quickstart's peak RSS grew by
+            # about 110 MB a step, to 8.0 GiB against 6.1 (docs/benchmarks.md).
+            self._product = None
             packed = _packed_product(self.weight, self.bias, self.rows_hint) if self.pack else None
             self._product = packed or (lambda x: nn.functional.linear(x, self.weight, self.bias))
             self._versions = versions
