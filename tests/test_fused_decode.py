@@ -182,6 +182,21 @@ def test_fused_steps_give_transformers_tokens_and_logprobs(model, dtype, atol, t
     torch.testing.assert_close(torch.tensor([c.logprobs for c in a]), torch.tensor([c.logprobs for c in b]), atol=atol, rtol=0)
 
 
+def test_fused_steps_over_torchs_attention_match_transformers(tiny_path, tokenizer, monkeypatch):
+    # decode_kernel false: the shared cache merges torch's two attention calls instead
+    def build(fused: bool) -> HFRolloutEngine:
+        return HFRolloutEngine(RolloutConfig(dtype="float32", decode_kernel=False, fused_decode=fused), ModelConfig(name=tiny_path), tokenizer)
+
+    fused, plain = build(True), build(False)
+    calls = counted_steps(fused, monkeypatch)
+    prompts = [p for p in prompts_of(tokenizer) for _ in range(3)]  # repeated prompts: the shared cache
+    sampling = SamplingParams(temperature=0.0, max_new_tokens=6, ignore_eos=True)
+    a, b = fused.generate(prompts, sampling), plain.generate(prompts, sampling)
+    assert len(calls) == 5
+    assert [c.token_ids for c in a] == [c.token_ids for c in b]
+    torch.testing.assert_close(torch.tensor([c.logprobs for c in a]), torch.tensor([c.logprobs for c in b]), atol=1e-4, rtol=0)
+
+
 def test_fused_steps_drop_finished_rows_as_transformers_does(tiny_path, tokenizer):
     fused, plain = engine(tiny_path, tokenizer, "float32", True), engine(tiny_path, tokenizer, "float32", False)
     prompts = [p for p in prompts_of(tokenizer) for _ in range(4)]
