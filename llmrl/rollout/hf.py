@@ -103,8 +103,6 @@ class HFRolloutEngine:
             why = "the model is not on the CPU" if not on_cpu else kernels.failure(SHARED_PREFIX_KERNEL)
             raise RuntimeError(f"rollout.decode_kernel=true, but the kernel cannot run: {why}")
         self.fused_decode = self._fused_decode(cfg)
-        # the sampler kernel lives in the same library as the decode kernels, so the same switch
-        self.sampling_kernel = self.decode_kernel
         eos = self.model.generation_config.eos_token_id if self.model.generation_config else None
         eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         eos_ids.add(tokenizer.eos_token_id)
@@ -235,8 +233,10 @@ class HFRolloutEngine:
         else:
             uniform = draw_uniform(len(rows), generator)
         unfiltered = sp.top_k == 0 and sp.top_p >= 1.0
-        if unfiltered and self.sampling_kernel and logits.device.type == "cpu" and logits.dtype in (torch.float32, torch.bfloat16):
-            # the same draw as `sample_from`, in two passes over the logits (llmrl/kernels/sampling.cpp)
+        if unfiltered and self.decode_kernel:
+            # The same draw as `sample_from`, in two passes over the logits (llmrl/kernels/sampling.cpp).
+            # It sits in the decode kernels' library, so their switch; they only load for a CPU model,
+            # whose dtype (rollout.dtype) is float32 or bfloat16, the two the kernel takes.
             return torch.ops.llmrl_kernels.sample_rows(logits.contiguous(), sp.temperature, uniform)
         logits = logits.float()
         scaled = logits if sp.temperature == 1.0 else logits / sp.temperature  # x / 1 == x: one vocab pass fewer
