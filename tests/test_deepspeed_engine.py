@@ -61,9 +61,11 @@ def test_token_budget_micro_batches_stay_in_step_across_zero3_ranks(tmp_path):
     plain = run_ranks("torch", 3, 1, tmp_path / "torch.pt", "tokens=20")
     two = run_ranks("deepspeed", 3, 2, tmp_path / "two.pt", "tokens=20")
     for name, value in plain["weights"].items():
-        # Every weight within 1e-5 (measured: 3.2e-6 at most; the micro-batches group rows
-        # differently from the one-process run, so sums run in another order).
-        torch.testing.assert_close(two["weights"][name], value, rtol=0, atol=1e-5, msg=f"2 ZeRO-3 ranks vs torch: {name}")
+        # Every weight within 5e-5, against the ~1e-3 a wrong gradient moves it by. The
+        # micro-batches group rows differently from the one-process run, so sums run in another
+        # order, and where a gradient is near AdamW's eps that moves the step: measured 3.2e-6
+        # at most on an AVX-512 host, 1.5e-5 (a v_proj weight) on an AVX2 one.
+        torch.testing.assert_close(two["weights"][name], value, rtol=0, atol=5e-5, msg=f"2 ZeRO-3 ranks vs torch: {name}")
 
 
 def test_chord_with_expert_rows_on_one_rank_makes_the_same_update(tmp_path):

@@ -17,10 +17,12 @@
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
+#include "elementwise.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 #include <limits>
@@ -40,71 +42,109 @@ inline const T* row(const Rows& r, int64_t n, int64_t h, int64_t l) {
   return reinterpret_cast<const T*>(r.base) + n * r.s0 + h * r.s1 + l * r.s2;
 }
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+#define LLMRL_WIDE 1
 // One key or value row is widened to fp32 into registers once and used by every query of the
-// group. Head sizes of 32, 64, 96 and 128 take this path; others the portable one.
+// group. Head sizes that are a multiple of the vector width, up to 128, take this path; others
+// the portable one. `V` is one vector register: AVX-512's 16 lanes where the CPU has them, else
+// AVX2's 8, with the few operations the kernel needs.
+namespace simd {
+#if defined(__AVX512F__)
 constexpr int64_t kLanes = 16;
-
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const c10::BFloat16* p) {
+using V = __m512;
+inline V zero() { return _mm512_setzero_ps(); }
+inline V set1(float x) { return _mm512_set1_ps(x); }
+inline V load(const float* p) { return _mm512_loadu_ps(p); }
+inline V load(const c10::BFloat16* p) {
   const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));  // bf16 is fp32's top half
 }
-
-// exp(x) for x <= 0, 16 at a time; -inf (a masked key) gives 0. x = n ln2 + r with |r| <= ln2/2,
-// exp(r) by its Taylor series to r^7 / 7! (truncation error below 2e-8 relative), times 2^n.
-inline __m512 exp16(__m512 x) {
-  const __m512 valid = _mm512_set1_ps(-104.f);  // exp(-104) is below fp32's smallest subnormal
-  const __mmask16 live = _mm512_cmp_ps_mask(x, valid, _CMP_GE_OQ);
-  x = _mm512_max_ps(x, valid);
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  // ln2 split in two so that n * ln2_hi is exact in fp32
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.f / 5040.f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 720.f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120.f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24.f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6.f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-  return _mm512_maskz_mov_ps(live, _mm512_scalef_ps(p, n));
+inline void store(float* p, V x) { _mm512_storeu_ps(p, x); }
+inline V add(V a, V b) { return _mm512_add_ps(a, b); }
+inline V mul(V a, V b) { return _mm512_mul_ps(a, b); }
+inline V maximum(V a, V b) { return _mm512_max_ps(a, b); }
+inline V sub(V a, V b) { return _mm512_sub_ps(a, b); }
+inline V fmadd(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+inline V fnmadd(V a, V b, V c) { return _mm512_fnmadd_ps(a, b, c); }
+inline float sum(V x) { return _mm512_reduce_add_ps(x); }
+inline V round(V x) { return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+// p * 2^n where x >= floor, else 0
+inline V scale_live(V p, V n, V x, float floor) {
+  return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(floor), _CMP_GE_OQ), _mm512_scalef_ps(p, n));
 }
+constexpr float kFloor = -104.f;  // exp(-104) is below fp32's smallest subnormal
+#else
+constexpr int64_t kLanes = 8;
+using V = __m256;
+inline V zero() { return _mm256_setzero_ps(); }
+inline V set1(float x) { return _mm256_set1_ps(x); }
+inline V load(const float* p) { return _mm256_loadu_ps(p); }
+inline V load(const c10::BFloat16* p) {
+  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+}
+inline void store(float* p, V x) { _mm256_storeu_ps(p, x); }
+inline V add(V a, V b) { return _mm256_add_ps(a, b); }
+inline V mul(V a, V b) { return _mm256_mul_ps(a, b); }
+inline V maximum(V a, V b) { return _mm256_max_ps(a, b); }
+inline V sub(V a, V b) { return _mm256_sub_ps(a, b); }
+inline V fmadd(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+inline V fnmadd(V a, V b, V c) { return _mm256_fnmadd_ps(a, b, c); }
+inline float sum(V x) {
+  __m128 half = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+  half = _mm_add_ps(half, _mm_movehl_ps(half, half));
+  return _mm_cvtss_f32(_mm_add_ss(half, _mm_movehdup_ps(half)));
+}
+inline V round(V x) { return _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+// p * 2^n where x >= floor, else 0; 2^n is built in the exponent bits, so n must stay >= -126
+inline V scale_live(V p, V n, V x, float floor) {
+  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_and_ps(_mm256_cmp_ps(x, _mm256_set1_ps(floor), _CMP_GE_OQ), _mm256_mul_ps(p, _mm256_castsi256_ps(bits)));
+}
+constexpr float kFloor = -87.f;  // exp(-87) is 1.6e-38 of the largest score's weight
+#endif
+
+// exp(x) for x <= 0, a vector at a time; -inf (a masked key) and anything below kFloor give 0.
+// x = n ln2 + r with |r| <= ln2/2, exp(r) by its Taylor series to r^7 / 7! (truncation error
+// below 2e-8 relative), times 2^n.
+inline V exp_nonpositive(V x) {
+  const V clamped = maximum(x, set1(kFloor));
+  const V n = round(mul(clamped, set1(1.44269504088896341f)));
+  V r = fnmadd(n, set1(0.693359375f), clamped);  // ln2 in two parts, so that n * ln2_hi is exact
+  r = fnmadd(n, set1(-2.12194440e-4f), r);
+  V p = set1(1.f / 5040.f);
+  for (float c : {1.f / 720.f, 1.f / 120.f, 1.f / 24.f, 1.f / 6.f, 0.5f, 1.f, 1.f}) p = fmadd(p, r, set1(c));
+  return scale_live(p, n, x, kFloor);
+}
+}  // namespace simd
 
 // softmax numerators in place and their sum; `peak` is the largest score
 inline float exponentiate(float* scores, int64_t count, float peak) {
-  const __m512 top = _mm512_set1_ps(peak);
-  __m512 sum = _mm512_setzero_ps();
+  using namespace simd;
+  const V top = set1(peak);
+  V total = zero();
   int64_t j = 0;
   for (; j + kLanes <= count; j += kLanes) {
-    const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(scores + j), top));
-    _mm512_storeu_ps(scores + j, e);
-    sum = _mm512_add_ps(sum, e);
+    const V e = exp_nonpositive(sub(load(scores + j), top));
+    store(scores + j, e);
+    total = add(total, e);
   }
-  if (j < count) {
-    const __mmask16 tail = static_cast<__mmask16>((1u << (count - j)) - 1);
-    const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, scores + j), top));
-    _mm512_mask_storeu_ps(scores + j, tail, e);
-    sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(tail, e));
+  float rest = 0.f;
+  for (; j < count; ++j) {
+    scores[j] = scores[j] == -std::numeric_limits<float>::infinity() ? 0.f : llmrl::exp_clamped(scores[j] - peak);
+    rest += scores[j];
   }
-  return _mm512_reduce_add_ps(sum);
+  return sum(total) + rest;
 }
 #endif
-
-inline float exponentiate_portable(float* scores, int64_t count, float peak) {
-  const float minus_inf = -std::numeric_limits<float>::infinity();
-  float sum = 0.f;
-  for (int64_t j = 0; j < count; ++j) {
-    scores[j] = scores[j] == minus_inf ? 0.f : std::exp(scores[j] - peak);
-    sum += scores[j];
-  }
-  return sum;
-}
+#ifndef LLMRL_WIDE
+#define LLMRL_WIDE 0
+#endif
 
 // One (row, KV head) pair: its `groups` queries over its keys. `key_row(j)` and `value_row(j)`
-// give key j's rows, or nullptr for a masked one. kVectors > 0: the head size is kVectors x 16,
-// known at compile time so that a row's vectors stay in registers (AVX-512 only); 0: any size.
+// give key j's rows, or nullptr for a masked one. kVectors > 0: the head size is kVectors
+// vectors, known at compile time so that a row's vectors stay in registers (AVX-512 or AVX2
+// only); 0: any size, in plain loops.
 template <int kVectors, typename T, typename KeyRow, typename ValueRow>
 void attend_pair(const T* query, int64_t query_stride, int64_t groups, int64_t dim, int64_t keys, float scale,
                  KeyRow key_row, ValueRow value_row, float* scores, float* work, T* out) {
@@ -117,7 +157,8 @@ void attend_pair(const T* query, int64_t query_stride, int64_t groups, int64_t d
   for (int64_t g = 0; g < groups; ++g)
     for (int64_t d = 0; d < dim; ++d) qf[g * dim + d] = static_cast<float>(query[g * query_stride + d]) * scale;
   std::fill(peak, peak + groups, minus_inf);
-#if defined(__AVX512F__)
+#if LLMRL_WIDE
+  using namespace simd;
   constexpr int64_t vectors = kVectors;
   constexpr bool wide = kVectors > 0;
 #else
@@ -130,14 +171,14 @@ void attend_pair(const T* query, int64_t query_stride, int64_t groups, int64_t d
       for (int64_t g = 0; g < groups; ++g) scores[g * keys + j] = minus_inf;
       continue;
     }
-#if defined(__AVX512F__)
+#if LLMRL_WIDE
     if constexpr (wide) {
-      __m512 kv[kVectors > 0 ? kVectors : 1];
-      for (int64_t v = 0; v < vectors; ++v) kv[v] = load16(k + v * kLanes);
+      V kv[kVectors > 0 ? kVectors : 1];
+      for (int64_t v = 0; v < vectors; ++v) kv[v] = load(k + v * kLanes);
       for (int64_t g = 0; g < groups; ++g) {
-        __m512 dot = _mm512_setzero_ps();
-        for (int64_t v = 0; v < vectors; ++v) dot = _mm512_fmadd_ps(_mm512_loadu_ps(qf + g * dim + v * kLanes), kv[v], dot);
-        const float s = _mm512_reduce_add_ps(dot);
+        V dot = zero();
+        for (int64_t v = 0; v < vectors; ++v) dot = fmadd(load(qf + g * dim + v * kLanes), kv[v], dot);
+        const float s = sum(dot);
         scores[g * keys + j] = s;
         peak[g] = std::max(peak[g], s);
       }
@@ -145,14 +186,17 @@ void attend_pair(const T* query, int64_t query_stride, int64_t groups, int64_t d
     }
 #endif
     for (int64_t g = 0; g < groups; ++g) {
+      // `omp simd` lets gcc reorder the sum into vector lanes, which plain -O3 may not
       float s = 0.f;
-      for (int64_t d = 0; d < dim; ++d) s += qf[g * dim + d] * static_cast<float>(k[d]);
+      const float* qg = qf + g * dim;
+#pragma omp simd reduction(+ : s)
+      for (int64_t d = 0; d < dim; ++d) s += qg[d] * llmrl::widen(k[d]);
       scores[g * keys + j] = s;
       peak[g] = std::max(peak[g], s);
     }
   }
   for (int64_t g = 0; g < groups; ++g) {
-#if defined(__AVX512F__)
+#if LLMRL_WIDE
     total[g] = peak[g] == minus_inf ? 0.f : exponentiate(scores + g * keys, keys, peak[g]);
 #else
     total[g] = peak[g] == minus_inf ? 0.f : exponentiate_portable(scores + g * keys, keys, peak[g]);
@@ -162,21 +206,23 @@ void attend_pair(const T* query, int64_t query_stride, int64_t groups, int64_t d
   for (int64_t j = 0; j < keys; ++j) {
     const T* v = value_row(j);
     if (v == nullptr) continue;
-#if defined(__AVX512F__)
+#if LLMRL_WIDE
     if constexpr (wide) {
-      __m512 vv[kVectors > 0 ? kVectors : 1];
-      for (int64_t i = 0; i < vectors; ++i) vv[i] = load16(v + i * kLanes);
+      V vv[kVectors > 0 ? kVectors : 1];
+      for (int64_t i = 0; i < vectors; ++i) vv[i] = load(v + i * kLanes);
       for (int64_t g = 0; g < groups; ++g) {
-        const __m512 w = _mm512_set1_ps(scores[g * keys + j]);
+        const V w = set1(scores[g * keys + j]);
         float* a = acc + g * dim;
-        for (int64_t i = 0; i < vectors; ++i) _mm512_storeu_ps(a + i * kLanes, _mm512_fmadd_ps(w, vv[i], _mm512_loadu_ps(a + i * kLanes)));
+        for (int64_t i = 0; i < vectors; ++i) store(a + i * kLanes, fmadd(w, vv[i], load(a + i * kLanes)));
       }
       continue;
     }
 #endif
     for (int64_t g = 0; g < groups; ++g) {
       const float w = scores[g * keys + j];
-      for (int64_t d = 0; d < dim; ++d) acc[g * dim + d] += w * static_cast<float>(v[d]);
+      float* a = acc + g * dim;
+#pragma omp simd
+      for (int64_t d = 0; d < dim; ++d) a[d] += w * llmrl::widen(v[d]);
     }
   }
   for (int64_t g = 0; g < groups; ++g) {
@@ -220,12 +266,17 @@ void attend_all(const at::Tensor& query, const at::Tensor& prefix_keys, const at
                                                  pick(pv, sv), scores.data(), work.data(),
                                                  out_data + (b * kv_heads + h) * groups * dim);
       };
-#if defined(__AVX512F__)
-      switch (dim) {
-        case 32: attend(std::integral_constant<int, 2>{}); continue;
-        case 64: attend(std::integral_constant<int, 4>{}); continue;
-        case 96: attend(std::integral_constant<int, 6>{}); continue;
-        case 128: attend(std::integral_constant<int, 8>{}); continue;
+#if LLMRL_WIDE
+      // head sizes 16 to 128 (AVX-512) or 8 to 128 (AVX2) that fill whole vectors
+      switch (dim % simd::kLanes == 0 ? dim / simd::kLanes : 0) {
+        case 1: attend(std::integral_constant<int, 1>{}); continue;
+        case 2: attend(std::integral_constant<int, 2>{}); continue;
+        case 3: attend(std::integral_constant<int, 3>{}); continue;
+        case 4: attend(std::integral_constant<int, 4>{}); continue;
+        case 6: attend(std::integral_constant<int, 6>{}); continue;
+        case 8: attend(std::integral_constant<int, 8>{}); continue;
+        case 12: attend(std::integral_constant<int, 12>{}); continue;
+        case 16: attend(std::integral_constant<int, 16>{}); continue;
       }
 #endif
       attend(std::integral_constant<int, 0>{});
