@@ -1,5 +1,6 @@
-"""rollout/logprob_diff: once a step, over every sampled token, whatever the mini-batching and
-whichever rows skip the update (zero advantage)."""
+"""rollout/logprob_diff: once a step, over every sampled token of the trained rows whatever the
+mini-batching, and of the rows that skip the update (zero advantage) too when
+train.logprob_diff_skipped_rows asks for their forward."""
 import json
 from pathlib import Path
 
@@ -19,11 +20,13 @@ QUICKSTART = str(REPO / "recipes" / "quickstart.yaml")
 ROWS, WIDTH, PROMPT = 8, 10, 4
 
 
-def engine_and_batch(tiny_path, mini_batch_size=None):
+def engine_and_batch(tiny_path, mini_batch_size=None, skipped_rows=True):
     """The tiny policy and 8 rows of 6 policy tokens each, whose rollout logprobs are the
     trainer's minus 0.1 x (row + 1): row i's gap is 0.1 (i + 1) on each of its tokens."""
     torch.manual_seed(0)
-    cfg = TrainConfig(lr=1e-3, precision="fp32", micro_batch_size=2, mini_batch_size=mini_batch_size)
+    cfg = TrainConfig(
+        lr=1e-3, precision="fp32", micro_batch_size=2, mini_batch_size=mini_batch_size, logprob_diff_skipped_rows=skipped_rows
+    )
     engine = TorchTrainEngine(load_policy(ModelConfig(name=tiny_path)), cfg, total_updates=10)
     g = torch.Generator().manual_seed(0)
     attn = torch.ones(ROWS, WIDTH, dtype=torch.long)
@@ -66,6 +69,26 @@ def test_gap_covers_the_rows_that_skip_the_update(tiny_path):
     assert metrics["rollout/logprob_diff"] == pytest.approx(ALL_ROWS, abs=1e-5)  # not 0.65, the trained rows' mean
 
 
+# By default the skipped rows get no forward of their own: the figure is the trained rows' alone.
+def test_by_default_the_gap_covers_the_trained_rows(tiny_path):
+    engine, batch, cfg = engine_and_batch(tiny_path, skipped_rows=False)
+    advantages = torch.tensor([0.0, 0, 0, 0, 1, -1, 1, -1])[:, None]
+    metrics = step_metrics(engine, batch, cfg, advantages)
+    assert metrics["actor/rows_trained_frac"] == 0.5
+    assert metrics["rollout/logprob_diff"] == pytest.approx(0.65, abs=1e-5)  # mean of 0.5 .. 0.8
+
+
+def test_by_default_a_step_that_trains_no_row_has_no_gap(tiny_path):
+    engine, batch, cfg = engine_and_batch(tiny_path, skipped_rows=False)
+    calls = []
+    original = engine._outputs
+    engine._outputs = lambda *args, **kwargs: calls.append(1) or original(*args, **kwargs)
+    metrics = step_metrics(engine, batch, cfg, torch.zeros(ROWS, 1))
+    assert metrics["actor/rows_trained_frac"] == 0.0
+    assert "rollout/logprob_diff" not in metrics
+    assert calls == []  # not one forward: that is what the default saves
+
+
 def test_gap_covers_every_mini_batch_once(tiny_path):
     engine, batch, cfg = engine_and_batch(tiny_path, mini_batch_size=2)
     advantages = torch.tensor([1.0, -1, 1, -1, 1, -1, 1, -1])[:, None]
@@ -101,8 +124,10 @@ def gaps(tmp_path, *overrides):
 @pytest.mark.parametrize("mini", ["8", "4"])
 def test_every_step_logs_the_gap_when_all_rewards_are_equal(tmp_path, mini):
     # The random tiny model never solves arithmetic: every reward is 0. Skipping the rows (the
-    # default) must not change the figure: it equals the one measured with every row trained.
-    skipped, frac = gaps(tmp_path / "skip", f"train.mini_batch_size={mini}")
+    # default) while measuring them must not change the figure: it equals the one measured with
+    # every row trained.
+    skip = [f"train.mini_batch_size={mini}", "train.logprob_diff_skipped_rows=true"]
+    skipped, frac = gaps(tmp_path / "skip", *skip)
     assert frac == [0.0, 0.0]
     trained, frac = gaps(tmp_path / "all", f"train.mini_batch_size={mini}", "train.skip_zero_advantage_rows=false")
     assert frac == [1.0, 1.0]

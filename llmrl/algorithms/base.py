@@ -34,7 +34,7 @@ class LossContext:
     step: int  # RL step, 0-based (CHORD's mu schedule reads it)
     cfg: Any  # the recipe's `algorithm` section
     generator: torch.Generator | None = None  # for random token selection (Clip-Cov)
-    measure_rollout_gap: bool = False  # the engine logs rollout/logprob_diff over every row it is given (the step's one on-policy update)
+    measure_rollout_gap: bool = False  # the engine logs rollout/logprob_diff over the rows it trains (the step's one on-policy update)
 
 
 @dataclass

@@ -201,7 +201,8 @@ class TorchTrainEngine:
         train.micro_batch_size or train.micro_batch_tokens. Without `old_logprobs` the update
         is on-policy and takes them from its own forward (detached), saving a separate forward
         pass. `ctx.measure_rollout_gap` logs mean |rollout logprob - trainer logprob| over the
-        sampled policy tokens of every row given, those that skip the update included."""
+        sampled policy tokens of the trained rows, and of the skipped ones too under
+        train.logprob_diff_skipped_rows."""
         micro_batches = self._micro_batches(self.local_rows(mini_batch))
         want = set(getattr(loss_fn, "outputs", ("logprobs", "entropy")))
         differentiated = getattr(loss_fn, "gradient_outputs", None)
@@ -230,7 +231,7 @@ class TorchTrainEngine:
                     skipped_metrics = getattr(loss_fn, "skipped_row_metrics", None)
                     for name, value in (skipped_metrics(skipped, ctx) if skipped_metrics else {}).items():
                         self._add_sums(metric_sums, metric_counts, name, value)
-                    if track_rollout_diff:
+                    if track_rollout_diff and self.cfg.logprob_diff_skipped_rows:
                         self._add_sums(metric_sums, metric_counts, ROLLOUT_GAP, self._rollout_gap_without_update(skipped))
                     if not bool(keep.any()):
                         continue
@@ -320,8 +321,8 @@ class TorchTrainEngine:
 
     def _rollout_gap_without_update(self, skipped: Batch) -> tuple[float, float]:
         """rollout_gap_sums of rows that skip the update (zero advantage): they run no forward
-        there, so their trainer logprobs come from a no-grad one here, and the step's
-        rollout/logprob_diff still covers every sampled token."""
+        there, so their trainer logprobs come from a no-grad one here (train.logprob_diff_skipped_rows),
+        and the step's rollout/logprob_diff covers every sampled token."""
         logprobs = skipped.get("old_logprobs")
         if logprobs is None:
             was_training = self.model.training

@@ -44,7 +44,8 @@ def run_updates(
     ctx = LossContext(step=step - 1, cfg=algo, generator=torch.Generator().manual_seed(seed * 104729 + step))
     # rollout/logprob_diff, once a step over every sampled token, before the policy moves: from
     # the batch's old logprobs when it has them (several updates, or a stage read them), else
-    # the single on-policy update measures it in its own forward, skipped rows included.
+    # the single on-policy update measures it in its own forward (rows skipped for zero
+    # advantage only under train.logprob_diff_skipped_rows: they would need a forward of their own).
     gap: dict[str, float] = {}
     if "logprobs" in getattr(loss_fn, "outputs", ("logprobs",)):
         if "old_logprobs" in batch:
