@@ -1,5 +1,6 @@
 """The evaluation harness: scripted engines for exact metrics, Ctrl-C and resume; the tiny model
 through `llmrl eval` end to end; and the command's usage errors."""
+import argparse
 import hashlib
 import json
 from collections import Counter
@@ -8,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from llmrl.eval.benchmarks import load_bench_tasks, resolve_bench
-from llmrl.eval.cli import main_eval, resolve_eval_model
+from llmrl.eval.cli import add_eval_arguments, config_from_args, main_eval, resolve_eval_model
 from llmrl.eval.config import EvalConfig
 from llmrl.eval.harness import evaluate_bench, evaluate_during_training, run_evaluation, should_evaluate
 from llmrl.types import Completion
@@ -86,6 +87,24 @@ def test_scripted_engine_gives_hand_computed_metrics(tokenizer, tmp_path):
     assert rows[6]["answer"] is None and rows[6]["correct"] is False  # item 3's "I do not know."
     assert {"prompt", "completion", "answer", "gold", "correct", "finish_reason", "response_tokens"} <= rows[0].keys()
     assert entry["run"]["samples_generated"] == 12
+
+
+def test_stop_strings_reach_the_engine(tokenizer, tmp_path):
+    cfg, bench_tasks, script = arithmetic_setup(tokenizer, stop=["\n"])
+    engine = ScriptedEngine(tokenizer, script)
+    seen = []
+    generate = engine.generate
+    engine.generate = lambda prompt_ids, sampling: seen.append(sampling.stop) or generate(prompt_ids, sampling)
+    evaluate_bench(engine, tokenizer, bench_tasks, cfg, tmp_path)
+    assert seen == [["\n"]] * 3
+
+
+def test_the_stop_flag_reads_backslash_n_as_a_newline():
+    parser = argparse.ArgumentParser()
+    add_eval_arguments(parser)
+    args = parser.parse_args(["--model", "tiny", "--bench", "arithmetic", "--stop", "\\n", "--stop", "END"])
+    assert config_from_args(args).stop == ["\n", "END"]
+    assert config_from_args(parser.parse_args(["--model", "tiny", "--bench", "arithmetic"])).stop == []
 
 
 def test_ctrl_c_keeps_finished_batches_and_resume_generates_the_rest(tokenizer, tmp_path):

@@ -45,6 +45,8 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N items of each benchmark")
     parser.add_argument("--split", default=None, help="dataset split (default: the benchmark's held-out one; train for POPE's hard_file)")
     parser.add_argument("--max-new-tokens", type=int, default=None, help="default: per benchmark (gsm8k 256, math500 1024, arithmetic 64)")
+    parser.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                        help="stop string, repeatable; '\\n' in TEXT is a newline (default: none, EOS only)")
     parser.add_argument("--engine", default="hf", help="rollout engine (default hf)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="weights dtype of the engine (default auto)")
     parser.add_argument("--batch-size", type=int, default=32, help="samples per engine call and per flush of samples.jsonl (default 32)")
@@ -144,6 +146,7 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
         "limit": args.limit,
         "split": args.split,
         "max_new_tokens": args.max_new_tokens,
+        "stop": [text.replace("\\n", "\n") for text in args.stop],
         "data_dir": args.data,
         "reward": args.reward,
         "fields": dict(_key_value("--field", item, "KEY=COLUMN") for item in args.field),

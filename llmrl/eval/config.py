@@ -47,6 +47,11 @@ class EvalConfig(Section):
     max_new_tokens: int | None = Field(
         None, ge=1, description="Generation budget per sample. Unset: the benchmark's own (gsm8k 256, math500 1024, arithmetic 64)."
     )
+    stop: list[str] = Field(
+        default_factory=list,
+        description="Stop strings: a sample ends when its text contains one (EOS always ends it). Empty: none, as for "
+        "every built-in benchmark. A recipe whose rollout.stop shapes the answers sets the same here to grade them alike.",
+    )
     data_dir: str | None = Field(
         None,
         description=(

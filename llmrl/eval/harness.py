@@ -53,6 +53,7 @@ def sampling_params(bench_tasks: BenchTasks, cfg: EvalConfig) -> SamplingParams:
         temperature=cfg.sampling_temperature,
         top_p=cfg.top_p,
         max_new_tokens=cfg.max_new_tokens or bench_tasks.bench.max_new_tokens,
+        stop=list(cfg.stop),
         seed=cfg.seed,
     )
 
