@@ -83,6 +83,11 @@ def baseline() -> dict[str, list[dict[str, float]]] | None:
     return recorded().get(kernel_host())
 
 
+def missing_run_message(name: str) -> str:
+    return (f"the metrics baseline of this kind of host ({kernel_host()}) has no run {name}: a change moved its "
+            "metrics after it was recorded elsewhere; `bench/regression_metrics.py --record` on such a host adds it")
+
+
 def no_baseline_message() -> str:
     kinds = "; ".join(recorded()) or "none"
     return (f"no metrics baseline for this kind of host ({kernel_host()}; recorded: {kinds}): "

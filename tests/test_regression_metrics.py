@@ -12,6 +12,8 @@ def test_quickstart_on_smollm2_matches_the_recorded_metrics(tmp_path):
     recorded = regression.baseline()
     if recorded is None:
         pytest.skip(regression.no_baseline_message())
+    if "smollm2/quickstart" not in recorded:
+        pytest.skip(regression.missing_run_message("smollm2/quickstart"))
     path, overrides = regression.runs()["smollm2/quickstart"]
     got = regression.run_metrics(path, overrides, tmp_path)
     problems, _ = regression.compare("smollm2/quickstart", recorded["smollm2/quickstart"], got)
