@@ -52,7 +52,7 @@ class TrainConfig(Section):
         False,
         description="Also measure rollout/logprob_diff on the rows skip_zero_advantage_rows leaves out. They run no "
         "forward in the update, so this costs a no-grad forward over them, about a third of what training them would "
-        "(a quarter of the quickstart's update time). Off: the metric covers the trained rows, at no cost, and is "
+        "(about a fifth of the quickstart's update time). Off: the metric covers the trained rows, at no cost, and is "
         "absent on a step that trains none.",
     )
     shared_prompt_forward: bool = Field(
