@@ -85,7 +85,9 @@ def toy_run(tmp_path, lr, steps=10, extra=()):
         QUICKSTART,
         [
             "model.name=tiny", "reward.functions=[toy_token_fraction]", "rollout.n=8", "train.prompts_per_step=4",
-            "rollout.max_new_tokens=16", f"train.steps={steps}", f"train.lr={lr}", "logging.progress=false",
+            # The toy task counts tokens: no stop at a newline, and the batching these runs' thresholds were measured with.
+            "rollout.max_new_tokens=16", "rollout.stop=[]", "train.micro_batch_size=16",
+            f"train.steps={steps}", f"train.lr={lr}", "logging.progress=false",
             "logging.tensorboard=false", "logging.rollouts_every=0", "rollout.temperature=1.0", "checkpoint.every=0", "eval.benches=[]",
             f"output_dir={tmp_path / f'lr{lr}'}", *extra,
         ],

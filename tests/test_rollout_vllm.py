@@ -135,6 +135,8 @@ def test_training_loop_on_the_vllm_engine(tmp_path, engine):
             "rollout.max_new_tokens=16", "train.steps=2", "train.lr=1e-3", "logging.progress=false", "eval.benches=[]",
             "reward.functions=[arithmetic, toy_token_fraction]", f"output_dir={tmp_path}", "checkpoint.every=0",
             "logging.tensorboard=false", "cluster.backend=shared_vllm_engine",
+            # every sampled token in the gap, skipped rows too, and replies not cut at a newline
+            "train.logprob_diff_skipped_rows=true", "rollout.stop=[]",
         ],
     )
     try:
@@ -192,9 +194,10 @@ def test_multi_turn_episode_batch_on_the_vllm_engine(engine, tokenizer):
     # its middle (whatever the weights earlier tests in this module left).
     prompt = tasks[1].prompt_ids
     free = engine.generate([prompt], SamplingParams(temperature=0.0, max_new_tokens=24, seed=0))[0]
-    middle = len(free.token_ids) // 2
+    # the last two-token window up to the middle that is not all whitespace
+    middle = next((m for m in range(len(free.token_ids) // 2, 1, -1) if tokenizer.decode(free.token_ids[m - 2 : m]).strip()), None)
+    assert middle is not None, "the greedy text has something to stop at"
     stop = tokenizer.decode(free.token_ids[middle - 2 : middle])
-    assert stop.strip(), "the greedy text has something to stop at"
     cut = engine.generate([prompt], SamplingParams(temperature=0.0, max_new_tokens=24, stop=[stop], seed=0))[0]
     assert cut.finish_reason == "stop" and stop in tokenizer.decode(cut.token_ids)
     assert cut.token_ids == free.token_ids[: len(cut.token_ids)] and len(cut.token_ids) <= middle + 1

@@ -115,7 +115,7 @@ def test_every_combination_either_runs_or_is_refused_at_validate():
 
 
 def test_overlong_buffer_longer_than_the_generation_limit_is_refused_at_validate():
-    with pytest.raises(RecipeError, match=r"overlong_buffer_len \(64\) must not exceed rollout.max_new_tokens \(32\)"):
+    with pytest.raises(RecipeError, match=r"overlong_buffer_len \(64\) must not exceed rollout.max_new_tokens \(20\)"):
         load_recipe(QUICKSTART, TINY + ["algorithm.name=dapo", "algorithm.overlong_buffer_len=64"])
 
 
