@@ -20,9 +20,11 @@ so every step does identical work):
   tokens          micro_batch_tokens=budget: rows sorted by length, packed up to the padded
                   token budget (default 16 x the longest row, so no micro-batch is larger than
                   rows16's worst one).
-  rows16+shared   rows16 with shared_prompt_forward (TrainConfig's default, so what recipes run):
-                  each distinct prompt of a micro-batch runs once, its samples' responses after it.
-  tokens+shared   both.
+  rows16+shared   rows16 with shared_prompt_forward, responses padded (packed_responses off): each
+                  distinct prompt of a micro-batch runs once, its samples' responses after it.
+  rows16+packed   rows16+shared with the responses packed into one row of their real tokens
+                  (TrainConfig's defaults, so what recipes run).
+  tokens+shared   tokens with shared_prompt_forward, responses padded.
 For each: the token slots the decoder processes (prompt-once slots under shared), how many of
 them are padding, and the FLOP/s. Under shared the useful FLOPs stay those of the full batch
 (the work the update stands for), so its figure can exceed what the matmuls actually did;
@@ -88,8 +90,9 @@ def token_slots(batch: Batch, cfg: TrainConfig) -> tuple[int, int, int]:
             slots += mb["input_ids"].numel()
             real += int(mb["attention_mask"].sum())
         else:
-            slots += plan.prefix_ids.numel() + plan.suffix_ids.numel()
-            real += int(plan.prefix_mask.sum() + plan.suffix_mask.sum())
+            suffix_slots = int(plan.suffix_mask.sum()) if cfg.packed_responses else plan.suffix_ids.numel()
+            slots += len(plan.root_ids) + plan.prefix_ids.numel() + suffix_slots
+            real += len(plan.root_ids) + int(plan.prefix_mask.sum() + plan.suffix_mask.sum())
     return len(micro_batches), slots, real
 
 
@@ -131,7 +134,7 @@ def main() -> None:
     parser.add_argument("--micro-batch-size", type=int, default=16, help="rows per micro-batch (the recipes' value)")
     parser.add_argument("--micro-batch-tokens", type=int, default=None, help="token budget; default micro-batch-size x longest row")
     parser.add_argument("--precisions", default=None, help="comma-separated fp32,bf16; default fp32, plus bf16 where native")
-    parser.add_argument("--configs", default=None, help="comma-separated subset of rows16,tokens,rows16+shared,tokens+shared")
+    parser.add_argument("--configs", default=None, help="comma-separated subset of rows16,tokens,rows16+shared,rows16+packed,tokens+shared")
     parser.add_argument("--repeats", type=int, default=3, help="timed steps per configuration, after one warm-up")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--attention", default=GROUPED_ATTENTION,
@@ -155,8 +158,9 @@ def main() -> None:
     configs = {
         "rows16": dict(micro_batch_size=args.micro_batch_size, shared_prompt_forward=False),
         "tokens": dict(micro_batch_tokens=budget, shared_prompt_forward=False),
-        "rows16+shared": dict(micro_batch_size=args.micro_batch_size, shared_prompt_forward=True),
-        "tokens+shared": dict(micro_batch_tokens=budget, shared_prompt_forward=True),
+        "rows16+shared": dict(micro_batch_size=args.micro_batch_size, shared_prompt_forward=True, packed_responses=False),
+        "rows16+packed": dict(micro_batch_size=args.micro_batch_size, shared_prompt_forward=True),
+        "tokens+shared": dict(micro_batch_tokens=budget, shared_prompt_forward=True, packed_responses=False),
     }
     if args.configs:
         configs = {name: configs[name] for name in args.configs.split(",")}

@@ -451,12 +451,14 @@ def test_skipping_zero_advantage_rows_leaves_the_update_unchanged(tiny_path, kl_
     assert full_metrics[0]["actor/rows_trained_frac"] == 1.0
 
 
-def grouped_batch(seed=0):
-    """Two prompts (lengths 6 and 9) with three samples each, one of them an empty response."""
+def grouped_batch(seed=0, shared_start=0):
+    """Two prompts (lengths 6 and 9) with three samples each, one of them an empty response;
+    the prompts' first `shared_start` tokens are the same (a system prompt)."""
     g = torch.Generator().manual_seed(seed)
+    start = torch.randint(1, 1000, (shared_start,), generator=g).tolist()
     rows = []
     for prompt_len, response_lens in ((6, (3, 5, 1)), (9, (4, 0, 2))):
-        prompt = torch.randint(1, 1000, (prompt_len,), generator=g).tolist()
+        prompt = start + torch.randint(1, 1000, (prompt_len - shared_start,), generator=g).tolist()
         for n in response_lens:
             rows.append((prompt, torch.randint(1, 1000, (n,), generator=g).tolist()))
     width = max(len(p) + len(r) for p, r in rows)
@@ -473,17 +475,20 @@ def grouped_batch(seed=0):
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_shared_prompt_forward_matches_per_row_forward(tiny_path, precision):
+@pytest.mark.parametrize("packed", [True, False])
+@pytest.mark.parametrize("shared_start", [0, 3])
+def test_shared_prompt_forward_matches_per_row_forward(tiny_path, precision, packed, shared_start):
     from llmrl.train.shared_prefix import plan_shared_prefix
 
-    batch = grouped_batch()
+    batch = grouped_batch(shared_start=shared_start)
     plan = plan_shared_prefix(batch)
     assert plan is not None and plan.prefix_ids.shape[0] == 2 and len(plan.rows) == 5  # the empty row is left out
+    assert len(plan.root_ids) == shared_start
     results = {}
     for shared in (True, False):
         torch.manual_seed(0)
         model = load_policy(ModelConfig(name=tiny_path))
-        cfg = TrainConfig(precision=precision, micro_batch_size=6, shared_prompt_forward=shared)
+        cfg = TrainConfig(precision=precision, micro_batch_size=6, shared_prompt_forward=shared, packed_responses=packed)
         engine = TorchTrainEngine(model, cfg, total_updates=1, temperature=0.7)
         out = engine._outputs(model, batch, {"logprobs", "entropy"})
         (-(out["logprobs"] * batch["loss_mask"]).sum() + out["entropy"].sum()).backward()
@@ -497,6 +502,62 @@ def test_shared_prompt_forward_matches_per_row_forward(tiny_path, precision):
     for name, grad in results[False][2].items():
         err = (results[True][2][name] - grad).norm() / grad.norm().clamp(min=1e-12)
         assert err < (1e-4 if precision == "fp32" else 5e-2), (name, float(err))
+
+
+def _projection_rows(model, run):
+    """Rows of tokens each call of layer 0's q_proj saw while `run()` ran."""
+    seen = []
+    hook = model.get_decoder().layers[0].self_attn.q_proj.register_forward_hook(
+        lambda module, args, output: seen.append(args[0].shape[:-1].numel())
+    )
+    try:
+        run()
+    finally:
+        hook.remove()
+    return seen
+
+
+def test_packed_responses_run_the_projections_on_real_tokens_only(tiny_path):
+    """grouped_batch's trained responses: lengths 3, 5, 1 | 4, 2 plus each row's last prompt
+    token, so 20 real suffix tokens, against 5 rows x 6 columns = 30 when padded to the longest.
+    The prompt pass (2 prompts, left-padded to 8 = 9 - 1 tokens) is the same either way."""
+    batch = grouped_batch()
+    seen = {}
+    for packed in (True, False):
+        model = load_policy(ModelConfig(name=tiny_path))
+        engine = TorchTrainEngine(model, TrainConfig(micro_batch_size=6, packed_responses=packed), total_updates=1)
+        seen[packed] = _projection_rows(model, lambda: engine._outputs(model, batch, {"logprobs"}))
+    assert seen == {True: [16, 20], False: [16, 30]}
+
+
+def test_the_start_all_prompts_share_runs_once(tiny_path):
+    """Prompts of 6 and 9 tokens that start with the same 4: the root pass runs those 4 once,
+    then the prefixes' own tokens (1 and 4, left-padded to 4, in 2 rows), then the suffixes."""
+    batch = grouped_batch(shared_start=4)
+    model = load_policy(ModelConfig(name=tiny_path))
+    engine = TorchTrainEngine(model, TrainConfig(micro_batch_size=6), total_updates=1)
+    assert _projection_rows(model, lambda: engine._outputs(model, batch, {"logprobs"})) == [4, 8, 20]
+
+
+def test_a_root_leaves_every_prefix_a_token_of_its_own():
+    from llmrl.train.shared_prefix import _shared_start
+
+    assert _shared_start([(1, 2, 3), (1, 2, 4)]) == 2
+    assert _shared_start([(1, 2), (1, 2, 3)]) == 1  # (1, 2) keeps its 2
+    assert _shared_start([(5, 2), (1, 2)]) == 0
+    assert _shared_start([(7,), (7, 8)]) == 0
+
+
+def test_a_packed_pass_refuses_a_model_whose_attention_it_cannot_see(tiny_path):
+    """With another attention implementation the suffixes would run without their prompts."""
+    from llmrl.train.shared_prefix import plan_shared_prefix
+
+    batch = grouped_batch()
+    model = load_policy(ModelConfig(name=tiny_path, attn_implementation="sdpa"))
+    engine = TorchTrainEngine(model, TrainConfig(micro_batch_size=6), total_updates=1)
+    assert not engine._packs_responses(model)  # the engine pads instead
+    with pytest.raises(RuntimeError, match="0 attention calls for"):
+        plan_shared_prefix(batch).run_decoder(model.get_decoder(), packed=True)
 
 
 def test_shared_prompt_forward_looks_its_embeddings_up_once_and_copies_by_index_select(tiny_path):

@@ -61,6 +61,12 @@ class TrainConfig(Section):
         "with the samples of that prompt (gradients included), instead of once per sample. Same update, less compute "
         "when prompts are long next to responses. Off for critics and under gradient checkpointing.",
     )
+    packed_responses: bool = Field(
+        True,
+        description="With shared_prompt_forward, run the responses of a micro-batch as one packed row of their real tokens, "
+        "so the projections and MLP skip the padding to the longest response; attention still sees rows. Same update up "
+        "to rounding. Used with the llmrl_grouped attention (model.attn_implementation), the default.",
+    )
     logprob_chunk_tokens: int = Field(1024, ge=16, description="Tokens per chunk when computing logprobs/entropy. It bounds the logits' memory: the pass keeps "
                                       "scratch buffers of about 2.5 x this x vocabulary fp32 values between steps (560 MB for SmolLM2).")
     zero_stage: Literal[1, 2, 3] = Field(

@@ -11,7 +11,7 @@ import torch
 from llmrl.algorithms.base import Batch, LossContext, LossFn
 from llmrl.batch import ROLLOUT_GAP, rollout_gap_sums, select_rows, split_micro_batches
 from llmrl.host_memory import keep_freed_memory
-from llmrl.models import export_policy, is_lora, merged_state_dict
+from llmrl.models import GROUPED_ATTENTION, export_policy, is_lora, merged_state_dict
 from llmrl.materialized_attention import materialized_scores
 from llmrl.precision import resolve_precision
 from llmrl.train.engine import NonFiniteUpdateError, TrainConfig, each_tensor_once, storage_key
@@ -137,11 +137,15 @@ class TorchTrainEngine:
             return None
         return plan_shared_prefix(mb)
 
+    def _packs_responses(self, model: torch.nn.Module) -> bool:
+        # the packed pass relies on llmrl_grouped seeing every attention call
+        return self.cfg.packed_responses and getattr(model.config, "_attn_implementation", None) == GROUPED_ATTENTION
+
     def _shared_prefix_outputs(
         self, model: torch.nn.Module, plan: PrefixPlan, want: set[str], entropy_grad: bool
     ) -> dict[str, torch.Tensor]:
         with self._autocast():
-            hidden = plan.run_decoder(model.get_decoder())
+            hidden = plan.run_decoder(model.get_decoder(), packed=self._packs_responses(model))
             logp, ent = head_logprobs(
                 model, hidden, plan.suffix_ids, self.temperature, "entropy" in want, self.cfg.logprob_chunk_tokens,
                 only=plan.suffix_loss_mask > 0, entropy_grad=entropy_grad,
