@@ -166,6 +166,19 @@ def test_the_library_is_cached_under_a_name_that_changes_with_the_source(tmp_pat
     assert kernels._library_path(KERNEL) != first
 
 
+def test_an_edit_to_a_source_another_one_includes_changes_the_name(tmp_path, monkeypatch):
+    """elementwise_ops.cpp compiles decode_ops.cpp by #include: its edits must rebuild too."""
+    import shutil
+
+    sources = tmp_path / "sources"
+    shutil.copytree(kernels.SOURCES, sources, ignore=shutil.ignore_patterns("*.py", "__pycache__"))
+    monkeypatch.setattr(kernels, "SOURCES", sources)
+    assert "decode_ops.cpp" not in kernels.LIBRARIES[KERNEL] and '#include "decode_ops.cpp"' in (sources / "elementwise_ops.cpp").read_text()
+    first = kernels._library_path(KERNEL)
+    (sources / "decode_ops.cpp").write_text((sources / "decode_ops.cpp").read_text() + "\n// an edit\n")
+    assert kernels._library_path(KERNEL) != first
+
+
 @pytest.mark.parametrize("value, parsed", [("auto", "auto"), (True, True), (False, False)])
 def test_decode_kernel_takes_auto_true_or_false(value, parsed):
     assert RolloutConfig(decode_kernel=value).decode_kernel == parsed

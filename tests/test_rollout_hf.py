@@ -40,6 +40,30 @@ def test_shared_prefill_of_repeated_prompts_matches_separate_runs(engine, tokeni
         torch.testing.assert_close(torch.tensor(got.logprobs), torch.tensor(want.logprobs), atol=1e-4, rtol=1e-4)
 
 
+def test_the_start_all_prompts_share_is_prefilled_once(engine, tokenizer):
+    """Distinct prompts through the chat template share its header: the prefill runs it once,
+    then each prompt's own tokens (left-padded to the longest) over a copy of its cache."""
+    from llmrl.common_prefix import shared_start
+
+    a, b = prompt(tokenizer), prompt(tokenizer, "Name a colour, then explain why.")
+    root = shared_start([a, b])
+    assert root > 10 and engine.decode_kernel  # the kernel's cache is the one that shares
+    seen = []
+
+    def record(module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        seen.append(tuple(hidden.shape[:2]))
+
+    hook = engine.model.get_decoder().layers[0].register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        together = engine.generate([a, b], SamplingParams(temperature=0.0, max_new_tokens=1))
+    finally:
+        hook.remove()
+    assert seen == [(1, root), (2, max(len(a), len(b)) - root)]
+    greedy = SamplingParams(temperature=0.0, max_new_tokens=1)
+    assert [c.token_ids for c in together] == [engine.generate([p], greedy)[0].token_ids for p in (a, b)]
+
+
 def test_the_lm_head_is_only_handed_contiguous_hidden_states(engine, tokenizer):
     """The prefill's last position reaches the lm_head as a copy: a strided [B, 1, H] view of the
     prompt's hidden states made torch's CPU bf16 matmul 75-450x slower (docs/benchmarks.md)."""

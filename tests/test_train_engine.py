@@ -540,12 +540,13 @@ def test_the_start_all_prompts_share_runs_once(tiny_path):
 
 
 def test_a_root_leaves_every_prefix_a_token_of_its_own():
-    from llmrl.train.shared_prefix import _shared_start
+    from llmrl.common_prefix import shared_start
 
-    assert _shared_start([(1, 2, 3), (1, 2, 4)]) == 2
-    assert _shared_start([(1, 2), (1, 2, 3)]) == 1  # (1, 2) keeps its 2
-    assert _shared_start([(5, 2), (1, 2)]) == 0
-    assert _shared_start([(7,), (7, 8)]) == 0
+    assert shared_start([(1, 2, 3), (1, 2, 4)]) == 2
+    assert shared_start([(1, 2), (1, 2, 3)]) == 1  # (1, 2) keeps its 2
+    assert shared_start([(5, 2), (1, 2)]) == 0
+    assert shared_start([(7,), (7, 8)]) == 0
+    assert shared_start([(1, 2, 3)] * 2) == 2
 
 
 def test_a_packed_pass_refuses_a_model_whose_attention_it_cannot_see(tiny_path):

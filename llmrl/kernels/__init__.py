@@ -31,9 +31,12 @@ logger = logging.getLogger("llmrl.kernels")
 
 SOURCES = Path(__file__).resolve().parent
 DECODE = "decode"
-# library -> its sources. "decode": attention over a shared prompt cache, the elementwise steps
-# of a Llama-family decoder layer, and the sampler (one build, so a first run waits for one).
-LIBRARIES: dict[str, tuple[str, ...]] = {DECODE: ("shared_prefix_decode.cpp", "decode_ops.cpp", "sampling.cpp")}
+# library -> its compiled sources. "decode": attention over a shared prompt cache, the elementwise
+# steps of a Llama-family decoder layer, and the sampler (one build, so a first run waits for one).
+# elementwise_ops.cpp includes decode_ops.cpp and sampling.cpp: most of a source's compile is
+# parsing torch's headers (6 s of each one's 8 s on 2 cores here), so those two parse them once,
+# while shared_prefix_decode.cpp, the longest, compiles beside them (build 15.3 -> 11.0 s).
+LIBRARIES: dict[str, tuple[str, ...]] = {DECODE: ("shared_prefix_decode.cpp", "elementwise_ops.cpp")}
 CACHE_ENV = "LLMRL_KERNEL_CACHE"
 BUILD_TIMEOUT_S = 600
 
@@ -85,7 +88,8 @@ def _build_commands(name: str, directory: Path, target: Path) -> tuple[list[list
 def _library_path(name: str) -> Path:
     digest = hashlib.sha256()
     compiles, link = _build_commands(name, Path("obj"), Path("out.so"))
-    for source in [*LIBRARIES[name], *sorted(p.name for p in SOURCES.glob("*.h"))]:  # headers too: an edit rebuilds
+    # every source and header beside this file, included ones too: an edit rebuilds
+    for source in sorted(p.name for p in [*SOURCES.glob("*.cpp"), *SOURCES.glob("*.h")]):
         digest.update((SOURCES / source).read_bytes())
     flags = " ".join(" ".join(command) for command in [*compiles, link])
     for part in (flags.encode(), torch.__version__.encode(), _cpu_flags().encode(), sys.version.encode()):

@@ -21,6 +21,7 @@ import torch
 from transformers import DynamicCache
 
 from llmrl.algorithms.base import Batch
+from llmrl.common_prefix import shared_start
 from llmrl.train.packed_suffix import PackedSuffix
 
 
@@ -119,16 +120,6 @@ def _copy_rows(cache: DynamicCache, source: torch.Tensor) -> None:
         layer.values = layer.values.index_select(0, source)
 
 
-def _shared_start(keys: list[tuple[int, ...]]) -> int:
-    """Length of the start all `keys` share, short of the shortest key: every prefix keeps at
-    least one token of its own after the root."""
-    shortest = min(len(k) for k in keys)
-    for column in range(shortest - 1):
-        if len({k[column] for k in keys}) > 1:
-            return column
-    return shortest - 1
-
-
 def plan_shared_prefix(mb: Batch) -> PrefixPlan | None:
     """A plan when at least two rows share a prompt; None when sharing saves nothing."""
     input_ids, loss_mask = mb["input_ids"], mb["loss_mask"] > 0
@@ -150,7 +141,7 @@ def plan_shared_prefix(mb: Batch) -> PrefixPlan | None:
     if len(distinct) == len(source):
         return None
 
-    root = _shared_start(list(distinct)) if len(distinct) > 1 else 0
+    root = shared_start(list(distinct)) if len(distinct) > 1 else 0
     width = max(len(k) for k in distinct) - root
     prefix_ids = torch.zeros(len(distinct), width, dtype=input_ids.dtype)
     prefix_mask = torch.zeros(len(distinct), width, dtype=mb["attention_mask"].dtype)
