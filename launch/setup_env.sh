@@ -14,7 +14,8 @@ EXTRAS=${EXTRAS:-dev}
 # against pip's 42 s (docs/benchmarks.md). It is fetched with pip unless one is on PATH, and it
 # gets pip's configuration (indexes, find-links, constraints), which it does not read itself.
 # Where uv cannot be had or fails, pip does the install as before.
-uv_args=()
+# pip weighs every index alike; uv by default takes a package from the first index that has it
+uv_args=(--index-strategy unsafe-best-match)
 pip_settings_to_uv() {
   local key value item
   while IFS='=' read -r key value; do
@@ -56,6 +57,7 @@ install() {  # install ARGS...: with uv where it works, else with pip
     fi
     echo "setup_env: uv failed; installing with pip" >&2
     UV=""
+    .venv/bin/python -m pip install -q --upgrade pip
   fi
   local compile=()
   [[ -n "$DEFAULT_ONLY" ]] && compile=(--no-compile)
