@@ -10,10 +10,11 @@ PY=${PYTHON:-python3}
 EXTRAS=${EXTRAS:-dev}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 
-# uv installs the same packages as pip, in parallel: on 2 cores the default extras took 5 s
+# uv installs the same packages as pip, in parallel: on 2 cores the default extras took 5-9 s
 # against pip's 42 s (docs/benchmarks.md). It is fetched with pip unless one is on PATH, and it
 # gets pip's configuration (indexes, find-links, constraints), which it does not read itself.
 # Where uv cannot be had or fails, pip does the install as before.
+
 # pip weighs every index alike; uv by default takes a package from the first index that has it
 uv_args=(--index-strategy unsafe-best-match)
 pip_settings_to_uv() {

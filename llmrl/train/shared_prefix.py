@@ -60,7 +60,7 @@ class PrefixPlan:
             past_key_values=cache, use_cache=True,
         )
         if packed_index is not None:
-            return self._run_packed(decoder, cache, suffix_embeds, packed_index)
+            return self._run_packed(decoder, cache, suffix_embeds, packed_index, visible)
         _copy_rows(cache, self.source)  # gradients add back into the prefix pass
         attention = torch.cat([visible[self.source], self.suffix_mask], dim=1)
         return decoder(
@@ -69,10 +69,11 @@ class PrefixPlan:
         ).last_hidden_state
 
     def _run_packed(
-        self, decoder: torch.nn.Module, cache: DynamicCache, suffix_embeds: torch.Tensor, packed_index: torch.Tensor
+        self, decoder: torch.nn.Module, cache: DynamicCache, suffix_embeds: torch.Tensor, packed_index: torch.Tensor,
+        visible: torch.Tensor,
     ) -> torch.Tensor:
         prefix_layers = [(layer.keys, layer.values) for layer in cache.layers]
-        suffix = PackedSuffix(prefix_layers, self.source, self.visible_prefix(), self.suffix_mask, packed_index)
+        suffix = PackedSuffix(prefix_layers, self.source, visible, self.suffix_mask, packed_index)
         positions = self.suffix_positions.flatten().index_select(0, packed_index).unsqueeze(0)
         with suffix.attending():
             hidden = decoder(inputs_embeds=suffix_embeds, position_ids=positions, use_cache=False).last_hidden_state
