@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 from llmrl.models import BUILTIN_MODELS, BUILTIN_PARAMS, BUILTIN_SOURCES, ModelError, builtin_cache_path, resolve_model_path
+from llmrl.stored_weights import stored_tensor_specs
 
 
 @dataclass
@@ -21,17 +23,7 @@ class ModelEntry:
 def count_params(directory: Path) -> int:
     """Parameters stored in a directory's safetensors files, from their headers alone (tied
     embeddings are stored, and counted, once)."""
-    from safetensors import safe_open
-
-    total = 0
-    for file in sorted(directory.glob("*.safetensors")):
-        with safe_open(str(file), framework="pt") as f:
-            for key in f.keys():
-                numel = 1
-                for dim in f.get_slice(key).get_shape():
-                    numel *= dim
-                total += numel
-    return total
+    return sum(math.prod(shape) for shape, _ in stored_tensor_specs(directory).values())
 
 
 def catalog() -> list[ModelEntry]:
