@@ -59,15 +59,21 @@ def test_the_trainer_state_points_at_the_policy_export_and_resume_restores_every
 
 
 def test_an_export_from_before_the_last_update_is_not_pointed_at(tiny_path, tmp_path):
-    engine, _ = trained_engine(tiny_path)
+    engine, model_cfg = trained_engine(tiny_path)
     (tmp_path / "ckpt").mkdir()
     engine.save_policy(tmp_path / "ckpt" / "policy")
     engine.step(random_batch(seed=3), TokenMeanPG(), LossContext(2, None))
     engine.save(tmp_path / "ckpt")
     state = torch.load(tmp_path / "ckpt" / TRAINER_STATE, weights_only=False)
     assert WEIGHTS_IN not in state
-    for name, value in trainable(engine).items():
+    current = trainable(engine)
+    for name, value in current.items():
         assert torch.equal(state["model"][name], value), name
+    # Resume takes the state's own copy, not the stale export beside it.
+    resumed = TorchTrainEngine(load_policy(model_cfg), TrainConfig(lr=1e-2, precision="fp32"), total_updates=10)
+    resumed.load(tmp_path / "ckpt")
+    for name, value in trainable(resumed).items():
+        assert torch.equal(value, current[name]), name
 
 
 def test_a_lora_policy_keeps_its_adapter_weights_in_the_state(tiny_path, tmp_path):
