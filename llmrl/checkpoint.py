@@ -2,9 +2,9 @@
 
 Layout: output_dir/checkpoints/step_N/{policy/, trainer_state.pt, loop_state.json, rng.pt, critic/ (PPO),
 manifest.json}. trainer_state.pt points at policy/ for the weights wherever the export holds
-them exactly (a plain torch-backend policy), so they are stored once. A checkpoint is written under a temporary name and renamed into place, so a crash
-mid-write leaves the previous checkpoint intact and never a half-written one that resume would
-pick. The manifest (every file's size and SHA-256) is written last; resume verifies it, so a file
+them exactly (a plain torch-backend policy), so they are stored once. A checkpoint is written
+under a temporary name and renamed into place, so a crash mid-write leaves the previous
+checkpoint intact and never a half-written one that resume would pick. The manifest (every file's size and SHA-256) is written last; resume verifies it, so a file
 truncated or deleted afterwards (a full disk, a careless cleanup) is caught before it is loaded.
 """
 from __future__ import annotations

@@ -397,31 +397,30 @@ class TorchTrainEngine:
 
     def _current_export_inside(self, directory: Path, trainable: dict[str, torch.Tensor]) -> str | None:
         """The export's path relative to `directory`, if it holds the current trainable weights."""
-        exported = getattr(self, "_exported", None)
-        if exported is None or exported[1] != self.updates:
+        if self._exported is None or self._exported[1] != self.updates:
             return None
-        export_dir = exported[0]
-        if not export_dir.is_relative_to(directory.resolve()):
+        export_dir, root = self._exported[0], directory.resolve()
+        if not export_dir.is_relative_to(root):
             return None
         stored = stored_tensor_specs(export_dir)
         if any(stored.get(n) != (tuple(p.shape), SAFETENSORS_DTYPES.get(p.dtype)) for n, p in trainable.items()):
             return None  # a model whose export renames or recasts weights keeps its own copy
-        return export_dir.relative_to(directory.resolve()).as_posix()
+        return export_dir.relative_to(root).as_posix()
 
     def load(self, directory: Path) -> None:
         state = torch.load(Path(directory) / TRAINER_STATE, map_location="cpu", weights_only=False)
+        trainable = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
         if WEIGHTS_IN in state:
             weights = load_stored_tensors(Path(directory) / state[WEIGHTS_IN])
-            missing = [n for n, p in self.model.named_parameters() if p.requires_grad and n not in weights]
+            missing = [n for n in trainable if n not in weights]
             if missing:
                 raise ValueError(f"checkpoint {directory}: {state[WEIGHTS_IN]}/ lacks the trainable weight {missing[0]}")
         else:
             weights = state["model"]
-        params = dict(self.model.named_parameters())
         with torch.no_grad():
-            for name, value in weights.items():
-                if name in params and params[name].requires_grad:
-                    params[name].copy_(value)
+            for name, param in trainable.items():
+                if name in weights:
+                    param.copy_(weights[name])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.nonfinite_streak = state["nonfinite_streak"]
