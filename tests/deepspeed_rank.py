@@ -68,7 +68,20 @@ def main() -> None:
     if rank == 0:
         weights = {n: weights[n] for n in initial}
         torch.save({"weights": weights, "initial": initial, "metrics": metrics}, out)
+    if backend == "deepspeed":
+        import torch.distributed as dist
+
+        dist.barrier()  # no rank leaves while another is still inside a collective or saving
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
     main()
+    # Skip the interpreter's teardown. In about 1 of 3 CI runs a ZeRO-3 rank that had finished
+    # (results written, process group left) still aborted there with "terminate called without an
+    # active exception" (exit -6): the engine keeps native objects that are destroyed in no fixed
+    # order at exit. 40 runs outside CI never showed it. What this script checks is the update,
+    # which is written by now; an exit code that reflects it is what the test needs.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -30,9 +30,9 @@ def run_ranks(backend: str, stage: int, world: int, out: Path, *extra: str) -> d
             "MASTER_PORT": str(port), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
         }
         procs.append(subprocess.Popen([sys.executable, RANK_SCRIPT, backend, str(stage), str(out), *extra], env=env, stderr=subprocess.PIPE, text=True))
-    for p in procs:
+    for rank, p in enumerate(procs):
         _, err = p.communicate(timeout=600)
-        assert p.returncode == 0, err[-3000:]
+        assert p.returncode == 0, f"rank {rank} of {world} ({backend}, ZeRO-{stage}) exited with {p.returncode}:\n{err[-3000:]}"
     return torch.load(out, weights_only=False)
 
 
