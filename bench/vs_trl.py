@@ -24,6 +24,9 @@ and step / floor. The floor: FLOPs / measured matmul peak at that precision, wit
 2 x params x (generated tokens + each prompt's tokens once) and update 6 x params x (prompt +
 response tokens of the rows trained); neither trainer runs a separate old-logprob forward here
 (one optimizer step per batch), so none is added. Attention FLOPs are left out (short contexts).
+A last line per precision compares the 4x target's step with the floor counting each group's
+prompt once in the update (the least work the step can be done with): a target step below that
+floor is out of reach for any trainer at this machine's matmul peak.
 Each run must change its weights (a parameter checksum before and after): a run that had a
 learning signal and did not is a failure (exit 1); one with no signal at all (every group
 scored alike, so the gradient is exactly zero) cannot be verified (exit 3).
@@ -357,20 +360,33 @@ def summarize(report: dict[str, Any], prompt_tokens: list[int], n: int, params: 
     steps = report["steps"]
     walls = [steps[0]["end"] - steps[0]["begin"]] + [s["end"] - p["end"] for p, s in zip(steps, steps[1:])]
     timed = list(range(1, len(steps))) or [0]
-    floors = []
+    floors, floors_once = [], []
     for i, s in enumerate(steps):
         gen_flops = 2 * params * (s["gen_tokens"] + prompt_tokens[i])
         update_flops = 6 * params * s["trained_frac"] * (n * prompt_tokens[i] + s["gen_tokens"])
         floors.append((gen_flops + update_flops) / peak)
+        # The least any trainer can do: a group's n rows share their prompt, and its forward and
+        # backward are exact when run once for the group (llmrl's shared-prompt update does so).
+        once_flops = 6 * params * s["trained_frac"] * (prompt_tokens[i] + s["gen_tokens"])
+        floors_once.append((gen_flops + once_flops) / peak)
     med = lambda xs: statistics.median([xs[i] for i in timed])  # noqa: E731
     return {
         "startup_s": steps[0]["begin"] - report["launched"] - report.get("overhead_s", 0.0),
         "step_s": med(walls), "gen_s": med([s["gen"] for s in steps]), "update_s": med([s["update"] for s in steps]),
         "gen_tok_s": med([s["gen_tokens"] / max(s["gen"], 1e-9) for s in steps]),
-        "floor_s": med(floors), "over_floor": med([w / f for w, f in zip(walls, floors)]),
+        "floor_s": med(floors), "over_floor": med([w / f for w, f in zip(walls, floors)]), "floor_once_s": med(floors_once),
         "peak_rss_mib": report["peak_rss_mib"], "signal_steps": sum(s["signal"] for s in steps),
         "changed": report["changed"], "tensors": report["tensors"], "steps": len(steps),
     }
+
+
+def reach_line(trl_step_s: float, floor_once_s: float, precision: str, label: str, target: float = 4.0) -> str:
+    """Whether a step `target` times faster than TRL's fits above the compute floor at all, with
+    each group's prompt counted once (the least work the step can be done with)."""
+    needed = trl_step_s / target
+    verdict = "reachable in principle" if needed >= floor_once_s else "below the compute floor: no trainer can reach it on this machine"
+    return (f"{target:g}x {label} {precision}: a {needed:.2f} s step; the floor with each prompt computed once "
+            f"is {floor_once_s:.2f} s ({needed / floor_once_s:.0%} of it): {verdict}")
 
 
 def main() -> int:
@@ -497,6 +513,9 @@ def main() -> int:
                 mine = results.get((variant, precision))
                 if trl and mine:
                     print(f"speedup ({LABELS[variant]}, vs {label}) {precision}: {trl['step_s'] / mine['step_s']:.2f}x")
+            same_work = results.get(("llmrl-hf", precision))
+            if trl and same_work:
+                print(reach_line(trl["step_s"], same_work["floor_once_s"], precision, label))
     if args.json:
         Path(args.json).write_text(json.dumps({f"{v}-{p}": r for (v, p), r in results.items()}, indent=1))
     if crashed:
