@@ -49,10 +49,27 @@ def _cpuinfo() -> tuple[str, str, set[str]]:
 
 def kernel_host() -> str:
     """What decides the last bits of a float result here: the CPU vendor (MKL and oneDNN pick
-    their kernels by it) and the precision flags. Runs on hosts of one kind repeat to the bit;
-    across kinds they differ in the last bits, and sampled tokens then drift apart."""
+    their kernels by it), the precision flags, and llmrl's MKL preload where this process has it.
+    Runs on hosts of one kind repeat to the bit; across kinds they differ in the last bits, and
+    sampled tokens then drift apart."""
     _, vendor, _ = _cpuinfo()
-    return " ".join([vendor] + [flag for flag, present in cpu_flags().items() if present])
+    preload = ["mkl-intel-kernels"] if _mkl_preloaded() else []
+    return " ".join([vendor] + [flag for flag, present in cpu_flags().items() if present] + preload)
+
+
+def _mkl_preloaded() -> bool:
+    try:
+        from llmrl.mkl_on_amd import in_effect
+    except ImportError:  # an llmrl from before the preload
+        return False
+    return in_effect()
+
+
+def mkl_kernels() -> str:
+    """Which GEMM kernels MKL runs in this process, as far as llmrl decides it."""
+    if _mkl_preloaded():
+        return "Intel's tuned ones (llmrl's preload, llmrl/mkl_on_amd.py)"
+    return "MKL's own choice for this CPU"
 
 
 def cpu_flags() -> dict[str, bool]:
@@ -98,7 +115,7 @@ def machine_header() -> str:
     return "\n".join(
         [
             f"cpu: {model} | logical cores {os.cpu_count()} (usable {usable}) | torch threads {torch.get_num_threads()}",
-            f"flags: {flags}",
+            f"flags: {flags} | MKL kernels: {mkl_kernels()}",
             f"versions: python={platform.python_version()} {versions}",
             f"llmrl: {_llmrl_source()}",
             f"date: {time.strftime('%Y-%m-%d %H:%M:%S %Z')} | load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}",

@@ -47,6 +47,10 @@ import argparse
 import statistics
 import time
 
+from llmrl.mkl_on_amd import reexec_with_preload
+
+reexec_with_preload()  # measured as `llmrl` runs: MKL's tuned kernels on AMD CPUs
+
 import torch
 import transformers
 

@@ -84,6 +84,10 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from llmrl.mkl_on_amd import reexec_with_preload
+
+reexec_with_preload()  # measured as `llmrl` runs: MKL's tuned kernels on AMD CPUs
+
 import torch
 
 from machine import linear_shapes_gflops, machine_header, matmul_peak_gflops, matmul_weights

@@ -11,7 +11,10 @@ Runs, each in its own process (so start-up and peak RSS are per run), per precis
   llmrl-hf-skip  hf engine, zero-advantage rows skipped (llmrl's default)
   llmrl-vllm     rollout.engine=vllm (only when `import vllm` works and vLLM serves the model)
   trl            GRPOTrainer, transformers `generate`, use_cpu=True, gradient checkpointing off;
-                 torch's default 4 KiB pages (THP_MEM_ALLOC_ENABLE=0), as TRL runs out of the box
+                 torch's default 4 KiB pages (THP_MEM_ALLOC_ENABLE=0), and MKL's own kernel
+                 choice, as TRL runs out of the box
+  trl-mkl        the same with llmrl's MKL preload (llmrl/mkl_on_amd.py: on an AMD CPU, MKL's
+                 tuned GEMM kernels), which the llmrl runs and the matmul peak have
   trl-thp        the same with THP_MEM_ALLOC_ENABLE=1, the huge-page setting llmrl turns on when
                  imported (llmrl/__init__.py): TRL given llmrl's allocator setting
 fp32, plus bf16 where the CPU has native bf16 (avx512_bf16 / amx_bf16). llmrl bf16: autocast
@@ -58,13 +61,21 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
+from llmrl.mkl_on_amd import reexec_with_preload, with_preload, without_preload  # noqa: E402
+
+# llmrl is measured as `llmrl` runs, with MKL's tuned kernels on AMD CPUs, and the matmul peak
+# with them; TRL runs without them unless asked (trl-mkl).
+reexec_with_preload()
+
 from machine import machine_header, matmul_peak_gflops  # noqa: E402  (bench/machine.py)
 
 RECIPE = REPO / "recipes" / "gsm8k_grpo.yaml"
 DATA_ENV = "LLMRL_BENCH_DATA"
-VARIANTS = ("llmrl-hf", "llmrl-hf-skip", "llmrl-vllm", "trl", "trl-thp")
+VARIANTS = ("llmrl-hf", "llmrl-hf-skip", "llmrl-vllm", "trl", "trl-thp", "trl-mkl")
 # TRL imports llmrl here (model loading, the reward), which would switch huge pages on for it too.
-THP_SETTING = {"trl": "0", "trl-thp": "1"}
+THP_SETTING = {"trl": "0", "trl-thp": "1", "trl-mkl": "0"}
+# Which runs get llmrl's MKL preload (llmrl/mkl_on_amd.py; it does anything only on AMD CPUs).
+MKL_PRELOAD = {"trl": False, "trl-thp": False, "trl-mkl": True}
 # --reward: what llmrl's reward.functions gets; TRL wraps the same function.
 REWARDS = {"gsm8k": "gsm8k", "closeness": f"{REPO / 'bench' / 'closeness_reward.py'}:closeness"}
 LABELS = {"llmrl-hf": "llmrl hf, skip off", "llmrl-hf-skip": "llmrl hf, skip on", "llmrl-vllm": "llmrl vllm"}
@@ -339,6 +350,7 @@ def launch(spec: dict[str, Any], log_path: Path) -> dict[str, Any]:
     """One run in its own process; its report plus the launch time (start-up is measured from it)."""
     path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": path}
+    env = with_preload(env) if MKL_PRELOAD.get(spec["variant"], True) else without_preload(env)
     if spec["variant"] in THP_SETTING:
         env["THP_MEM_ALLOC_ENABLE"] = THP_SETTING[spec["variant"]]
     launched = time.time()
@@ -405,8 +417,8 @@ def main() -> int:
                         help="gsm8k: exact answer (SmolLM2 rarely scores, so the weights may never move); "
                              "closeness: partial credit by distance from the gold number (bench/closeness_reward.py)")
     parser.add_argument("--precision", default="auto", help="comma list of fp32,bf16; auto = both where bf16 is native, else fp32")
-    parser.add_argument("--variants", default=",".join(v for v in VARIANTS if v != "trl-thp"),
-                        help=f"comma list of {', '.join(VARIANTS)} (default: all but trl-thp)")
+    parser.add_argument("--variants", default=",".join(v for v in VARIANTS if v not in ("trl-thp", "trl-mkl")),
+                        help=f"comma list of {', '.join(VARIANTS)} (default: all but trl-thp and trl-mkl)")
     parser.add_argument("--out", help="work directory for run logs (default: a temporary one, removed at the end)")
     parser.add_argument("--json", help="write every run's summary here")
     parser.add_argument("--quick", action="store_true",
@@ -507,7 +519,7 @@ def main() -> int:
     print("step_s: wall time of a step, logging included; gen_s: sampling; update_s: forward/backward/optimizer "
           "(TRL: the optimizer step less its generate-and-score call); other_s: rewards, advantages, weight sync, logging")
     for precision in precisions:
-        for baseline, label in (("trl", "TRL"), ("trl-thp", "TRL with huge pages")):
+        for baseline, label in (("trl", "TRL"), ("trl-thp", "TRL with huge pages"), ("trl-mkl", "TRL with llmrl's MKL preload")):
             trl = results.get((baseline, precision))
             for variant in ("llmrl-hf", "llmrl-hf-skip", "llmrl-vllm"):
                 mine = results.get((variant, precision))

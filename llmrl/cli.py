@@ -158,6 +158,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:
+        # The console command (callers in Python pass argv and are never replaced): start again
+        # with MKL's tuned kernels where the CPU is AMD's, before torch loads (llmrl/mkl_on_amd.py).
+        from llmrl.mkl_on_amd import reexec_with_preload
+
+        try:
+            reexec_with_preload()
+        except ValueError as err:
+            print(f"llmrl: error: {err}", file=sys.stderr)
+            return 2
     args = build_parser().parse_args(argv)
     fn: Callable[[argparse.Namespace], int] = args.fn
     try:

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from llmrl.kernel_cache import CACHE_ENV, cache_dir
 from llmrl.precision import cpu_field
 
 logger = logging.getLogger("llmrl.kernels")
@@ -37,16 +38,11 @@ DECODE = "decode"
 # parsing torch's headers (6 s of each one's 8 s on 2 cores here), so those two parse them once,
 # while shared_prefix_decode.cpp, the longest, compiles beside them (build 15.3 -> 11.0 s).
 LIBRARIES: dict[str, tuple[str, ...]] = {DECODE: ("shared_prefix_decode.cpp", "elementwise_ops.cpp")}
-CACHE_ENV = "LLMRL_KERNEL_CACHE"
 BUILD_TIMEOUT_S = 600
 
 _LOCK = threading.Lock()
 _LOADED: dict[str, bool] = {}
 _FAILURES: dict[str, str] = {}
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "llmrl" / "kernels")
 
 
 def _cpu_flags() -> str:
