@@ -87,3 +87,21 @@ def test_the_preload_is_taken_out_and_put_back_without_touching_other_entries(tm
     assert not mkl_on_amd.in_effect(stripped)
     assert "LD_PRELOAD" not in mkl_on_amd.without_preload({"LD_PRELOAD": ours})
     assert mkl_on_amd.with_preload({**env, "LLMRL_MKL_KERNELS": "vendor"})["LD_PRELOAD"] == env["LD_PRELOAD"]
+
+
+def test_decode_packs_fp32_weights_for_onednn_only_without_the_preload(monkeypatch):
+    """With MKL's tuned kernels, one layer's fp32 decode products ran faster through MKL than
+    packed for oneDNN (3.1 against 4.2 ms at 64 rows on 2 Zen 2 cores), so `auto` stops packing."""
+    import torch
+
+    from llmrl.rollout import packed_linears
+    from llmrl.rollout.packed_linears import packing_pays
+
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("this torch has no oneDNN")
+    monkeypatch.setattr(packed_linears, "cpu_field", lambda name: "AuthenticAMD" if name == "vendor_id" else "")
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    assert packing_pays(torch.float32, torch.device("cpu"))
+    monkeypatch.setenv("LD_PRELOAD", f"/cache/{mkl_on_amd.LIBRARY_STEM}-abc.so")
+    assert not packing_pays(torch.float32, torch.device("cpu"))

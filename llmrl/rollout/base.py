@@ -122,7 +122,7 @@ class RolloutConfig(Section):
         "auto",
         description="hf engine: run q/k/v and gate/up as one matmul each, with weights pre-packed for oneDNN on a CPU "
         "(llmrl/rollout/packed_linears.py). auto = on a CPU with at most 4 torch threads, for bf16 weights, and for "
-        "fp32 weights on AMD CPUs (where torch's fp32 BLAS, MKL, is slower at decode shapes); that is where it was "
+        "fp32 weights on AMD CPUs unless llmrl's MKL preload is in effect (MKL's default kernels there are slower at decode shapes); that is where it was "
         "faster, and with more threads it was slower. true = always; false = transformers' separate linears.",
     )
     decode_kernel: bool | Literal["auto"] = Field(

@@ -29,6 +29,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from llmrl import mkl_on_amd
 from llmrl.precision import cpu_field
 
 # `auto` packs only up to this many torch threads. On an Intel Xeon with AMX (torch 2.11), bf16,
@@ -38,7 +39,9 @@ AUTO_MAX_THREADS = 4
 # fp32 products on a CPU go to torch's BLAS, MKL in the x86 wheels, which is tuned for Intel's
 # CPUs; oneDNN's packed product is not. At 2 threads, one layer's fp32 decode products ran
 # 1.50-1.76x faster packed on an AMD EPYC, and 0.76-1.09x on an Intel Xeon (docs/benchmarks.md).
-# So `auto` packs fp32 weights only on these vendors (/proc/cpuinfo's vendor_id).
+# So `auto` packs fp32 weights only on these vendors (/proc/cpuinfo's vendor_id), and not where
+# llmrl's preload has MKL take its tuned kernels there (llmrl/mkl_on_amd.py): on 2 Zen 2 cores,
+# one layer's fp32 decode products then ran faster grouped through MKL than packed for oneDNN.
 FP32_PACKING_VENDORS = ("AuthenticAMD",)
 
 # Sibling linears that read the same input, by attribute name, in the order models call them.
@@ -80,7 +83,9 @@ def packing_pays(dtype: torch.dtype, device: torch.device) -> bool:
     FP32_PACKING_VENDORS."""
     if not _onednn_multiplies(dtype, device) or torch.get_num_threads() > AUTO_MAX_THREADS:
         return False
-    return dtype == torch.bfloat16 or (dtype == torch.float32 and cpu_field("vendor_id") in FP32_PACKING_VENDORS)
+    if dtype == torch.bfloat16:
+        return True
+    return dtype == torch.float32 and cpu_field("vendor_id") in FP32_PACKING_VENDORS and not mkl_on_amd.in_effect()
 
 
 def groupable(linears: list[nn.Linear]) -> bool:
