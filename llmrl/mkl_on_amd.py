@@ -29,23 +29,14 @@ import tempfile
 from pathlib import Path
 from typing import Mapping, MutableMapping
 
+from llmrl.cpu_info import cpu_field
+
 SWITCH_ENV = "LLMRL_MKL_KERNELS"
 CHOICES = ("auto", "vendor")
 # Set in the re-executed process, so that a failed preload never turns into an exec loop.
 REEXEC_MARK = "LLMRL_MKL_REEXEC"
 SOURCE = "/* llmrl: MKL's vendor check answered 'Intel' (llmrl/mkl_on_amd.py) */\nint mkl_serv_intel_cpu_true(void) { return 1; }\n"
 LIBRARY_STEM = "libllmrl_mkl_intel_path"
-
-
-def _cpu_vendor() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("vendor_id"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
 
 
 def wanted(environ: Mapping[str, str] = os.environ) -> bool:
@@ -56,7 +47,7 @@ def wanted(environ: Mapping[str, str] = os.environ) -> bool:
         raise ValueError(f"{SWITCH_ENV}={environ[SWITCH_ENV]!r}: expected one of {', '.join(CHOICES)}")
     if choice == "vendor":
         return False
-    return sys.platform == "linux" and platform.machine() in ("x86_64", "AMD64") and _cpu_vendor() == "AuthenticAMD"
+    return sys.platform == "linux" and platform.machine() in ("x86_64", "AMD64") and cpu_field("vendor_id") == "AuthenticAMD"
 
 
 def library_path() -> Path | None:
@@ -85,9 +76,17 @@ def library_path() -> Path | None:
     return target
 
 
+def _preloads(environ: Mapping[str, str]) -> list[str]:
+    return environ.get("LD_PRELOAD", "").replace(":", " ").split()  # ld.so splits on both
+
+
+def _is_ours(entry: str) -> bool:
+    return Path(entry).name.startswith(LIBRARY_STEM)
+
+
 def in_effect(environ: Mapping[str, str] = os.environ) -> bool:
     """Whether this process started with the preload."""
-    return any(Path(p).name.startswith(LIBRARY_STEM) for p in environ.get("LD_PRELOAD", "").replace(":", " ").split())
+    return any(_is_ours(p) for p in _preloads(environ))
 
 
 def with_preload(environ: Mapping[str, str]) -> dict[str, str]:
@@ -106,7 +105,7 @@ def with_preload(environ: Mapping[str, str]) -> dict[str, str]:
 def without_preload(environ: Mapping[str, str]) -> dict[str, str]:
     """`environ` with llmrl's preload taken out of LD_PRELOAD (MKL's own kernel choice)."""
     env = dict(environ)
-    kept = [p for p in env.get("LD_PRELOAD", "").replace(":", " ").split() if not Path(p).name.startswith(LIBRARY_STEM)]
+    kept = [p for p in _preloads(env) if not _is_ours(p)]
     if kept:
         env["LD_PRELOAD"] = " ".join(kept)
     else:

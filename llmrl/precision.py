@@ -8,26 +8,12 @@ resolves to fp32 there.
 from __future__ import annotations
 
 import functools
-from pathlib import Path
 
 import torch
 
+from llmrl.cpu_info import cpu_field  # noqa: F401  (re-exported: callers import it from here)
+
 NATIVE_BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
-
-
-@functools.lru_cache(maxsize=None)
-def cpu_field(name: str) -> str:
-    """The value of the first `name` line of /proc/cpuinfo ("vendor_id", "flags"), or "" where the
-    file or the field is missing (not Linux, or an architecture that names it otherwise)."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return ""
-    for line in lines:
-        key, _, value = line.partition(":")
-        if key.strip() == name:
-            return value.strip()
-    return ""
 
 
 @functools.lru_cache(maxsize=None)
