@@ -117,7 +117,31 @@ def test_the_tiny_model_gives_the_same_logits_packed_and_plain(tiny_path):
         torch.testing.assert_close(packed(ids).logits, plain(ids).logits, atol=1e-4, rtol=1e-4)
 
 
-def test_the_engine_samples_the_same_tokens_packed_and_plain(tiny_path, tokenizer):
+@pytest.mark.parametrize("bias", [False, True])
+def test_mkls_packed_copy_serves_every_row_count(bias):
+    """torch hands MKL's packed copy only to inputs of the row count it is told; the product passes
+    each input's own count, which is sound only because MKL's packed B does not depend on the rows.
+    The weight is zeroed after packing: a product that fell back to it would give the bias alone."""
+    if not torch.backends.mkl.is_available():
+        pytest.skip("this torch has no MKL")
+    torch.manual_seed(3)
+    weight, b = torch.randn(48, 40), (torch.randn(48) if bias else None)
+    want_weight = weight.double().clone()
+    product = packed_linears._mkl_packed_product(weight, b, rows_hint=32)
+    assert product is not None
+    weight.zero_()
+    for rows in (1, 5, 31, 32, 33, 100):
+        x = torch.randn(rows, 40)
+        want = x.double() @ want_weight.T + (b.double() if bias else 0)
+        torch.testing.assert_close(product(x).double(), want, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mkl_form", [False, True])
+def test_the_engine_samples_the_same_tokens_packed_and_plain(tiny_path, tokenizer, monkeypatch, mkl_form):
+    """Packed for oneDNN, or in MKL's form (what fp32 weights take where MKL runs its Intel kernels)."""
+    if mkl_form and not torch.backends.mkl.is_available():
+        pytest.skip("this torch has no MKL")
+    monkeypatch.setattr(packed_linears, "mkl_takes_intel_kernels", lambda: mkl_form)
     prompts = [tokenizer.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True, tokenize=True)["input_ids"]
                for t in ("What is 2 + 3?", "Name a colour.")]
     sampling = SamplingParams(temperature=1.0, max_new_tokens=12, seed=5)

@@ -10,16 +10,22 @@ So for inference only:
 - Linears that read the same input become one group with one weight, [sum of outs, in]. The
   first member called computes every member's output in one product and keeps the others'
   slices for their own calls.
-- The group's weight is packed once into oneDNN's blocked layout
-  (`torch.ops.mkldnn._reorder_linear_weight`), the form torch's own compiler uses for frozen CPU
-  linears, and multiplied by `torch.ops.mkldnn._linear_pointwise`.
+- The group's weight is packed once, in one of two forms:
+  - MKL's packed GEMM (`cblas_sgemm_pack`/`cblas_sgemm_compute`, which torch exposes as
+    `torch.ops.mkl._mkl_reorder_linear_weight` and `_mkl_linear`), for fp32 weights where MKL
+    runs its Intel kernels: on an Intel CPU, or an AMD one under llmrl's preload
+    (llmrl/mkl_on_amd.py);
+  - otherwise oneDNN's blocked layout (`torch.ops.mkldnn._reorder_linear_weight`), the form
+    torch's own compiler uses for frozen CPU linears, multiplied by
+    `torch.ops.mkldnn._linear_pointwise`.
 
 Each member's `weight` stays a parameter under its own name, now a view into the group's weight,
 so `load_weights` and `state_dict` see the model as before. Writing into any member's weight
 bumps its version counter; the group re-packs before its next product when a version moved.
 
-Measured on 2 AMD EPYC cores, bf16, 32 rows (docs/benchmarks.md): q/k/v 182 -> 111 us, gate/up
-377 -> 296 us, down 213 -> 163 us. With many threads the packed product is slower, so the engine's
+Measured on 2 AMD EPYC cores (docs/benchmarks.md): bf16 for oneDNN at 32 rows, q/k/v 182 -> 111 us,
+gate/up 377 -> 296 us, down 213 -> 163 us; fp32 for MKL under the preload, a 128-token rollout of
+32 rows 310 -> 367 tok/s and of 64 rows 390 -> 430. With many threads the packed product is slower, so the engine's
 default (`auto`) packs only where `packing_pays`; `bench/packed_linears.py` times the forms.
 """
 from __future__ import annotations
@@ -39,9 +45,11 @@ AUTO_MAX_THREADS = 4
 # fp32 products on a CPU go to torch's BLAS, MKL in the x86 wheels, which is tuned for Intel's
 # CPUs; oneDNN's packed product is not. At 2 threads, one layer's fp32 decode products ran
 # 1.50-1.76x faster packed on an AMD EPYC, and 0.76-1.09x on an Intel Xeon (docs/benchmarks.md).
-# So `auto` packs fp32 weights only on these vendors (/proc/cpuinfo's vendor_id), and not where
-# llmrl's preload has MKL take its tuned kernels there (llmrl/mkl_on_amd.py): on 2 Zen 2 cores,
-# one layer's fp32 decode products then ran faster grouped through MKL than packed for oneDNN.
+# So `auto` packs fp32 weights only on these vendors (/proc/cpuinfo's vendor_id). Where llmrl's
+# preload has MKL take its tuned kernels there (llmrl/mkl_on_amd.py), the packing is MKL's own:
+# on 2 Zen 2 cores one layer's fp32 decode products ran faster through plain MKL than packed for
+# oneDNN, and faster again through MKL's packed form. Without the preload MKL's packed form is
+# the slowest of the three (a 32-row rollout at 210 tok/s, against 280 packed for oneDNN).
 FP32_PACKING_VENDORS = ("AuthenticAMD",)
 
 # Sibling linears that read the same input, by attribute name, in the order models call them.
@@ -61,9 +69,34 @@ def _onednn_multiplies(dtype: torch.dtype, device: torch.device) -> bool:
     return dtype == torch.float32
 
 
+def mkl_takes_intel_kernels() -> bool:
+    """Whether torch's MKL runs the kernels it tunes for Intel CPUs here: on an Intel CPU, or on an
+    AMD one under llmrl's preload."""
+    if not torch.backends.mkl.is_available():
+        return False
+    return mkl_on_amd.in_effect() or cpu_field("vendor_id") == "GenuineIntel"
+
+
+def _mkl_packed_product(weight: torch.Tensor, bias: torch.Tensor | None, rows_hint: int) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """x [M, in] -> x @ weight.T + bias through MKL's packed copy of an fp32 `weight`, or None
+    where this torch lacks MKL's packed ops."""
+    try:
+        packed = torch.ops.mkl._mkl_reorder_linear_weight(weight, rows_hint)
+    except (RuntimeError, AttributeError):
+        return None
+    # torch multiplies by the packed copy only when the input's row count equals the count it is
+    # given, and by `weight` otherwise; MKL's packed B does not depend on the rows, so each call
+    # passes its own (tests/test_packed_linears.py checks every row count against float64).
+    return lambda x: torch.ops.mkl._mkl_linear(x, packed, weight, bias, x.shape[0])
+
+
 def _packed_product(weight: torch.Tensor, bias: torch.Tensor | None, rows_hint: int) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """x [M, in] -> x @ weight.T + bias through a packed copy of `weight`, or None where this torch
     or device cannot pack (no oneDNN, a GPU tensor, a dtype oneDNN does not multiply here)."""
+    if weight.dtype == torch.float32 and weight.device.type == "cpu" and mkl_takes_intel_kernels():
+        product = _mkl_packed_product(weight, bias, rows_hint)
+        if product is not None:
+            return product
     if not _onednn_multiplies(weight.dtype, weight.device):
         return None
     try:
@@ -80,12 +113,12 @@ def _packed_product(weight: torch.Tensor, bias: torch.Tensor | None, rows_hint: 
 def packing_pays(dtype: torch.dtype, device: torch.device) -> bool:
     """The `auto` rule (rollout.packed_linears), on a CPU with at most AUTO_MAX_THREADS torch
     threads: bf16 weights where bf16 is multiplied natively, and fp32 weights on a CPU of
-    FP32_PACKING_VENDORS."""
+    FP32_PACKING_VENDORS (for MKL under the preload, else for oneDNN)."""
     if not _onednn_multiplies(dtype, device) or torch.get_num_threads() > AUTO_MAX_THREADS:
         return False
     if dtype == torch.bfloat16:
         return True
-    return dtype == torch.float32 and cpu_field("vendor_id") in FP32_PACKING_VENDORS and not mkl_on_amd.in_effect()
+    return dtype == torch.float32 and cpu_field("vendor_id") in FP32_PACKING_VENDORS
 
 
 def groupable(linears: list[nn.Linear]) -> bool:
