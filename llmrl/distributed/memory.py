@@ -95,7 +95,8 @@ def train_rank_bytes(shape: ModelShape, recipe: Any) -> dict[str, int]:
     optimizer = 8 * p // (ranks if sharded else 1)
     reference = 4 * p if needs_reference(recipe.algorithm) and not recipe.model.lora.enabled else 0
     tokens = (recipe.train.micro_batch_size or 8) * (recipe.data.max_prompt_tokens + recipe.rollout.max_new_tokens)
-    activations = 34 * shape.hidden * shape.layers * tokens + 3 * 4 * train.logprob_chunk_tokens * shape.vocab
+    kept_logits = min(train.logprob_keep_logits_mb << 20, 4 * tokens * shape.vocab)
+    activations = 34 * shape.hidden * shape.layers * tokens + 3 * 4 * train.logprob_chunk_tokens * shape.vocab + kept_logits
     return {"weights": weights, "gradients": grads, "optimizer": optimizer, "reference": reference,
             "activations": activations, "weight_sync": sync, "process": TRAIN_RANK_BASE_BYTES}
 

@@ -69,6 +69,12 @@ class TrainConfig(Section):
     )
     logprob_chunk_tokens: int = Field(1024, ge=16, description="Tokens per chunk when computing logprobs/entropy. It bounds the logits' memory: the pass keeps "
                                       "scratch buffers of about 2.5 x this x vocabulary fp32 values between steps (560 MB for SmolLM2).")
+    logprob_keep_logits_mb: int = Field(
+        1024, ge=0,
+        description="Logits (fp32, tokens x vocabulary) of a micro-batch that its forward keeps for its backward, in MB; the "
+        "backward recomputes the rest, one lm_head product per chunk. The buffer is kept between steps. 0 recomputes all "
+        "(the least memory); at SmolLM2's vocabulary 1024 MB keeps about 5,400 tokens.",
+    )
     zero_stage: Literal[1, 2, 3] = Field(
         2,
         description="deepspeed backend: ZeRO stage. 1 shards optimizer state over the data-parallel ranks, 2 also "

@@ -1,12 +1,17 @@
 """Token logprobs and entropy without materialising full-vocabulary fp32 logits for a batch.
 
 The lm_head projection, log-softmax and entropy run over chunks of tokens inside one autograd
-function with a closed-form backward (`_HeadPass`). Backward recomputes each chunk's logits from
-the saved hidden states and lm_head weight instead of keeping them, so peak extra memory is a
-few chunks' worth of logits (chunk_tokens x vocab), not the whole batch's, held in scratch
-buffers that are reused from chunk to chunk and call to call (`llmrl.workspace`). Writing the
-gradient out by hand, rather than checkpointing the chunk and letting autograd differentiate
-log_softmax, gather and the entropy, saves several full passes over the vocabulary per chunk.
+function with a closed-form backward (`_HeadPass`). Writing the gradient out by hand, rather than
+checkpointing the chunk and letting autograd differentiate log_softmax, gather and the entropy,
+saves several full passes over the vocabulary per chunk.
+
+The backward needs each chunk's logits again. The forward keeps them for it while the pass's
+logits fit `keep_logits_bytes` (TrainConfig.logprob_keep_logits_mb), in one buffer that is
+reused from call to call; the chunks beyond it are recomputed in the backward from the saved
+hidden states and lm_head weight, which costs the head's forward product again (at SmolLM2's
+vs_trl shape, 1.2 s of a 25 s update) but bounds the memory to a few chunks' worth of logits
+(chunk_tokens x vocab) in scratch buffers (`llmrl.workspace`). Kept or recomputed, the logits
+are the same product of the same operands, so the gradients are the same to the bit.
 
 Under ZeRO-3 the lm_head weight is partitioned over ranks and only whole inside a module's
 forward or backward. The chunks read it outside lm_head's own forward, so a ZeRO-3 engine
@@ -18,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import weakref
 from typing import Iterator
 
 import torch
@@ -25,6 +31,7 @@ import torch
 from llmrl.workspace import workspace
 
 DEFAULT_CHUNK_TOKENS = 1024
+DEFAULT_KEEP_LOGITS_BYTES = 1024 << 20
 # Workspace names the head pass uses: `logits` [rows, V] in the logits' dtype, `low` [rows, V]
 # in the matmul's when that differs, `spare` [rows, V] for a second vocabulary-sized value, and
 # `weight_grad` [V, H] in the matmul's dtype. Chunks run one after another, forward and backward
@@ -44,7 +51,7 @@ class _HeadPass(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, matmul_weight, targets, temperature, want_entropy, entropy_grad, chunk):
+    def forward(ctx, hidden, weight, matmul_weight, targets, temperature, want_entropy, entropy_grad, chunk, keep_bytes):
         ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None: no work
         logits_dtype = torch.promote_types(hidden.dtype, torch.float32)
         n = hidden.shape[0]
@@ -52,12 +59,15 @@ class _HeadPass(torch.autograd.Function):
         lse = torch.empty_like(logp)
         entropy = torch.zeros_like(logp)
         ws = workspace()
+        ctx.kept = _KEPT.claim(ctx, n, chunk, matmul_weight.shape[0], logits_dtype, hidden.device, keep_bytes)
         for start in range(0, n, chunk):
             rows = slice(start, min(start + chunk, n))
-            z = _chunk_logits(hidden[rows], matmul_weight, temperature)
+            kept = ctx.kept is not None and rows.stop <= ctx.kept.shape[0]
+            z = _chunk_logits(hidden[rows], matmul_weight, temperature, out=ctx.kept[rows] if kept else None)
             m = z.amax(-1, keepdim=True)
             target_z = z.gather(-1, targets[rows].unsqueeze(-1)).squeeze(-1)
-            shifted = z.sub_(m)  # z - m, in place
+            # z - m: in place, unless z is kept for the backward
+            shifted = torch.sub(z, m, out=ws.get("logits", z.shape, z.dtype, z.device)) if kept else z.sub_(m)
             if want_entropy:  # e and z - m are both needed: e goes to the spare buffer
                 e = torch.exp(shifted, out=ws.get("spare", shifted.shape, shifted.dtype, shifted.device))
             else:
@@ -84,11 +94,16 @@ class _HeadPass(torch.autograd.Function):
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         grad_weight = None  # one gradient for the whole pass, in the weight's dtype (fp32 sums under autocast)
         ws = workspace()
+        # The kept logits are consumed below (written in place): a second backward through this
+        # graph (retain_graph) recomputes them.
+        kept, ctx.kept = ctx.kept, None
+        _KEPT.release(ctx)
         for start in range(0, hidden.shape[0], chunk):
             rows = slice(start, min(start + chunk, hidden.shape[0]))
             # The 1/temperature of z's chain rule is folded into the per-token coefficients.
             g = grad_logp[rows].unsqueeze(-1) / temperature
-            log_p = _chunk_logits(hidden[rows], weight, temperature).sub_(lse[rows].unsqueeze(-1))
+            z = kept[rows] if kept is not None and rows.stop <= kept.shape[0] else _chunk_logits(hidden[rows], weight, temperature)
+            log_p = z.sub_(lse[rows].unsqueeze(-1))
             if grad_entropy is None:
                 grad_z = log_p.exp_().mul_(g.neg())  # log p is not needed again: softmax in place
             else:
@@ -106,15 +121,46 @@ class _HeadPass(torch.autograd.Function):
                 else:
                     part = torch.mm(grad_z.t(), hidden[rows], out=ws.get("weight_grad", weight.shape, hidden.dtype, hidden.device))
                     grad_weight = part.to(ctx.weight_dtype) if grad_weight is None else grad_weight.add_(part)
-        return grad_hidden, grad_weight, None, None, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None, None, None
 
 
-def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, temperature: float) -> torch.Tensor:
-    """hidden @ weight.T / temperature in a workspace buffer, in fp32 (fp64 stays fp64)."""
+class _KeptLogits:
+    """The one buffer (per thread) in which a head pass keeps its logits for its backward.
+
+    A pass claims it in its forward and gives it back in its backward. A second pass whose
+    forward comes before the first one's backward (two losses in one graph) finds it taken and
+    recomputes instead; a claim whose graph was dropped without a backward lapses with the
+    graph (the claim holds its autograd context weakly)."""
+
+    def __init__(self) -> None:
+        self.local = threading.local()
+
+    def claim(self, ctx: object, n: int, chunk: int, vocab: int, dtype: torch.dtype, device: torch.device, budget: int) -> torch.Tensor | None:
+        """A [rows, vocab] buffer for the first `rows` logits of an n-row pass (all n, or whole
+        chunks, as many as fit `budget` bytes), or None: nothing fits, or the buffer is taken."""
+        row_bytes = vocab * torch.finfo(dtype).bits // 8
+        rows = n if n * row_bytes <= budget else (budget // row_bytes) // chunk * chunk
+        owner = getattr(self.local, "owner", None)
+        if rows == 0 or (owner is not None and owner() is not None):
+            return None
+        self.local.owner = weakref.ref(ctx)
+        return workspace().get("kept_logits", (rows, vocab), dtype, device)
+
+    def release(self, ctx: object) -> None:
+        owner = getattr(self.local, "owner", None)
+        if owner is not None and owner() is ctx:
+            self.local.owner = None
+
+
+_KEPT = _KeptLogits()
+
+
+def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, temperature: float, out: torch.Tensor | None = None) -> torch.Tensor:
+    """hidden @ weight.T / temperature in `out`, or else a workspace buffer, in fp32 (fp64 stays fp64)."""
     ws = workspace()
     rows, vocab = hidden.shape[0], weight.shape[0]
     logits_dtype = torch.promote_types(hidden.dtype, torch.float32)
-    z = ws.get("logits", (rows, vocab), logits_dtype, hidden.device)
+    z = ws.get("logits", (rows, vocab), logits_dtype, hidden.device) if out is None else out
     if hidden.dtype == logits_dtype:
         torch.mm(hidden, weight.t(), out=z)
     else:
@@ -170,6 +216,7 @@ def token_logprobs(
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
     only: torch.Tensor | None = None,
     entropy_grad: bool = True,
+    keep_logits_bytes: int = DEFAULT_KEEP_LOGITS_BYTES,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Token-aligned logprobs (and entropies) for `input_ids` [B,T] from decoder states [B,T,H].
 
@@ -177,7 +224,8 @@ def token_logprobs(
     prediction and is 0. The entropy at t is that of the distribution that sampled x_t.
     `only` ([B,T] mask) limits the work to those positions (others are 0): the lm_head is a
     large share of a small model's FLOPs, and prompt positions need no logprob. With
-    `entropy_grad` False the entropy comes back detached, for logging.
+    `entropy_grad` False the entropy comes back detached, for logging. Up to `keep_logits_bytes` of
+    the logits are kept for the backward instead of recomputed there.
     """
     B, T, H = hidden.shape
     h = hidden[:, :-1].reshape(-1, H)
@@ -193,7 +241,11 @@ def token_logprobs(
     dtype = _compute_dtype(hidden, lm_head_weight)
     h = h.to(dtype)
     matmul_weight = lm_head_weight if lm_head_weight.dtype == dtype else _matmul_copy(lm_head_weight, dtype)
-    logp, entropy = _HeadPass.apply(h, lm_head_weight, matmul_weight, targets, temperature, want_entropy, entropy_grad, chunk_tokens)
+    backward_comes = torch.is_grad_enabled() and (h.requires_grad or lm_head_weight.requires_grad)
+    logp, entropy = _HeadPass.apply(
+        h, lm_head_weight, matmul_weight, targets, temperature, want_entropy, entropy_grad, chunk_tokens,
+        keep_logits_bytes if backward_comes else 0,
+    )
     return _token_aligned(logp, selected, B, T), (_token_aligned(entropy, selected, B, T) if want_entropy else None)
 
 
@@ -225,9 +277,9 @@ class TokenLogprobs(torch.nn.Module):
         super().__init__()
         object.__setattr__(self, "head", head)
 
-    def forward(self, hidden: torch.Tensor, input_ids: torch.Tensor, temperature: float, want_entropy: bool,
-                chunk_tokens: int, only: torch.Tensor | None, entropy_grad: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
-        return token_logprobs(hidden, self.head.weight, input_ids, temperature, want_entropy, chunk_tokens, only, entropy_grad)
+    def forward(self, hidden: torch.Tensor, input_ids: torch.Tensor, temperature: float, want_entropy: bool, chunk_tokens: int,
+                only: torch.Tensor | None, entropy_grad: bool = True, keep_logits_bytes: int = DEFAULT_KEEP_LOGITS_BYTES) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return token_logprobs(hidden, self.head.weight, input_ids, temperature, want_entropy, chunk_tokens, only, entropy_grad, keep_logits_bytes)
 
 
 def attach_token_logprobs(model: torch.nn.Module) -> TokenLogprobs:
@@ -248,13 +300,14 @@ def head_logprobs(
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
     only: torch.Tensor | None = None,
     entropy_grad: bool = True,
+    keep_logits_bytes: int = DEFAULT_KEEP_LOGITS_BYTES,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """`token_logprobs` through the model's lm_head, via its TokenLogprobs module when it has one."""
     module = getattr(model, LOGPROB_MODULE, None)
     if module is not None:
-        return module(hidden, input_ids, temperature, want_entropy, chunk_tokens, only, entropy_grad)
+        return module(hidden, input_ids, temperature, want_entropy, chunk_tokens, only, entropy_grad, keep_logits_bytes)
     _, weight = decoder_and_head(model)
-    return token_logprobs(hidden, weight, input_ids, temperature, want_entropy, chunk_tokens, only, entropy_grad)
+    return token_logprobs(hidden, weight, input_ids, temperature, want_entropy, chunk_tokens, only, entropy_grad, keep_logits_bytes)
 
 
 def sequence_logprobs(

@@ -122,6 +122,7 @@ class TorchTrainEngine:
                 logp, ent = head_logprobs(
                     model, hidden, mb["input_ids"], self.temperature, "entropy" in want, self.cfg.logprob_chunk_tokens,
                     only=mb["loss_mask"] > 0 if "loss_mask" in mb else None, entropy_grad=entropy_grad,
+                    keep_logits_bytes=self.cfg.logprob_keep_logits_mb << 20,
                 )
                 out["logprobs"] = logp
                 if ent is not None:
@@ -152,7 +153,7 @@ class TorchTrainEngine:
             hidden = plan.run_decoder(model.get_decoder(), packed=self._packs_responses(model))
             logp, ent = head_logprobs(
                 model, hidden, plan.suffix_ids, self.temperature, "entropy" in want, self.cfg.logprob_chunk_tokens,
-                only=plan.suffix_loss_mask > 0, entropy_grad=entropy_grad,
+                only=plan.suffix_loss_mask > 0, entropy_grad=entropy_grad, keep_logits_bytes=self.cfg.logprob_keep_logits_mb << 20,
             )
         out = {"logprobs": plan.to_rows(logp)}
         if ent is not None:
