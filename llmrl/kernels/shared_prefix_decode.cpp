@@ -165,11 +165,11 @@ void attend_pair(const T* query, int64_t query_stride, int64_t groups, int64_t d
   constexpr bool wide = false;
 #endif
   // scores[g * keys + j]
-  for (int64_t j = 0; j < keys; ++j) {
+  auto score_one = [&](int64_t j) {
     const T* k = key_row(j);
     if (k == nullptr) {
       for (int64_t g = 0; g < groups; ++g) scores[g * keys + j] = minus_inf;
-      continue;
+      return;
     }
 #if LLMRL_WIDE
     if constexpr (wide) {
@@ -182,7 +182,7 @@ void attend_pair(const T* query, int64_t query_stride, int64_t groups, int64_t d
         scores[g * keys + j] = s;
         peak[g] = std::max(peak[g], s);
       }
-      continue;
+      return;
     }
 #endif
     for (int64_t g = 0; g < groups; ++g) {
@@ -194,7 +194,39 @@ void attend_pair(const T* query, int64_t query_stride, int64_t groups, int64_t d
       scores[g * keys + j] = s;
       peak[g] = std::max(peak[g], s);
     }
+  };
+  int64_t j = 0;
+#if LLMRL_WIDE
+  if constexpr (wide) {
+    // Four keys at a time: one key's dot product is a chain of kVectors dependent FMAs, and four
+    // chains per query in flight keep the FMA units busy where one chain left them waiting on
+    // its previous result. Each score is summed in the order score_one sums it: the same bits.
+    constexpr int64_t kBlock = 4;
+    for (; j + kBlock <= keys; j += kBlock) {
+      const T* k[kBlock];
+      bool all = true;
+      for (int64_t b = 0; b < kBlock; ++b) all = (k[b] = key_row(j + b)) != nullptr && all;
+      if (!all) {  // a masked key among them (a prompt's padding): one at a time
+        for (int64_t b = 0; b < kBlock; ++b) score_one(j + b);
+        continue;
+      }
+      for (int64_t g = 0; g < groups; ++g) {
+        V dot[kBlock];
+        for (int64_t b = 0; b < kBlock; ++b) dot[b] = zero();
+        for (int64_t v = 0; v < vectors; ++v) {
+          const V q = load(qf + g * dim + v * kLanes);
+          for (int64_t b = 0; b < kBlock; ++b) dot[b] = fmadd(q, load(k[b] + v * kLanes), dot[b]);
+        }
+        for (int64_t b = 0; b < kBlock; ++b) {
+          const float s = sum(dot[b]);
+          scores[g * keys + j + b] = s;
+          peak[g] = std::max(peak[g], s);
+        }
+      }
+    }
   }
+#endif
+  for (; j < keys; ++j) score_one(j);
   for (int64_t g = 0; g < groups; ++g) {
 #if LLMRL_WIDE
     total[g] = peak[g] == minus_inf ? 0.f : exponentiate(scores + g * keys, keys, peak[g]);
@@ -203,21 +235,28 @@ void attend_pair(const T* query, int64_t query_stride, int64_t groups, int64_t d
 #endif
   }
   std::fill(acc, acc + groups * dim, 0.f);
-  for (int64_t j = 0; j < keys; ++j) {
+#if LLMRL_WIDE
+  if constexpr (wide) {
+    // One query at a time, its output row held in registers over all the keys: updating it in
+    // memory per key made every key wait on a store and a reload. The value rows are read once
+    // per query, from L1 or L2 after the first. Each output sums over the keys in key order, as before.
+    for (int64_t g = 0; g < groups; ++g) {
+      V a[kVectors > 0 ? kVectors : 1];
+      for (int64_t i = 0; i < vectors; ++i) a[i] = zero();
+      const float* weights = scores + g * keys;
+      for (int64_t j = 0; j < keys; ++j) {
+        const T* v = value_row(j);
+        if (v == nullptr) continue;
+        const V w = set1(weights[j]);
+        for (int64_t i = 0; i < vectors; ++i) a[i] = fmadd(w, load(v + i * kLanes), a[i]);
+      }
+      for (int64_t i = 0; i < vectors; ++i) store(acc + g * dim + i * kLanes, a[i]);
+    }
+  }
+#endif
+  for (int64_t j = 0; j < keys && !wide; ++j) {
     const T* v = value_row(j);
     if (v == nullptr) continue;
-#if LLMRL_WIDE
-    if constexpr (wide) {
-      V vv[kVectors > 0 ? kVectors : 1];
-      for (int64_t i = 0; i < vectors; ++i) vv[i] = load(v + i * kLanes);
-      for (int64_t g = 0; g < groups; ++g) {
-        const V w = set1(scores[g * keys + j]);
-        float* a = acc + g * dim;
-        for (int64_t i = 0; i < vectors; ++i) store(a + i * kLanes, fmadd(w, vv[i], load(a + i * kLanes)));
-      }
-      continue;
-    }
-#endif
     for (int64_t g = 0; g < groups; ++g) {
       const float w = scores[g * keys + j];
       float* a = acc + g * dim;
