@@ -19,15 +19,21 @@ between phases). Other C libraries (musl) are left alone.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import os
 import platform
+from typing import Iterator
 
 ENV = "LLMRL_KEEP_FREED_MEMORY"
 # mallopt parameters, from glibc's malloc.h
 M_TRIM_THRESHOLD = -1
+M_MMAP_THRESHOLD = -3
 M_MMAP_MAX = -4
+# glibc's default M_MMAP_MAX, and the size from which `own_mappings` maps a buffer of its own
+DEFAULT_MMAP_MAX = 65536
+OWN_MAPPING_BYTES = 1 << 20
 # "Setting M_TRIM_THRESHOLD to -1 disables trimming completely" (mallopt(3)).
 NEVER_TRIM = -1
 
@@ -55,4 +61,29 @@ def _mallopt_keep() -> bool:
     mallopt.restype = ctypes.c_int
     # mallopt returns 1 on success. No mmap'd chunks: every size comes from the heap, where a
     # free leaves the pages mapped for the next request.
+    global _mallopt
+    _mallopt = mallopt
     return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, NEVER_TRIM))
+
+
+_mallopt = None
+
+
+@contextlib.contextmanager
+def own_mappings() -> Iterator[None]:
+    """Inside the block, a buffer of OWN_MAPPING_BYTES or more gets a mapping of its own, which
+    goes back to the kernel when it is freed, also where `keep_freed_memory` is in force.
+
+    For long-lived buffers replaced now and then while a step's short-lived ones come and go:
+    the rollout engine's packed weights, made again after every weight sync. From the heap, each
+    new set took fresh pages while the trainer's allocations split the freed ones, and the
+    quickstart's peak RSS grew by about 120 MB a step (docs/benchmarks.md)."""
+    if _mallopt is None or not keep_freed_memory():
+        yield
+        return
+    _mallopt(M_MMAP_THRESHOLD, OWN_MAPPING_BYTES)
+    _mallopt(M_MMAP_MAX, DEFAULT_MMAP_MAX)
+    try:
+        yield
+    finally:
+        _mallopt(M_MMAP_MAX, 0)  # back to the heap only; a mapped chunk is unmapped when freed, whatever the settings

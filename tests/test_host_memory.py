@@ -68,3 +68,30 @@ def test_importing_llmrl_leaves_malloc_alone_and_the_torch_engine_applies_it():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env, check=True)
     expected = "True" if platform.libc_ver()[0] == "glibc" else "False"
     assert out.stdout.split()[-2:] == ["None", expected], out.stdout
+
+
+OWN_MAPPING_PROBE = """
+import torch
+from llmrl.host_memory import keep_freed_memory, own_mappings
+assert keep_freed_memory()
+rss = lambda: int(open("/proc/self/statm").read().split()[1]) * 4096 >> 20
+def grows_by(inside):
+    before = rss()
+    if inside:
+        with own_mappings():
+            x = torch.ones(256 << 20, dtype=torch.uint8)
+    else:
+        x = torch.ones(256 << 20, dtype=torch.uint8)
+    del x
+    return rss() - before
+print(grows_by(True), grows_by(False))
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the setting is glibc's mallopt")
+def test_a_buffer_made_in_own_mappings_goes_back_when_freed_and_one_from_the_heap_stays():
+    env = {k: v for k, v in os.environ.items() if k != "LLMRL_KEEP_FREED_MEMORY"}
+    env["THP_MEM_ALLOC_ENABLE"] = "0"
+    out = subprocess.run([sys.executable, "-c", OWN_MAPPING_PROBE], capture_output=True, text=True, timeout=120, env=env, check=True)
+    inside, outside = (int(v) for v in out.stdout.split())
+    assert inside < 16 and outside >= 240, (inside, outside)  # MB left resident after a 256 MB buffer is freed

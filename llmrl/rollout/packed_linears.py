@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from llmrl import mkl_on_amd
+from llmrl.host_memory import own_mappings
 from llmrl.precision import cpu_field
 
 # `auto` packs only up to this many torch threads. On an Intel Xeon with AMX (torch 2.11), bf16,
@@ -147,7 +148,8 @@ class PackedWeight:
             # the trainer's allocations split the freed ones: the quickstart's peak RSS grew by
             # about 110 MB a step, to 8.0 GiB against 6.1 (docs/benchmarks.md).
             self._product = None
-            packed = _packed_product(self.weight, self.bias, self.rows_hint) if self.pack else None
+            with own_mappings():  # see own_mappings: replaced after every sync, so kept off the heap
+                packed = _packed_product(self.weight, self.bias, self.rows_hint) if self.pack else None
             self._product = packed or (lambda x: nn.functional.linear(x, self.weight, self.bias))
             self._versions = versions
         assert self._product is not None
