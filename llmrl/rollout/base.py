@@ -120,10 +120,11 @@ class RolloutConfig(Section):
     max_batch_size: int = Field(64, ge=1, description="hf engine: sequences generated together in one batch.")
     packed_linears: bool | Literal["auto"] = Field(
         "auto",
-        description="hf engine: run q/k/v and gate/up as one matmul each, with weights pre-packed for oneDNN on a CPU "
-        "(llmrl/rollout/packed_linears.py). auto = on a CPU with at most 4 torch threads, for bf16 weights, and for "
-        "fp32 weights on AMD CPUs unless llmrl's MKL preload is in effect (MKL's default kernels there are slower at decode shapes); that is where it was "
-        "faster, and with more threads it was slower. true = always; false = transformers' separate linears.",
+        description="hf engine: run q/k/v and gate/up as one matmul each, with weights pre-packed on a CPU "
+        "(llmrl/rollout/packed_linears.py): fp32 weights in MKL's packed form where MKL runs its Intel kernels (an Intel "
+        "CPU, or an AMD one under llmrl's preload), else for oneDNN. auto = on a CPU with at most 4 torch threads, for bf16 "
+        "weights, and for fp32 weights on AMD CPUs; that is where it was faster, and with more threads it was slower. "
+        "true = always; false = transformers' separate linears.",
     )
     decode_kernel: bool | Literal["auto"] = Field(
         "auto",
