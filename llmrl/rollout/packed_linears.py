@@ -92,8 +92,9 @@ def _mkl_packed_product(weight: torch.Tensor, bias: torch.Tensor | None, rows_hi
 
 
 def _packed_product(weight: torch.Tensor, bias: torch.Tensor | None, rows_hint: int) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    """x [M, in] -> x @ weight.T + bias through a packed copy of `weight`, or None where this torch
-    or device cannot pack (no oneDNN, a GPU tensor, a dtype oneDNN does not multiply here)."""
+    """x [M, in] -> x @ weight.T + bias through a packed copy of `weight`: MKL's for fp32 where
+    `mkl_takes_intel_kernels`, else oneDNN's; None where neither can pack it (a GPU tensor, a
+    dtype oneDNN does not multiply here, a torch without either)."""
     if weight.dtype == torch.float32 and weight.device.type == "cpu" and mkl_takes_intel_kernels():
         product = _mkl_packed_product(weight, bias, rows_hint)
         if product is not None:
