@@ -1,3 +1,4 @@
-// decode_ops.cpp and sampling.cpp compiled as one unit (see LIBRARIES in __init__.py).
+// decode_ops.cpp, sampling.cpp and mkl_packed_gemm.cpp compiled as one unit (see LIBRARIES in __init__.py).
 #include "decode_ops.cpp"
+#include "mkl_packed_gemm.cpp"
 #include "sampling.cpp"

@@ -11,10 +11,11 @@ So for inference only:
   first member called computes every member's output in one product and keeps the others'
   slices for their own calls.
 - The group's weight is packed once, in one of two forms:
-  - MKL's packed GEMM (`cblas_sgemm_pack`/`cblas_sgemm_compute`, which torch exposes as
-    `torch.ops.mkl._mkl_reorder_linear_weight` and `_mkl_linear`), for fp32 weights where MKL
+  - MKL's packed GEMM (`cblas_sgemm_pack`/`cblas_sgemm_compute`), for fp32 weights where MKL
     runs its Intel kernels: on an Intel CPU, or an AMD one under llmrl's preload
-    (llmrl/mkl_on_amd.py);
+    (llmrl/mkl_on_amd.py). The copy lives in a mapping of its own, packed again in place
+    (llmrl/rollout/mkl_packed_copy.py); where llmrl's kernels cannot be built, torch's
+    `torch.ops.mkl._mkl_reorder_linear_weight` and `_mkl_linear` make it instead;
   - otherwise oneDNN's blocked layout (`torch.ops.mkldnn._reorder_linear_weight`), the form
     torch's own compiler uses for frozen CPU linears, multiplied by
     `torch.ops.mkldnn._linear_pointwise`.
@@ -37,6 +38,7 @@ from torch import nn
 
 from llmrl import mkl_on_amd
 from llmrl.host_memory import own_mappings
+from llmrl.rollout.mkl_packed_copy import MklPackedCopy
 from llmrl.precision import cpu_field
 
 # `auto` packs only up to this many torch threads. On an Intel Xeon with AMX (torch 2.11), bf16,
@@ -139,6 +141,7 @@ class PackedWeight:
         self.pack, self.rows_hint = pack, rows_hint
         self._product: Callable[[torch.Tensor], torch.Tensor] | None = None
         self._versions: tuple[int, int] | None = None
+        self._mkl_copy = MklPackedCopy(rows_hint)
 
     def _current_product(self) -> Callable[[torch.Tensor], torch.Tensor]:
         versions = (self.weight._version, -1 if self.bias is None else self.bias._version)
@@ -149,12 +152,20 @@ class PackedWeight:
             # the trainer's allocations split the freed ones: the quickstart's peak RSS grew by
             # about 110 MB a step, to 8.0 GiB against 6.1 (docs/benchmarks.md).
             self._product = None
-            with own_mappings():  # see own_mappings: replaced after every sync, so kept off the heap
-                packed = _packed_product(self.weight, self.bias, self.rows_hint) if self.pack else None
+            packed = self._packed_product() if self.pack else None
             self._product = packed or (lambda x: nn.functional.linear(x, self.weight, self.bias))
             self._versions = versions
         assert self._product is not None
         return self._product
+
+    def _packed_product(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        if self.weight.dtype == torch.float32 and mkl_takes_intel_kernels():
+            # in a mapping of its own, packed again in place (llmrl/rollout/mkl_packed_copy.py)
+            product = self._mkl_copy.product(self.weight, self.bias)
+            if product is not None:
+                return product
+        with own_mappings():  # see own_mappings: replaced after every sync, so kept off the heap where it can be
+            return _packed_product(self.weight, self.bias, self.rows_hint)
 
     def product(self, x: torch.Tensor) -> torch.Tensor:
         return self._current_product()(x)
