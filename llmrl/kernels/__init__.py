@@ -33,10 +33,11 @@ logger = logging.getLogger("llmrl.kernels")
 SOURCES = Path(__file__).resolve().parent
 DECODE = "decode"
 # library -> its compiled sources. "decode": attention over a shared prompt cache, the elementwise
-# steps of a Llama-family decoder layer, and the sampler (one build, so a first run waits for one).
-# elementwise_ops.cpp includes decode_ops.cpp, mkl_packed_gemm.cpp and sampling.cpp: most of a source's compile is
-# parsing torch's headers (6 s of each one's 8 s on 2 cores here), so those two parse them once,
-# while shared_prefix_decode.cpp, the longest, compiles beside them (build 15.3 -> 11.0 s).
+# steps of a Llama-family decoder layer (decode, and training's norms and SiLU), MKL's packed GEMM
+# and the sampler (one build, so a first run waits for one). elementwise_ops.cpp includes the
+# other sources: most of a source's compile is parsing torch's headers (6 s of each one's 8 s on
+# 2 cores here), so they parse them once, while shared_prefix_decode.cpp, the longest, compiles
+# beside them (build 15.3 -> 11.0 s).
 LIBRARIES: dict[str, tuple[str, ...]] = {DECODE: ("shared_prefix_decode.cpp", "elementwise_ops.cpp")}
 BUILD_TIMEOUT_S = 600
 

@@ -139,6 +139,7 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
     using T = decltype(tag);
     // exp is the costly part: split rows over threads when there are enough of them
     at::parallel_for(0, gate_up.size(0), 8, [&](int64_t begin, int64_t end) {
+      const llmrl::FlushDenormals flushed;  // see elementwise.h
       for (int64_t n = begin; n < end; ++n) {
         const T* gate = row_ptr<T>(gate_up, n);
         const T* up = gate + width;

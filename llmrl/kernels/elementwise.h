@@ -8,6 +8,10 @@
 #include <cstring>
 #include <type_traits>
 
+#if defined(__SSE__)
+#include <xmmintrin.h>
+#endif
+
 namespace llmrl {
 
 inline float widen(float x) { return x; }
@@ -59,5 +63,22 @@ inline float exp_clamped(float x) {
   std::memcpy(&scale, &exponent, sizeof scale);
   return p * scale;
 }
+
+// Subnormal results flushed to zero, and subnormal inputs read as zero, on this thread while the
+// object lives (x86's MXCSR FTZ and DAZ bits; nothing elsewhere). Where exp_clamped's clamp makes
+// a loop's result constant, gcc computes that constant branch for every lane and blends: for SiLU
+// it divides each input by 1 + e^88, a subnormal for every lane, and each such vector took a
+// microcode assist: SiLU of [1900, 1536] took 8.9 ms on one Zen 2 core, 3.3 ms flushed. Results
+// that are normal numbers keep their bits; ones below 1.2e-38 become 0.
+class FlushDenormals {
+ public:
+#if defined(__SSE__)
+  FlushDenormals() : saved_(_mm_getcsr()) { _mm_setcsr(saved_ | 0x8040u); }
+  ~FlushDenormals() { _mm_setcsr(saved_); }
+
+ private:
+  unsigned saved_;
+#endif
+};
 
 }  // namespace llmrl

@@ -16,6 +16,7 @@ from llmrl.materialized_attention import materialized_scores
 from llmrl.precision import resolve_precision
 from llmrl.stored_weights import SAFETENSORS_DTYPES, load_stored_tensors, stored_tensor_specs
 from llmrl.train.engine import NonFiniteUpdateError, TrainConfig, each_tensor_once, storage_key
+from llmrl.train.fused_layers import fuse_training_layers
 from llmrl.train.logprobs import head_logprobs, steady_weights
 from llmrl.train.shared_prefix import PrefixPlan, plan_shared_prefix
 
@@ -68,6 +69,10 @@ class TorchTrainEngine:
         self.device = next(model.parameters()).device
         if self.device.type == "cpu" and self.keeps_freed_memory:
             keep_freed_memory()  # each step's large buffers reuse the last step's pages
+        if cfg.fused_layers:
+            for module in (model, reference):
+                if module is not None:
+                    fuse_training_layers(module)
         params = [p for p in model.parameters() if p.requires_grad]
         bad = [n for n, p in model.named_parameters() if p.requires_grad and p.dtype != torch.float32]
         if bad:
