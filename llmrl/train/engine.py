@@ -71,8 +71,9 @@ class TrainConfig(Section):
         True,
         description="On a CPU, train the RMSNorms and SiLU-gated MLPs of Llama-family models (transformers' Llama, Qwen2, "
         "Qwen3 and Mistral classes) through llmrl's fused kernels, one pass forward and one backward each, instead of "
-        "transformers' many small ops: 2.6 s less per SmolLM2-135M GRPO update of 32 x 240 tokens on 2 cores. Same forward "
-        "rounding; gradients equal up to fp32 rounding. Where the kernels do not build, transformers' modules run.",
+        "transformers' many small ops: a SmolLM2-135M GRPO update of 32 rows (4 prompts x 8, 128 new tokens) took 21.99 "
+        "against 22.61 s on 2 cores. Same forward rounding; gradients equal up to fp32 rounding, which moves metrics "
+        "at about 1e-6. Where the kernels do not build, transformers' modules run.",
     )
     logprob_chunk_tokens: int = Field(1024, ge=16, description="Tokens per chunk when computing logprobs/entropy. It bounds the logits' memory: the pass keeps "
                                       "scratch buffers of about 2.5 x this x vocabulary fp32 values between steps (560 MB for SmolLM2).")
