@@ -10,6 +10,7 @@ from llmrl.rollout.base import RolloutConfig, SamplingParams
 from llmrl.rollout.hf import HFRolloutEngine
 from llmrl.precision import cpu_field
 from llmrl.rollout import packed_linears
+from llmrl.rollout.mkl_packed_copy import MklPackedCopy, mkl_packing_ops_here
 from llmrl.rollout.packed_linears import GroupedLinear, LinearGroup, pack_linears
 
 TOLERANCE = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
@@ -118,16 +119,21 @@ def test_the_tiny_model_gives_the_same_logits_packed_and_plain(tiny_path):
 
 
 @pytest.mark.parametrize("bias", [False, True])
-def test_mkls_packed_copy_serves_every_row_count(bias):
-    """torch hands MKL's packed copy only to inputs of the row count it is told; the product passes
-    each input's own count, which is sound only because MKL's packed B does not depend on the rows.
-    The weight is zeroed after packing: a product that fell back to it would give the bias alone."""
-    if not torch.backends.mkl.is_available():
-        pytest.skip("this torch has no MKL")
+@pytest.mark.parametrize("maker", ["torch's op", "llmrl's mapping"])
+def test_mkls_packed_copy_serves_every_row_count(bias, maker):
+    """MKL's packed B does not depend on the row count given when packing, so each product passes
+    its input's own count (torch's op hands the packed copy only to inputs of the count it is
+    told). The weight is zeroed after packing: a product that fell back to it would give the bias
+    alone. Both makers: llmrl's own (llmrl/rollout/mkl_packed_copy.py) and torch's, its fallback."""
+    if not torch.backends.mkl.is_available() or (maker == "llmrl's mapping" and not mkl_packing_ops_here()):
+        pytest.skip("this torch has no MKL packed GEMM, or llmrl's kernels do not build here")
     torch.manual_seed(3)
     weight, b = torch.randn(48, 40), (torch.randn(48) if bias else None)
     want_weight = weight.double().clone()
-    product = packed_linears._mkl_packed_product(weight, b, rows_hint=32)
+    if maker == "torch's op":
+        product = packed_linears._mkl_packed_product(weight, b, rows_hint=32)
+    else:
+        product = MklPackedCopy(rows_hint=32).product(weight, b)
     assert product is not None
     weight.zero_()
     for rows in (1, 5, 31, 32, 33, 100):
