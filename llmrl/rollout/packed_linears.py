@@ -152,13 +152,13 @@ class PackedWeight:
             # the trainer's allocations split the freed ones: the quickstart's peak RSS grew by
             # about 110 MB a step, to 8.0 GiB against 6.1 (docs/benchmarks.md).
             self._product = None
-            packed = self._packed_product() if self.pack else None
+            packed = self._pack() if self.pack else None
             self._product = packed or (lambda x: nn.functional.linear(x, self.weight, self.bias))
             self._versions = versions
         assert self._product is not None
         return self._product
 
-    def _packed_product(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    def _pack(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
         if self.weight.dtype == torch.float32 and mkl_takes_intel_kernels():
             # in a mapping of its own, packed again in place (llmrl/rollout/mkl_packed_copy.py)
             product = self._mkl_copy.product(self.weight, self.bias)
