@@ -35,15 +35,23 @@ template <typename T>
 inline T* row_mut(const at::Tensor& t, int64_t n) { return t.data_ptr<T>() + n * t.stride(0); }
 
 // transformers' LlamaRMSNorm: x / sqrt(mean(x^2) + eps) in fp32, rounded to the dtype, times the
-// weight, rounded again.
+// weight, rounded again. Returns the row's 1 / sqrt(mean(x^2) + eps), which training's backward keeps.
 template <typename T>
-void rms_norm_row(const T* x, const T* weight, int64_t width, float eps, T* out) {
+float rms_norm_row(const T* x, const T* weight, int64_t width, float eps, T* out) {
   float squares = 0.f;
 #pragma omp simd reduction(+ : squares)
   for (int64_t i = 0; i < width; ++i) squares += widen(x[i]) * widen(x[i]);
   const float inverse = 1.f / std::sqrt(squares / static_cast<float>(width) + eps);
 #pragma omp simd
   for (int64_t i = 0; i < width; ++i) out[i] = narrow<T>(widen(weight[i]) * as<T>(widen(x[i]) * inverse));
+  return inverse;
+}
+
+// silu(gate) rounded to the dtype, times up, rounded: transformers' act_fn(gate) * up for "silu".
+// Callers flush subnormals around their loops (FlushDenormals in elementwise.h).
+template <typename T>
+inline T silu_times(float gate, float up) {
+  return narrow<T>(as<T>(gate / (1.f + exp_clamped(-gate))) * up);
 }
 
 void check_rows(const at::Tensor& t, const char* name) {
@@ -147,7 +155,7 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
 #pragma omp simd
         for (int64_t i = 0; i < width; ++i) {
           const float g = widen(gate[i]);
-          o[i] = narrow<T>(as<T>(g / (1.f + exp_clamped(-g))) * widen(up[i]));
+          o[i] = silu_times<T>(g, widen(up[i]));
         }
       }
     });

@@ -94,7 +94,7 @@ void mkl_pack_(const at::Tensor& packed, const at::Tensor& weight, int64_t rows_
 }
 
 // x [M, K] @ weight.T (+ bias) with weight packed by mkl_pack_. MKL's packed B does not depend on
-// the row count it was packed for, so any M is served (tests/test_mkl_packed_copy.py checks 1 to
+// the row count it was packed for, so any M is served (tests/test_packed_linears.py checks 1 to
 // 100 rows against float64).
 at::Tensor mkl_packed_linear(const at::Tensor& x, const at::Tensor& packed, int64_t out_features,
                              const std::optional<at::Tensor>& bias) {
