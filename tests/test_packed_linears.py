@@ -10,7 +10,7 @@ from llmrl.rollout.base import RolloutConfig, SamplingParams
 from llmrl.rollout.hf import HFRolloutEngine
 from llmrl.precision import cpu_field
 from llmrl.rollout import packed_linears
-from llmrl.rollout.mkl_packed_copy import MklPackedCopy, mkl_packing_ops_here
+from llmrl.rollout.packed_copies import MklPackedCopy, mkl_packing_ops_here, panel_ops_here
 from llmrl.rollout.packed_linears import GroupedLinear, LinearGroup, pack_linears
 
 TOLERANCE = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
@@ -124,7 +124,7 @@ def test_mkls_packed_copy_serves_every_row_count(bias, maker):
     """MKL's packed B does not depend on the row count given when packing, so each product passes
     its input's own count (torch's op hands the packed copy only to inputs of the count it is
     told). The weight is zeroed after packing: a product that fell back to it would give the bias
-    alone. Both makers: llmrl's own (llmrl/rollout/mkl_packed_copy.py) and torch's, its fallback."""
+    alone. Both makers: llmrl's own (llmrl/rollout/packed_copies.py) and torch's, its fallback."""
     if not torch.backends.mkl.is_available() or (maker == "llmrl's mapping" and not mkl_packing_ops_here()):
         pytest.skip("this torch has no MKL packed GEMM, or llmrl's kernels do not build here")
     torch.manual_seed(3)
@@ -142,12 +142,16 @@ def test_mkls_packed_copy_serves_every_row_count(bias, maker):
         torch.testing.assert_close(product(x).double(), want, atol=1e-4, rtol=1e-5)
 
 
-@pytest.mark.parametrize("mkl_form", [False, True])
-def test_the_engine_samples_the_same_tokens_packed_and_plain(tiny_path, tokenizer, monkeypatch, mkl_form):
-    """Packed for oneDNN, or in MKL's form (what fp32 weights take where MKL runs its Intel kernels)."""
-    if mkl_form and not torch.backends.mkl.is_available():
+@pytest.mark.parametrize("form", ["onednn", "mkl", "panels"])
+def test_the_engine_samples_the_same_tokens_packed_and_plain(tiny_path, tokenizer, monkeypatch, form):
+    """Packed for oneDNN, in MKL's form (fp32 where MKL runs its Intel kernels) or as panels (fp32
+    on an AVX2 CPU without AVX-512)."""
+    if form == "mkl" and not torch.backends.mkl.is_available():
         pytest.skip("this torch has no MKL")
-    monkeypatch.setattr(packed_linears, "mkl_takes_intel_kernels", lambda: mkl_form)
+    if form == "panels" and not panel_ops_here():
+        pytest.skip("llmrl's kernels have no panel product here")
+    monkeypatch.setattr(packed_linears, "mkl_takes_intel_kernels", lambda: form == "mkl")
+    monkeypatch.setattr(packed_linears, "panels_pay", lambda: form == "panels")
     prompts = [tokenizer.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True, tokenize=True)["input_ids"]
                for t in ("What is 2 + 3?", "Name a colour.")]
     sampling = SamplingParams(temperature=1.0, max_new_tokens=12, seed=5)

@@ -1,5 +1,6 @@
-// decode_ops.cpp, training_ops.cpp (which uses its helpers), sampling.cpp and mkl_packed_gemm.cpp compiled as one unit (see LIBRARIES in __init__.py).
+// decode_ops.cpp, training_ops.cpp (which uses its helpers), sampling.cpp, mkl_packed_gemm.cpp and panel_gemm.cpp compiled as one unit (see LIBRARIES in __init__.py).
 #include "decode_ops.cpp"
 #include "mkl_packed_gemm.cpp"
+#include "panel_gemm.cpp"
 #include "training_ops.cpp"
 #include "sampling.cpp"

@@ -1,6 +1,6 @@
 // MKL's packed GEMM for the hf engine's fp32 decode weights, with each packed copy in a memory
 // mapping of its own that is packed again in place after every weight sync
-// (llmrl/rollout/mkl_packed_copy.py calls these).
+// (llmrl/rollout/packed_copies.py calls these; panel_gemm.cpp uses its mapped_buffer too).
 //
 // Why not torch's own ops (torch.ops.mkl._mkl_reorder_linear_weight / _mkl_linear): their packed
 // copy comes from malloc. In a process that also trains, glibc serves it from free chunks of the

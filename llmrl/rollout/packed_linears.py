@@ -10,11 +10,14 @@ So for inference only:
 - Linears that read the same input become one group with one weight, [sum of outs, in]. The
   first member called computes every member's output in one product and keeps the others'
   slices for their own calls.
-- The group's weight is packed once, in one of two forms:
+- The group's weight is packed once, in one of three forms:
+  - panels of 16 output columns for llmrl's own fp32 product (llmrl/kernels/panel_gemm.cpp),
+    which fetches the next block of the weight while it multiplies the current one, on AVX2
+    CPUs without AVX-512 (llmrl/rollout/packed_copies.py);
   - MKL's packed GEMM (`cblas_sgemm_pack`/`cblas_sgemm_compute`), for fp32 weights where MKL
     runs its Intel kernels: on an Intel CPU, or an AMD one under llmrl's preload
     (llmrl/mkl_on_amd.py). The copy lives in a mapping of its own, packed again in place
-    (llmrl/rollout/mkl_packed_copy.py); where llmrl's kernels cannot be built, torch's
+    (llmrl/rollout/packed_copies.py); where llmrl's kernels cannot be built, torch's
     `torch.ops.mkl._mkl_reorder_linear_weight` and `_mkl_linear` make it instead;
   - otherwise oneDNN's blocked layout (`torch.ops.mkldnn._reorder_linear_weight`), the form
     torch's own compiler uses for frozen CPU linears, multiplied by
@@ -38,7 +41,7 @@ from torch import nn
 
 from llmrl import mkl_on_amd
 from llmrl.host_memory import own_mappings
-from llmrl.rollout.mkl_packed_copy import MklPackedCopy
+from llmrl.rollout.packed_copies import MklPackedCopy, PanelCopy, panels_pay
 from llmrl.precision import cpu_field
 
 # `auto` packs only up to this many torch threads. On an Intel Xeon with AMX (torch 2.11), bf16,
@@ -142,6 +145,7 @@ class PackedWeight:
         self._product: Callable[[torch.Tensor], torch.Tensor] | None = None
         self._versions: tuple[int, int] | None = None
         self._mkl_copy = MklPackedCopy(rows_hint)
+        self._panel_copy = PanelCopy()
 
     def _current_product(self) -> Callable[[torch.Tensor], torch.Tensor]:
         versions = (self.weight._version, -1 if self.bias is None else self.bias._version)
@@ -159,8 +163,13 @@ class PackedWeight:
         return self._product
 
     def _pack(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        # fp32: panels, else MKL's packed form, each in a mapping of its own, packed again in place
+        # (llmrl/rollout/packed_copies.py)
+        if self.weight.dtype == torch.float32 and panels_pay():
+            product = self._panel_copy.product(self.weight, self.bias)
+            if product is not None:
+                return product
         if self.weight.dtype == torch.float32 and mkl_takes_intel_kernels():
-            # in a mapping of its own, packed again in place (llmrl/rollout/mkl_packed_copy.py)
             product = self._mkl_copy.product(self.weight, self.bias)
             if product is not None:
                 return product

@@ -1,0 +1,129 @@
+"""Packed copies of the hf engine's fp32 decode weights, each kept in a memory mapping of its own
+and packed again in place when the weight changes.
+
+Two forms, both made by llmrl's kernels:
+- `PanelCopy` (llmrl/kernels/panel_gemm.cpp): the weight as panels of 16 output columns,
+  multiplied by llmrl's own AVX2 product, which fetches the next block of the weight from memory
+  while it multiplies the current one. Decode at a few dozen rows reads every weight once per
+  step, and there MKL's packed product waits on memory: 156 against 139-147 GFLOP/s for a 32-row
+  pass over SmolLM2-135M's weights, and a 32-row rollout 10-12% faster (docs/benchmarks.md).
+  Measured on AVX2 CPUs without AVX-512 only (2 Zen 2 cores), so only those take it.
+- `MklPackedCopy`: MKL's own packed GEMM (`cblas_sgemm_pack`/`cblas_sgemm_compute`), where MKL
+  runs its Intel kernels.
+
+Why mappings of their own: torch's packing op takes each copy from malloc. In a process that
+also trains (the quickstart), glibc placed the copies in free chunks of the heap between the
+trainer's short-lived buffers, and the resident size settled about 1.9 GiB above the unpacked
+run's instead of the copies' 0.6 GiB (docs/benchmarks.md, "Packed copies outside the heap"). A
+mapping made once (`mapped_buffer` in llmrl/kernels/mkl_packed_gemm.cpp) is written again in
+place after each sync, allocates nothing, and is never part of the heap.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from llmrl import kernels
+from llmrl.precision import cpu_field
+
+Product = Callable[[torch.Tensor], torch.Tensor]
+
+# Above this many rows a panel copy's product goes to the plain weight (torch's BLAS). The panel
+# product is built for decode's few dozen rows, where a call reads the weight once. With more rows
+# its partial sums, rewritten once per block of 128 k, outgrow the cache: over SmolLM2-135M's
+# weights on 2 Zen 2 cores it ran at 166 against the plain weight's 164 GFLOP/s at 128 rows, 161
+# against 168 at 200 and 149 against 181 at 556 (a prefill).
+PANEL_MAX_ROWS = 128
+
+
+def mkl_packing_ops_here() -> bool:
+    """Whether llmrl's kernels load and find MKL's packed GEMM in this torch."""
+    return kernels.load(kernels.DECODE) and torch.ops.llmrl_kernels.mkl_packed_bytes(1, 1, 1) > 0
+
+
+def panel_ops_here() -> bool:
+    """Whether llmrl's kernels load with the panel product (built where the CPU has AVX2 and FMA)."""
+    return kernels.load(kernels.DECODE) and torch.ops.llmrl_kernels.panel_bytes(1, 1) > 0
+
+
+def panels_pay() -> bool:
+    """Where the panel product is the fp32 decode product: an AVX2 CPU without AVX-512, the only
+    kind it was measured on. With AVX-512, MKL's kernels use vectors twice as wide."""
+    return "avx512f" not in cpu_field("flags").split() and panel_ops_here()
+
+
+class _MappedCopy:
+    """A weight's copy in a mapping of its own: `product(weight, bias)` packs it (into the mapping
+    it already holds, when the shape did not change) and returns x [rows, in] -> x @ weight.T +
+    bias; None where this form cannot be made here or `weight` is not an fp32 CPU matrix."""
+
+    def __init__(self) -> None:
+        self.buffer: torch.Tensor | None = None
+
+    def product(self, weight: torch.Tensor, bias: torch.Tensor | None) -> Product | None:
+        if weight.dtype != torch.float32 or weight.device.type != "cpu" or weight.dim() != 2 or not self._ops_here():
+            return None
+        size = self._bytes(*weight.shape)
+        if self.buffer is None or self.buffer.numel() != size:
+            self.buffer = None  # unmapped before the new one is made
+            self.buffer = torch.ops.llmrl_kernels.mapped_buffer(size)
+        self._pack_into(self.buffer, weight)
+        return self._product(self.buffer, weight, bias)
+
+    def _ops_here(self) -> bool:
+        raise NotImplementedError
+
+    def _bytes(self, out_features: int, in_features: int) -> int:
+        raise NotImplementedError
+
+    def _pack_into(self, buffer: torch.Tensor, weight: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def _product(self, buffer: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> Product:
+        raise NotImplementedError
+
+
+class MklPackedCopy(_MappedCopy):
+    """One weight's copy in MKL's packed form."""
+
+    def __init__(self, rows_hint: int) -> None:
+        super().__init__()
+        self.rows_hint = rows_hint
+
+    def _ops_here(self) -> bool:
+        return mkl_packing_ops_here()
+
+    def _bytes(self, out_features: int, in_features: int) -> int:
+        return torch.ops.llmrl_kernels.mkl_packed_bytes(self.rows_hint, out_features, in_features)
+
+    def _pack_into(self, buffer: torch.Tensor, weight: torch.Tensor) -> None:
+        torch.ops.llmrl_kernels.mkl_pack_(buffer, weight.contiguous(), self.rows_hint)
+
+    def _product(self, buffer: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> Product:
+        out_features = weight.shape[0]
+        return lambda x: torch.ops.llmrl_kernels.mkl_packed_linear(x, buffer, out_features, bias)
+
+
+class PanelCopy(_MappedCopy):
+    """One weight's copy as panels: multiplied through them up to PANEL_MAX_ROWS rows, and by the
+    plain weight above."""
+
+    def _ops_here(self) -> bool:
+        return panel_ops_here()
+
+    def _bytes(self, out_features: int, in_features: int) -> int:
+        return torch.ops.llmrl_kernels.panel_bytes(out_features, in_features)
+
+    def _pack_into(self, buffer: torch.Tensor, weight: torch.Tensor) -> None:
+        torch.ops.llmrl_kernels.pack_panels_(buffer, weight)
+
+    def _product(self, buffer: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> Product:
+        out_features = weight.shape[0]
+
+        def product(x: torch.Tensor) -> torch.Tensor:
+            if x.shape[0] > PANEL_MAX_ROWS:
+                return torch.nn.functional.linear(x, weight, bias)
+            return torch.ops.llmrl_kernels.panel_linear(x, buffer, out_features, bias)
+
+        return product
