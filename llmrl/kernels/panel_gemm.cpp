@@ -101,8 +101,16 @@ inline void row_block(const float* __restrict x, int64_t lda, const float* __res
   static_assert(R >= 1 && R <= kMaxRowBlock, "row blocks hold 1 to 6 rows");
   __m256 s0a = _mm256_setzero_ps(), s0b = s0a, s1a = s0a, s1b = s0a, s2a = s0a, s2b = s0a;
   __m256 s3a = s0a, s3b = s0a, s4a = s0a, s4b = s0a, s5a = s0a, s5b = s0a;
-  for (int64_t i = 0; i < depth; ++i) {
-    if (i < lines) _mm_prefetch(ahead + i * 64, _MM_HINT_T0);
+  int64_t i = 0;
+  const int64_t fetched = std::min(lines, depth);
+#pragma GCC unroll 2
+  for (; i < fetched; ++i) {
+    _mm_prefetch(ahead + i * 64, _MM_HINT_T0);
+    const __m256 w0 = _mm256_load_ps(panel + i * kPanel), w1 = _mm256_load_ps(panel + i * kPanel + 8);
+    LLMRL_PANEL_ROW(0) LLMRL_PANEL_ROW(1) LLMRL_PANEL_ROW(2) LLMRL_PANEL_ROW(3) LLMRL_PANEL_ROW(4) LLMRL_PANEL_ROW(5)
+  }
+#pragma GCC unroll 4
+  for (; i < depth; ++i) {
     const __m256 w0 = _mm256_load_ps(panel + i * kPanel), w1 = _mm256_load_ps(panel + i * kPanel + 8);
     LLMRL_PANEL_ROW(0) LLMRL_PANEL_ROW(1) LLMRL_PANEL_ROW(2) LLMRL_PANEL_ROW(3) LLMRL_PANEL_ROW(4) LLMRL_PANEL_ROW(5)
   }
