@@ -5,9 +5,10 @@ Two forms, both made by llmrl's kernels:
 - `PanelCopy` (llmrl/kernels/panel_gemm.cpp): the weight as panels of 16 output columns,
   multiplied by llmrl's own AVX2 product, which fetches the next block of the weight from memory
   while it multiplies the current one. Decode at a few dozen rows reads every weight once per
-  step, and there MKL's packed product waits on memory: 156 against 139-147 GFLOP/s for a 32-row
-  pass over SmolLM2-135M's weights, and a 32-row rollout 10-12% faster (docs/benchmarks.md).
-  Measured on AVX2 CPUs without AVX-512 only (2 Zen 2 cores), so only those take it.
+  step, and there MKL's packed product waits on memory: 152-157 against 142-145 GFLOP/s for a
+  32-row pass over SmolLM2-135M's weights, a 32-row rollout 1.08x faster and a 64-row one level
+  (docs/benchmarks.md). Measured on AVX2 CPUs without AVX-512 only (2 Zen 2 cores), so only
+  those take it.
 - `MklPackedCopy`: MKL's own packed GEMM (`cblas_sgemm_pack`/`cblas_sgemm_compute`), where MKL
   runs its Intel kernels.
 
