@@ -21,6 +21,7 @@ place after each sync, allocates nothing, and is never part of the heap.
 """
 from __future__ import annotations
 
+import abc
 from typing import Callable
 
 import torch
@@ -54,7 +55,7 @@ def panels_pay() -> bool:
     return "avx512f" not in cpu_field("flags").split() and panel_ops_here()
 
 
-class _MappedCopy:
+class _MappedCopy(abc.ABC):
     """A weight's copy in a mapping of its own: `product(weight, bias)` packs it (into the mapping
     it already holds, when the shape did not change) and returns x [rows, in] -> x @ weight.T +
     bias; None where this form cannot be made here or `weight` is not an fp32 CPU matrix."""
@@ -72,17 +73,21 @@ class _MappedCopy:
         self._pack_into(self.buffer, weight)
         return self._product(self.buffer, weight, bias)
 
+    @abc.abstractmethod
     def _ops_here(self) -> bool:
-        raise NotImplementedError
+        """Whether this form's kernels load here."""
 
+    @abc.abstractmethod
     def _bytes(self, out_features: int, in_features: int) -> int:
-        raise NotImplementedError
+        """The copy's size in bytes for a weight [out_features, in_features]."""
 
+    @abc.abstractmethod
     def _pack_into(self, buffer: torch.Tensor, weight: torch.Tensor) -> None:
-        raise NotImplementedError
+        """Writes `weight` into `buffer` in this form."""
 
+    @abc.abstractmethod
     def _product(self, buffer: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> Product:
-        raise NotImplementedError
+        """x [rows, in] -> x @ weight.T + bias through the copy in `buffer`."""
 
 
 class MklPackedCopy(_MappedCopy):

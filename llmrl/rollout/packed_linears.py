@@ -163,16 +163,13 @@ class PackedWeight:
         return self._product
 
     def _pack(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
-        # fp32: panels, else MKL's packed form, each in a mapping of its own, packed again in place
-        # (llmrl/rollout/packed_copies.py)
-        if self.weight.dtype == torch.float32 and panels_pay():
-            product = self._panel_copy.product(self.weight, self.bias)
-            if product is not None:
-                return product
-        if self.weight.dtype == torch.float32 and mkl_takes_intel_kernels():
-            product = self._mkl_copy.product(self.weight, self.bias)
-            if product is not None:
-                return product
+        # fp32: panels where they pay, else MKL's packed form where MKL runs its Intel kernels, each
+        # in a mapping of its own, packed again in place (llmrl/rollout/packed_copies.py)
+        if self.weight.dtype == torch.float32:
+            for copy, pays in ((self._panel_copy, panels_pay), (self._mkl_copy, mkl_takes_intel_kernels)):
+                product = copy.product(self.weight, self.bias) if pays() else None
+                if product is not None:
+                    return product
         with own_mappings():  # see own_mappings: replaced after every sync, so kept off the heap where it can be
             return _packed_product(self.weight, self.bias, self.rows_hint)
 
