@@ -24,9 +24,10 @@ Engines (--engines, comma-separated):
                       together with the fused decode step, which needs grouped linears.
   hf-unfused          (optional) the hf engine with rollout.fused_decode=false: transformers'
                       modules for each decode step instead of llmrl/rollout/fused_decode.py.
-  hf-mkl-packed       (optional) the hf engine with fp32 weights in MKL's packed form where
-                      `auto` would take llmrl's panels (llmrl/rollout/packed_copies.py): the
-                      before/after of the panel product.
+  hf-no-panels        (optional) the hf engine without llmrl's panel products (llmrl/rollout/
+                      packed_copies.py): fp32 weights in MKL's packed form and bf16 weights in
+                      oneDNN's, where `auto` would take the panels: the before/after of the
+                      panel products. (Named hf-mkl-packed before the bf16 panels.)
   vllm-raw-compiled   (optional, not in the default list) raw vLLM with vLLM's own default
                       enforce_eager=False, which on the CPU build compiles the model with
                       torch inductor (vllm/platforms/cpu.py); start-up takes minutes longer.
@@ -95,7 +96,7 @@ import torch
 
 from machine import linear_shapes_gflops, machine_header, matmul_peak_gflops, matmul_weights
 
-ENGINES = ("vllm-llmrl", "vllm-raw", "hf", "hf-sdpa", "hf-unpacked", "hf-unfused", "hf-mkl-packed", "vllm-raw-compiled", "vllm-raw-settings")
+ENGINES = ("vllm-llmrl", "vllm-raw", "hf", "hf-sdpa", "hf-unpacked", "hf-unfused", "hf-no-panels", "vllm-raw-compiled", "vllm-raw-settings")
 DEFAULT_ENGINES = "vllm-llmrl,vllm-raw,hf"
 # How long the parent waits for one reply (start-up or one generate call) before giving up.
 REPLY_TIMEOUT_S = 3600.0
@@ -155,7 +156,7 @@ def _make_generate(name: str, spec: dict[str, Any]) -> Callable[[list[list[int]]
     is the call to time and returns the completion lengths. Building the request objects
     outside run() would hide llmrl's share of that work, so run() does it for every engine.
     For vllm-llmrl, INNER_SECONDS collects the time spent inside vLLM's own LLM.generate."""
-    if name in ("vllm-llmrl", "hf", "hf-sdpa", "hf-unpacked", "hf-unfused", "hf-mkl-packed"):
+    if name in ("vllm-llmrl", "hf", "hf-sdpa", "hf-unpacked", "hf-unfused", "hf-no-panels"):
         from llmrl.models import ModelConfig, load_tokenizer
         from llmrl.rollout.base import RolloutConfig, SamplingParams, build_rollout_engine
 
@@ -170,10 +171,11 @@ def _make_generate(name: str, spec: dict[str, Any]) -> Callable[[list[list[int]]
             packed_linears=False if name == "hf-unpacked" else "auto",
             fused_decode=False if name in ("hf-unfused", "hf-sdpa") else "auto",
         )
-        if name == "hf-mkl-packed":  # this worker process only
+        if name == "hf-no-panels":  # this worker process only
             from llmrl.rollout import packed_linears
 
             packed_linears.panels_pay = lambda: False
+            packed_linears.bf16_panels_pay = lambda: False
         engine = build_rollout_engine(cfg, ModelConfig(name=spec["model"]), load_tokenizer(spec["model"]), seed=spec["seed"])
         if name == "hf-sdpa":
             engine.model.set_attn_implementation("sdpa")
@@ -383,7 +385,7 @@ def report(results: dict[str, list[dict[str, Any]]], prompt_lengths: list[int], 
             f"llmrl's code around LLM.generate (same call, fixed work): median {100 * statistics.median(shares):.2f}% of the "
             f"vLLM call [per round: {' '.join(f'{1000 * a:.1f} ms' for a in added)}]"
         )
-    for other in ("hf", "hf-sdpa", "hf-unpacked", "hf-unfused", "hf-mkl-packed", "vllm-raw-compiled", "vllm-raw-settings"):
+    for other in ("hf", "hf-sdpa", "hf-unpacked", "hf-unfused", "hf-no-panels", "vllm-raw-compiled", "vllm-raw-settings"):
         if other in rates and "vllm-raw" in rates:
             paired = [a / b for a, b in zip(rates[other], rates["vllm-raw"])]
             noise = max(_spread(rates[other]), _spread(rates["vllm-raw"]))
@@ -402,7 +404,7 @@ def report(results: dict[str, list[dict[str, Any]]], prompt_lengths: list[int], 
         ("hf-sdpa", "grouped decode attention"),
         ("hf-unpacked", "packed linears where auto packs, and the fused step"),
         ("hf-unfused", "fused decode step"),
-        ("hf-mkl-packed", "panel product"),
+        ("hf-no-panels", "panel products"),
     ):
         if "hf" in rates and other in rates:
             paired = [a / b for a, b in zip(rates["hf"], rates[other])]

@@ -10,7 +10,7 @@ from llmrl.rollout.base import RolloutConfig, SamplingParams
 from llmrl.rollout.hf import HFRolloutEngine
 from llmrl.precision import cpu_field
 from llmrl.rollout import packed_linears
-from llmrl.rollout.packed_copies import MklPackedCopy, mkl_packing_ops_here, panel_ops_here
+from llmrl.rollout.packed_copies import MklPackedCopy, bf16_panel_ops_here, mkl_packing_ops_here, panel_ops_here
 from llmrl.rollout.packed_linears import GroupedLinear, LinearGroup, pack_linears
 
 TOLERANCE = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
@@ -142,24 +142,34 @@ def test_mkls_packed_copy_serves_every_row_count(bias, maker):
         torch.testing.assert_close(product(x).double(), want, atol=1e-4, rtol=1e-5)
 
 
-@pytest.mark.parametrize("form", ["onednn", "mkl", "panels"])
+@pytest.mark.parametrize("form", ["onednn", "mkl", "panels", "bf16-onednn", "bf16-panels"])
 def test_the_engine_samples_the_same_tokens_packed_and_plain(tiny_path, tokenizer, monkeypatch, form):
     """Packed for oneDNN, in MKL's form (fp32 where MKL runs its Intel kernels) or as panels (fp32
-    on an AVX2 CPU without AVX-512)."""
+    on an AVX2 CPU without AVX-512, bf16 with AVX512-BF16)."""
+    dtype = "bfloat16" if form.startswith("bf16") else "float32"
     if form == "mkl" and not torch.backends.mkl.is_available():
         pytest.skip("this torch has no MKL")
     if form == "panels" and not panel_ops_here():
         pytest.skip("llmrl's kernels have no panel product here")
+    if form == "bf16-panels" and not bf16_panel_ops_here():
+        pytest.skip("llmrl's kernels have no bf16 panel product here (no AVX512-BF16)")
+    if form == "bf16-onednn" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        pytest.skip("this CPU has no native bf16 matmuls for oneDNN")
     monkeypatch.setattr(packed_linears, "mkl_takes_intel_kernels", lambda: form == "mkl")
     monkeypatch.setattr(packed_linears, "panels_pay", lambda: form == "panels")
+    monkeypatch.setattr(packed_linears, "bf16_panels_pay", lambda: form == "bf16-panels")
     prompts = [tokenizer.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True, tokenize=True)["input_ids"]
                for t in ("What is 2 + 3?", "Name a colour.")]
     sampling = SamplingParams(temperature=1.0, max_new_tokens=12, seed=5)
     outs = {}
     for packed in (False, True):
-        engine = HFRolloutEngine(RolloutConfig(dtype="float32", packed_linears=packed), ModelConfig(name=tiny_path), tokenizer)
+        engine = HFRolloutEngine(RolloutConfig(dtype=dtype, packed_linears=packed), ModelConfig(name=tiny_path), tokenizer)
         assert isinstance(engine.model.model.layers[0].self_attn.q_proj, GroupedLinear) == packed
         outs[packed] = engine.generate(prompts * 3, sampling)
+        if packed:  # the form asked for is the one that multiplied
+            group = engine.model.model.layers[0].self_attn.q_proj.group
+            for name, copy in (("mkl", group._mkl_copy), ("panels", group._panel_copy), ("bf16-panels", group._bf16_panel_copy)):
+                assert (copy.buffer is not None) == (name == form), name
     for a, b in zip(outs[False], outs[True]):
         assert a.token_ids == b.token_ids and a.finish_reason == b.finish_reason
         torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-4, rtol=1e-4)

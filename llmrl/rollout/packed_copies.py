@@ -1,7 +1,7 @@
-"""Packed copies of the hf engine's fp32 decode weights, each kept in a memory mapping of its own
-and packed again in place when the weight changes.
+"""Packed copies of the hf engine's decode weights, each kept in a memory mapping of its own and
+packed again in place when the weight changes.
 
-Two forms, both made by llmrl's kernels:
+Three forms, all made by llmrl's kernels:
 - `PanelCopy` (llmrl/kernels/panel_gemm.cpp): the weight as panels of 16 output columns,
   multiplied by llmrl's own AVX2 product, which fetches the next block of the weight from memory
   while it multiplies the current one. Decode at a few dozen rows reads every weight once per
@@ -9,6 +9,11 @@ Two forms, both made by llmrl's kernels:
   32-row pass over SmolLM2-135M's weights, a 32-row rollout 1.08x faster and a 64-row one level
   (docs/benchmarks.md). Measured on AVX2 CPUs without AVX-512 only (2 Zen 2 cores), so only
   those take it.
+- `Bf16PanelCopy` (llmrl/kernels/panel_gemm_bf16.cpp): the same for bf16 weights, with pairs of
+  k side by side for AVX512-BF16's dot-product instruction. Over SmolLM2-135M's weights on 2 Zen 4
+  cores a 32-row pass ran 1.08-1.15x faster than oneDNN's packed bf16 product, and a 64-row one
+  1.04-1.08x (docs/benchmarks.md). Measured on a CPU without AMX only, so CPUs with AMX keep oneDNN,
+  which multiplies on AMX's tiles there.
 - `MklPackedCopy`: MKL's own packed GEMM (`cblas_sgemm_pack`/`cblas_sgemm_compute`), where MKL
   runs its Intel kernels.
 
@@ -49,22 +54,35 @@ def panel_ops_here() -> bool:
     return kernels.load(kernels.DECODE) and torch.ops.llmrl_kernels.panel_bytes(1, 1) > 0
 
 
+def bf16_panel_ops_here() -> bool:
+    """Whether llmrl's kernels load with the bf16 panel product (built where the CPU has AVX512-BF16)."""
+    return kernels.load(kernels.DECODE) and torch.ops.llmrl_kernels.panel_bf16_bytes(1, 1) > 0
+
+
 def panels_pay() -> bool:
     """Where the panel product is the fp32 decode product: an AVX2 CPU without AVX-512, the only
     kind it was measured on. With AVX-512, MKL's kernels use vectors twice as wide."""
     return "avx512f" not in cpu_field("flags").split() and panel_ops_here()
 
 
+def bf16_panels_pay() -> bool:
+    """Where the bf16 panel product is the bf16 decode product: a CPU with AVX512-BF16 and without
+    AMX, the kind it was measured on. With AMX, oneDNN's product runs on its tiles."""
+    return "amx_bf16" not in cpu_field("flags").split() and bf16_panel_ops_here()
+
+
 class _MappedCopy(abc.ABC):
     """A weight's copy in a mapping of its own: `product(weight, bias)` packs it (into the mapping
     it already holds, when the shape did not change) and returns x [rows, in] -> x @ weight.T +
-    bias; None where this form cannot be made here or `weight` is not an fp32 CPU matrix."""
+    bias; None where this form cannot be made here or `weight` is not a CPU matrix of its dtype."""
+
+    dtype = torch.float32
 
     def __init__(self) -> None:
         self.buffer: torch.Tensor | None = None
 
     def product(self, weight: torch.Tensor, bias: torch.Tensor | None) -> Product | None:
-        if weight.dtype != torch.float32 or weight.device.type != "cpu" or weight.dim() != 2 or not self._ops_here():
+        if weight.dtype != self.dtype or weight.device.type != "cpu" or weight.dim() != 2 or not self._ops_here():
             return None
         size = self._bytes(*weight.shape)
         if self.buffer is None or self.buffer.numel() != size:
@@ -112,8 +130,8 @@ class MklPackedCopy(_MappedCopy):
 
 
 class PanelCopy(_MappedCopy):
-    """One weight's copy as panels: multiplied through them up to PANEL_MAX_ROWS rows, and by the
-    plain weight above."""
+    """One fp32 weight's copy as panels: multiplied through them up to PANEL_MAX_ROWS rows, and by
+    the plain weight above."""
 
     def _ops_here(self) -> bool:
         return panel_ops_here()
@@ -124,12 +142,33 @@ class PanelCopy(_MappedCopy):
     def _pack_into(self, buffer: torch.Tensor, weight: torch.Tensor) -> None:
         torch.ops.llmrl_kernels.pack_panels_(buffer, weight)
 
+    def _panel_product(self, x: torch.Tensor, buffer: torch.Tensor, out_features: int, bias: torch.Tensor | None) -> torch.Tensor:
+        return torch.ops.llmrl_kernels.panel_linear(x, buffer, out_features, bias)
+
     def _product(self, buffer: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> Product:
         out_features = weight.shape[0]
 
         def product(x: torch.Tensor) -> torch.Tensor:
             if x.shape[0] > PANEL_MAX_ROWS:
                 return torch.nn.functional.linear(x, weight, bias)
-            return torch.ops.llmrl_kernels.panel_linear(x, buffer, out_features, bias)
+            return self._panel_product(x, buffer, out_features, bias)
 
         return product
+
+
+class Bf16PanelCopy(PanelCopy):
+    """One bf16 weight's copy as pair-interleaved panels, used as PanelCopy uses its own."""
+
+    dtype = torch.bfloat16
+
+    def _ops_here(self) -> bool:
+        return bf16_panel_ops_here()
+
+    def _bytes(self, out_features: int, in_features: int) -> int:
+        return torch.ops.llmrl_kernels.panel_bf16_bytes(out_features, in_features)
+
+    def _pack_into(self, buffer: torch.Tensor, weight: torch.Tensor) -> None:
+        torch.ops.llmrl_kernels.pack_panels_bf16_(buffer, weight)
+
+    def _panel_product(self, x: torch.Tensor, buffer: torch.Tensor, out_features: int, bias: torch.Tensor | None) -> torch.Tensor:
+        return torch.ops.llmrl_kernels.panel_linear_bf16(x, buffer, out_features, bias)

@@ -10,10 +10,12 @@ So for inference only:
 - Linears that read the same input become one group with one weight, [sum of outs, in]. The
   first member called computes every member's output in one product and keeps the others'
   slices for their own calls.
-- The group's weight is packed once, in one of three forms:
+- The group's weight is packed once, in one of four forms:
   - panels of 16 output columns for llmrl's own fp32 product (llmrl/kernels/panel_gemm.cpp),
     which fetches the next block of the weight while it multiplies the current one, on AVX2
     CPUs without AVX-512 (llmrl/rollout/packed_copies.py);
+  - the same for bf16 weights (llmrl/kernels/panel_gemm_bf16.cpp), on CPUs with AVX512-BF16
+    and without AMX;
   - MKL's packed GEMM (`cblas_sgemm_pack`/`cblas_sgemm_compute`), for fp32 weights where MKL
     runs its Intel kernels: on an Intel CPU, or an AMD one under llmrl's preload
     (llmrl/mkl_on_amd.py). The copy lives in a mapping of its own, packed again in place
@@ -41,7 +43,7 @@ from torch import nn
 
 from llmrl import mkl_on_amd
 from llmrl.host_memory import own_mappings
-from llmrl.rollout.packed_copies import MklPackedCopy, PanelCopy, panels_pay
+from llmrl.rollout.packed_copies import Bf16PanelCopy, MklPackedCopy, PanelCopy, bf16_panels_pay, panels_pay
 from llmrl.precision import cpu_field
 
 # `auto` packs only up to this many torch threads. On an Intel Xeon with AMX (torch 2.11), bf16,
@@ -146,6 +148,7 @@ class PackedWeight:
         self._versions: tuple[int, int] | None = None
         self._mkl_copy = MklPackedCopy(rows_hint)
         self._panel_copy = PanelCopy()
+        self._bf16_panel_copy = Bf16PanelCopy()
 
     def _current_product(self) -> Callable[[torch.Tensor], torch.Tensor]:
         versions = (self.weight._version, -1 if self.bias is None else self.bias._version)
@@ -163,13 +166,14 @@ class PackedWeight:
         return self._product
 
     def _pack(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
-        # fp32: panels where they pay, else MKL's packed form where MKL runs its Intel kernels, each
-        # in a mapping of its own, packed again in place (llmrl/rollout/packed_copies.py)
-        if self.weight.dtype == torch.float32:
-            for copy, pays in ((self._panel_copy, panels_pay), (self._mkl_copy, mkl_takes_intel_kernels)):
-                product = copy.product(self.weight, self.bias) if pays() else None
-                if product is not None:
-                    return product
+        # llmrl's panels where they pay (fp32 or bf16), else for fp32 MKL's packed form where MKL
+        # runs its Intel kernels, each in a mapping of its own, packed again in place
+        # (llmrl/rollout/packed_copies.py); a copy of another dtype than the weight's says None
+        forms = ((self._panel_copy, panels_pay), (self._bf16_panel_copy, bf16_panels_pay), (self._mkl_copy, mkl_takes_intel_kernels))
+        for copy, pays in forms:
+            product = copy.product(self.weight, self.bias) if copy.dtype == self.weight.dtype and pays() else None
+            if product is not None:
+                return product
         with own_mappings():  # see own_mappings: replaced after every sync, so kept off the heap where it can be
             return _packed_product(self.weight, self.bias, self.rows_hint)
 
