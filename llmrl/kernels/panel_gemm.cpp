@@ -78,6 +78,34 @@ void pack_panels_(const at::Tensor& packed, const at::Tensor& weight) {
   });
 }
 
+// Where the passes over one block of a panel prefetch: the block the same thread multiplies next
+// (the panel's next `block_lines`, else the first of the next panel it owns), split into equal
+// shares, one per row block. Both panel layouts (fp32 and bf16) are lines of 64 bytes, one line
+// per k (fp32) or pair of k (bf16), `panel_lines` lines a panel.
+struct PrefetchPlan {
+  const char* next = nullptr;
+  int64_t next_lines = 0, share = 0;
+
+  PrefetchPlan(const void* panels, int64_t panel_lines, int64_t p, int64_t last_panel, int64_t line0, int64_t depth,
+               int64_t block_lines, int64_t row_blocks) {
+    const char* base = static_cast<const char*>(panels);
+    if (line0 + depth < panel_lines) {
+      next = base + (p * panel_lines + line0 + depth) * 64;
+      next_lines = std::min(block_lines, panel_lines - line0 - depth);
+    } else if (p < last_panel) {
+      next = base + (p + 1) * panel_lines * 64;
+      next_lines = std::min(block_lines, panel_lines);
+    }
+    share = (next_lines + row_blocks - 1) / row_blocks;
+  }
+  // The first line row block b asks for, and how many.
+  const char* ahead(int64_t b) const { return next == nullptr ? nullptr : next + std::min(b * share, next_lines) * 64; }
+  int64_t lines(int64_t b) const { return std::min(share, next_lines - std::min(b * share, next_lines)); }
+};
+
+// Rows in row blocks as even as they come: block b of `blocks` over m rows.
+inline int64_t rows_in_block(int64_t m, int64_t blocks, int64_t b) { return m / blocks + (b < m % blocks ? 1 : 0); }
+
 #if LLMRL_PANELS
 // Rows [0, R) of x (stride lda) times one block of a panel (depth k rows of 16), into out (stride
 // ldo, `columns` of the 16 kept), added to what is there when `accumulate`. Meanwhile it prefetches
@@ -160,17 +188,12 @@ at::Tensor panel_linear(const at::Tensor& x, const at::Tensor& packed, int64_t o
       for (int64_t k0 = 0; k0 < k; k0 += kDepth) {
         const int64_t depth = std::min(kDepth, k - k0);
         const float* block = w + (p * k + k0) * kPanel;
-        // the block this thread multiplies next: the panel's next k, else the next panel's first
-        const bool panel_done = k0 + depth >= k;
-        const float* next = panel_done ? (p + 1 < end ? w + (p + 1) * k * kPanel : nullptr) : block + depth * kPanel;
-        const int64_t next_lines = next == nullptr ? 0 : std::min(kDepth, panel_done ? k : k - k0 - depth);
-        const int64_t share = (next_lines + row_blocks - 1) / row_blocks;
+        const PrefetchPlan plan(w, k, p, end - 1, k0, depth, kDepth, row_blocks);
         int64_t row = 0;
         for (int64_t b = 0; b < row_blocks; ++b) {
-          const int64_t count = m / row_blocks + (b < m % row_blocks ? 1 : 0);
-          const int64_t first_line = std::min(b * share, next_lines);
-          const char* ahead = next == nullptr ? nullptr : reinterpret_cast<const char*>(next) + first_line * 64;
-          const int64_t lines = std::min(share, next_lines - first_line);
+          const int64_t count = rows_in_block(m, row_blocks, b);
+          const char* ahead = plan.ahead(b);
+          const int64_t lines = plan.lines(b);
           const float* xr = a + row * k + k0;
           float* o = c + row * n + p * kPanel;
           const bool accumulate = k0 > 0;

@@ -127,18 +127,12 @@ void bf16_panel_rows(const uint16_t* a, int64_t lda, const uint16_t* w, int64_t 
   for (int64_t k0 = 0; k0 < pairs; k0 += kBf16Depth) {
     const int64_t depth = std::min(kBf16Depth, pairs - k0);
     const uint16_t* block = w + (p * pairs + k0) * kBf16Panel * 2;
-    // the block this thread multiplies next: the panel's next k, else the next panel's first
-    const bool panel_done = k0 + depth >= pairs;
-    const uint16_t* next = panel_done ? (p < last_panel ? w + (p + 1) * pairs * kBf16Panel * 2 : nullptr) : block + depth * kBf16Panel * 2;
-    const int64_t next_lines = next == nullptr ? 0 : std::min(kBf16Depth, panel_done ? pairs : pairs - k0 - depth);
-    const int64_t share = (next_lines + row_blocks - 1) / row_blocks;
+    const PrefetchPlan plan(w, pairs, p, last_panel, k0, depth, kBf16Depth, row_blocks);
     int64_t row = 0;
     for (int64_t b = 0; b < row_blocks; ++b) {
-      const int64_t count = m / row_blocks + (b < m % row_blocks ? 1 : 0);
-      const int64_t first_line = std::min(b * share, next_lines);
-      const char* ahead = next == nullptr ? nullptr : reinterpret_cast<const char*>(next) + first_line * 64;
-      kBf16RowBlocks[count](a + (row0 + row) * lda + 2 * k0, lda, block, depth, sums + row * kBf16Panel, k0 == 0, ahead,
-                            std::min(share, next_lines - first_line));
+      const int64_t count = rows_in_block(m, row_blocks, b);
+      kBf16RowBlocks[count](a + (row0 + row) * lda + 2 * k0, lda, block, depth, sums + row * kBf16Panel, k0 == 0, plan.ahead(b),
+                            plan.lines(b));
       row += count;
     }
   }

@@ -161,9 +161,10 @@ class PanelCopy(_MappedCopy):
 class Bf16PanelCopy(PanelCopy):
     """One bf16 weight's copy as pair-interleaved panels, multiplied through them at any row count.
 
-    torch's plain bf16 product is slower at every row count measured: over SmolLM2-135M's weights
-    on 2 Zen 4 cores the panels ran at 381 against 334 GFLOP/s at 128 rows, 389 against 341 at 300
-    and 382 against 375 at 1000 (a prefill)."""
+    torch's plain bf16 product is slower up to a few hundred rows and about level above: over
+    SmolLM2-135M's weights on 2 Zen 4 cores the panels ran at 379-381 against 334-342 GFLOP/s at
+    128 rows, 389 against 341 at 300, 362-376 against 376-384 at 556 and 382 against 375 at 1000
+    (a prefill). One form for every row count keeps one copy of the weights."""
 
     dtype = torch.bfloat16
     max_rows = None
