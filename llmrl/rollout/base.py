@@ -122,8 +122,9 @@ class RolloutConfig(Section):
         "auto",
         description="hf engine: run q/k/v and gate/up as one matmul each, with weights pre-packed on a CPU "
         "(llmrl/rollout/packed_linears.py): fp32 weights as panels for llmrl's own product on AVX2 CPUs without AVX-512 "
-        "(llmrl/kernels/panel_gemm.cpp), else in MKL's packed form where MKL runs its Intel kernels (an Intel "
-        "CPU, or an AMD one under llmrl's preload), else for oneDNN. auto = on a CPU with at most 4 torch threads, for bf16 "
+        "(llmrl/kernels/panel_gemm.cpp), bf16 weights as panels for llmrl's bf16 product on CPUs with AVX512-BF16 "
+        "and without AMX (llmrl/kernels/panel_gemm_bf16.cpp), else in MKL's packed form (fp32) where MKL runs its "
+        "Intel kernels (an Intel CPU, or an AMD one under llmrl's preload), else for oneDNN. auto = on a CPU with at most 4 torch threads, for bf16 "
         "weights, and for fp32 weights on AMD CPUs; that is where it was faster, and with more threads it was slower. "
         "true = always; false = transformers' separate linears.",
     )
