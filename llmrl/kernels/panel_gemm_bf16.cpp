@@ -17,7 +17,7 @@
 #include <immintrin.h>
 #endif
 
-#if defined(__AVX512F__) && defined(__AVX512BF16__) && defined(__AVX512BW__)
+#if defined(__AVX512F__) && defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #define LLMRL_BF16_PANELS 1
 #else
 #define LLMRL_BF16_PANELS 0
