@@ -32,7 +32,7 @@
 
 namespace {
 
-constexpr int64_t kPanel = 16;      // output columns per panel: two AVX2 registers
+constexpr int64_t kPanel = 16;      // output columns per panel: two AVX2 registers (fp32), one AVX-512 register of sums (bf16)
 constexpr int64_t kDepth = 128;     // k per block: 8 KiB of a panel, with x's rows, fits L1
 constexpr int64_t kMaxRowBlock = 6;  // 12 accumulators + 2 weight vectors + 1 broadcast: 15 of 16 registers
 

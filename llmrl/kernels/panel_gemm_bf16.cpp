@@ -25,7 +25,6 @@
 
 namespace {
 
-constexpr int64_t kBf16Panel = 16;        // output columns per panel: one register of fp32 sums
 constexpr int64_t kBf16Depth = 192;       // k pairs per block: 12 KiB of a panel
 constexpr int64_t kBf16MaxRowBlock = 16;  // 16 sums + the weight line + broadcasts: within 32 registers
 constexpr int64_t kBf16RowChunk = 128;    // rows whose sums for one panel (8 KiB) are kept between blocks
@@ -59,12 +58,12 @@ void pack_panels_bf16_(const at::Tensor& packed, const at::Tensor& weight) {
   uint16_t* dst = reinterpret_cast<uint16_t*>(packed.data_ptr());
   at::parallel_for(0, panel_count(n), 1, [&](int64_t begin, int64_t end) {
     for (int64_t p = begin; p < end; ++p) {
-      uint16_t* panel = dst + p * pairs * kBf16Panel * 2;
-      for (int64_t j = 0; j < kBf16Panel; ++j) {
-        const int64_t column = p * kBf16Panel + j;
+      uint16_t* panel = dst + p * pairs * kPanel * 2;
+      for (int64_t j = 0; j < kPanel; ++j) {
+        const int64_t column = p * kPanel + j;
         const uint16_t* row = column < n ? src + column * k : nullptr;
         for (int64_t i = 0; i < 2 * pairs; ++i)
-          panel[(i / 2) * kBf16Panel * 2 + j * 2 + (i % 2)] = (row != nullptr && i < k) ? row[i] : 0;  // 0 is +0.0 in bf16
+          panel[(i / 2) * kPanel * 2 + j * 2 + (i % 2)] = (row != nullptr && i < k) ? row[i] : 0;  // 0 is +0.0 in bf16
       }
     }
   });
@@ -79,9 +78,9 @@ void pack_panels_bf16_(const at::Tensor& packed, const at::Tensor& weight) {
     s##r = _mm512_dpbf16_ps(s##r, line, (__m512bh)_mm512_set1_epi32(pair));            \
   }
 #define LLMRL_BF16_LOAD(r) \
-  if constexpr (R > r) s##r = first ? _mm512_setzero_ps() : _mm512_load_ps(sums + r * kBf16Panel);
+  if constexpr (R > r) s##r = first ? _mm512_setzero_ps() : _mm512_load_ps(sums + r * kPanel);
 #define LLMRL_BF16_STORE(r) \
-  if constexpr (R > r) _mm512_store_ps(sums + r * kBf16Panel, s##r);
+  if constexpr (R > r) _mm512_store_ps(sums + r * kPanel, s##r);
 #define LLMRL_BF16_EACH(step) step(0) step(1) step(2) step(3) step(4) step(5) step(6) step(7) step(8) step(9) step(10) step(11) step(12) step(13) step(14) step(15)
 
 // Rows [0, R) of x (bf16, stride lda elements) times one block of a panel (depth lines), added to
@@ -98,12 +97,12 @@ inline void bf16_row_block(const uint16_t* __restrict x, int64_t lda, const uint
 #pragma GCC unroll 2
   for (; i < fetched; ++i) {
     _mm_prefetch(ahead + i * 64, _MM_HINT_T0);
-    const __m512bh line = (__m512bh)_mm512_load_si512(panel + i * kBf16Panel * 2);
+    const __m512bh line = (__m512bh)_mm512_load_si512(panel + i * kPanel * 2);
     LLMRL_BF16_EACH(LLMRL_BF16_ROW)
   }
 #pragma GCC unroll 4
   for (; i < depth; ++i) {
-    const __m512bh line = (__m512bh)_mm512_load_si512(panel + i * kBf16Panel * 2);
+    const __m512bh line = (__m512bh)_mm512_load_si512(panel + i * kPanel * 2);
     LLMRL_BF16_EACH(LLMRL_BF16_ROW)
   }
   LLMRL_BF16_EACH(LLMRL_BF16_STORE)
@@ -121,26 +120,26 @@ constexpr Bf16RowBlock kBf16RowBlocks[kBf16MaxRowBlock + 1] = {
 // Rows [row0, row0 + m) of x times panel p (all its blocks), written to out as bf16 (+ bias).
 void bf16_panel_rows(const uint16_t* a, int64_t lda, const uint16_t* w, int64_t pairs, int64_t p, int64_t last_panel,
                      int64_t row0, int64_t m, int64_t n, const float* bias, uint16_t* c) {
-  alignas(64) float sums[kBf16RowChunk * kBf16Panel];
+  alignas(64) float sums[kBf16RowChunk * kPanel];
   const int64_t row_blocks = (m + kBf16MaxRowBlock - 1) / kBf16MaxRowBlock;
-  const int64_t columns = std::min(kBf16Panel, n - p * kBf16Panel);
+  const int64_t columns = std::min(kPanel, n - p * kPanel);
   for (int64_t k0 = 0; k0 < pairs; k0 += kBf16Depth) {
     const int64_t depth = std::min(kBf16Depth, pairs - k0);
-    const uint16_t* block = w + (p * pairs + k0) * kBf16Panel * 2;
+    const uint16_t* block = w + (p * pairs + k0) * kPanel * 2;
     const PrefetchPlan plan(w, pairs, p, last_panel, k0, depth, kBf16Depth, row_blocks);
     int64_t row = 0;
     for (int64_t b = 0; b < row_blocks; ++b) {
       const int64_t count = rows_in_block(m, row_blocks, b);
-      kBf16RowBlocks[count](a + (row0 + row) * lda + 2 * k0, lda, block, depth, sums + row * kBf16Panel, k0 == 0, plan.ahead(b),
+      kBf16RowBlocks[count](a + (row0 + row) * lda + 2 * k0, lda, block, depth, sums + row * kPanel, k0 == 0, plan.ahead(b),
                             plan.lines(b));
       row += count;
     }
   }
-  const __m512 b = bias == nullptr ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps((__mmask16)((1u << columns) - 1), bias + p * kBf16Panel);
   const __mmask16 keep = (__mmask16)((1u << columns) - 1);
+  const __m512 b = bias == nullptr ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(keep, bias + p * kPanel);
   for (int64_t r = 0; r < m; ++r) {
-    const __m512 total = _mm512_add_ps(_mm512_load_ps(sums + r * kBf16Panel), b);
-    _mm256_mask_storeu_epi16(c + (row0 + r) * n + p * kBf16Panel, keep, (__m256i)_mm512_cvtneps_pbh(total));
+    const __m512 total = _mm512_add_ps(_mm512_load_ps(sums + r * kPanel), b);
+    _mm256_mask_storeu_epi16(c + (row0 + r) * n + p * kPanel, keep, (__m256i)_mm512_cvtneps_pbh(total));
   }
 }
 #endif

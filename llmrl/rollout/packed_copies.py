@@ -11,8 +11,8 @@ Three forms, all made by llmrl's kernels:
   those take it.
 - `Bf16PanelCopy` (llmrl/kernels/panel_gemm_bf16.cpp): the same for bf16 weights, with pairs of
   k side by side for AVX512-BF16's dot-product instruction. Over SmolLM2-135M's weights on 2 Zen 4
-  cores a 32-row pass ran 1.08-1.15x faster than oneDNN's packed bf16 product, and a 64-row one
-  1.04-1.08x (docs/benchmarks.md). Measured on a CPU without AMX only, so CPUs with AMX keep oneDNN,
+  cores a 32-row pass ran 1.13-1.15x faster than oneDNN's packed bf16 product, and a 64-row one
+  1.04-1.07x (docs/benchmarks.md). Measured on a CPU without AMX only, so CPUs with AMX keep oneDNN,
   which multiplies on AMX's tiles there.
 - `MklPackedCopy`: MKL's own packed GEMM (`cblas_sgemm_pack`/`cblas_sgemm_compute`), where MKL
   runs its Intel kernels.
