@@ -19,7 +19,8 @@ enough: there the fused kernel's backward is the slow part. Decode's single quer
 rollout engine's prefill keep the fused kernel. When the hf engine decodes over a cache that
 keeps each prompt once for all its samples, every call goes to that cache's `attend`
 (`llmrl.rollout.shared_prefix_cache`). When the trainer runs its rows' responses packed into
-one row, every call goes through `llmrl.train.packed_suffix`, which lays them out as rows again.
+one row with their prompts, every call goes through `llmrl.train.packed_pass`, which lays them
+out as rows again.
 
 Calls this cannot serve exactly (no mask with several queries, which needs SDPA's causal flag;
 dropout; position bias; a paged cache) go to transformers' SDPA. Masks are SDPA's.
@@ -36,7 +37,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from llmrl.materialized_attention import materialized_attention, serves
 from llmrl.models import GROUPED_ATTENTION as NAME
 from llmrl.rollout.shared_prefix_cache import active_shared_prefix
-from llmrl.train.packed_suffix import active_packed_suffix
+from llmrl.train.packed_pass import active_packed_pass
 
 
 def _grouped_mask(mask: torch.Tensor, kv_heads: int, groups: int) -> torch.Tensor:
@@ -88,9 +89,9 @@ def grouped_attention_forward(
     shared = active_shared_prefix()
     if shared is not None:  # the hf engine's decode over a prompt cache shared by a group's samples
         return shared.attend(module.layer_idx, query, key, value, scale), None
-    packed = active_packed_suffix()
-    if packed is not None:  # the trainer's response pass, its rows packed into one (masks are its own)
-        rows_query, keys, values, mask = packed.padded(module.layer_idx, query, key, value)
+    packed = active_packed_pass()
+    if packed is not None:  # the trainer's shared-prompt pass, packed into one row (masks are its own)
+        rows_query, keys, values, mask = packed.rows(query, key, value)
         return packed.packed(grouped_attention(rows_query, keys, values, mask, scale)), None
     # Several queries without a mask means "causal" to SDPA: only its own flag does that exactly.
     needs_sdpa = (attention_mask is None and query.shape[2] > 1) or dropout > 0 or query.shape[1] == key.shape[1]

@@ -10,9 +10,12 @@ prefill keeps the fused kernel. The forward keeps the probabilities for the back
 so memory grows with queries x keys; calls whose score matrix would exceed `MAX_SCORE_ELEMENTS`
 go to the fused kernel. The two products whose rounding the softmax amplifies, the scores
 (Q K^T) and the probabilities' gradient (dO V^T), run in fp32 on fp32 copies of bf16 inputs, as
-the fused kernel accumulates them: CPU matmuls here cannot write a bf16 product to an fp32 result. Against
-fp64, outputs and gradients are then as close as the fused kernel's (tests). The softmax runs
-in fp32; fp64 stays fp64.
+the fused kernel accumulates them. torch's CPU matmuls cannot write a bf16 product to an fp32
+result, so the inputs are cast; where the CPU multiplies bf16 natively, llmrl's kernels
+(`llmrl/kernels/wide_products.cpp`, MKL's bf16 x bf16 -> fp32 GEMM) make both products without
+copies and apply the mask and softmax, or its gradient, to each head's block while it is in cache. Against fp64,
+outputs and gradients are then as close as the fused kernel's (tests). The softmax runs in fp32;
+fp64 stays fp64.
 
 Backward (dO the output's gradient, P the probabilities, O = P V):
   dV = P^T dO,  dP = dO V^T,  dS = P * (dP - rowsum(P * dP)),  dQ = scale dS K,  dK = scale dS^T Q
@@ -20,6 +23,7 @@ Backward (dO the output's gradient, P the probabilities, O = P V):
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 from typing import Iterator
 
@@ -80,7 +84,8 @@ def materialized_attention(
 class _Materialized(torch.autograd.Function):
     @staticmethod
     def forward(ctx, query, key, value, mask, scale):  # type: ignore[override]
-        probs = _probabilities(query, key, mask, scale)
+        ctx.fused = _fused_softmax(query, key, value, mask)
+        probs = _fused_probabilities(query, key, mask, scale) if ctx.fused else _probabilities(query, key, mask, scale)
         out = _bmm(_narrowed(probs, value.dtype, "low_probs"), value)
         ctx.save_for_backward(query, key, value, probs)
         ctx.scale = scale
@@ -90,10 +95,13 @@ class _Materialized(torch.autograd.Function):
     def backward(ctx, grad_out):  # type: ignore[override]
         query, key, value, probs = ctx.saved_tensors
         grad_value = _bmm(_narrowed(probs, value.dtype, "low_probs").transpose(-1, -2), grad_out)
-        grad_probs = _bmm(grad_out.to(probs.dtype), value.to(probs.dtype).transpose(-1, -2), "scores")
-        # P * (dP - rowsum(P * dP)) in one pass; the scale goes on dQ and dK, which are smaller.
-        grad_scores = torch.ops.aten._softmax_backward_data(grad_probs, probs, -1, probs.dtype)
-        grad_scores = _narrowed(grad_scores, query.dtype, "low_scores")
+        # P * (dP - rowsum(P * dP)); the scale goes on dQ and dK, which are smaller.
+        if ctx.fused:
+            grad_scores = torch.ops.llmrl_kernels.softmax_backward_wide(grad_out, value, probs)
+        else:
+            grad_probs = _bmm(grad_out.to(probs.dtype), value.to(probs.dtype).transpose(-1, -2), "scores")
+            grad_scores = torch.ops.aten._softmax_backward_data(grad_probs, probs, -1, probs.dtype)
+            grad_scores = _narrowed(grad_scores, query.dtype, "low_scores")
         grad_query = _bmm(grad_scores, key).mul_(ctx.scale)
         grad_key = _bmm(grad_scores.transpose(-1, -2), query).mul_(ctx.scale)
         return grad_query, grad_key, grad_value, None, None
@@ -106,6 +114,31 @@ def _bmm(a: torch.Tensor, b: torch.Tensor, scratch: str | None = None) -> torch.
     out = None if scratch is None else workspace().get(scratch, (batch * heads, rows, cols), torch.promote_types(a.dtype, b.dtype), a.device)
     flat = torch.bmm(a.reshape(batch * heads, rows, -1), b.reshape(batch * heads, -1, cols), out=out)
     return flat.view(batch, heads, rows, cols)
+
+
+def _fused_softmax(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None) -> bool:
+    """Whether llmrl's kernels take the softmax and its gradient whole (`wide_products.cpp`):
+    bf16 operands on a CPU that multiplies bf16 natively, and a boolean mask or none."""
+    bf16 = query.dtype == key.dtype == value.dtype == torch.bfloat16
+    return bf16 and query.device.type == "cpu" and (mask is None or mask.dtype == torch.bool) and _wide_products()
+
+
+def _fused_probabilities(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+    if mask is not None:
+        mask = mask.expand(*query.shape[:3], key.shape[2])
+        if mask.stride(-1) != 1:  # a mask broadcast over the keys
+            mask = mask.contiguous()
+    return torch.ops.llmrl_kernels.masked_softmax_wide(query, key, mask, scale)
+
+
+@functools.cache
+def _wide_products() -> bool:
+    """Whether llmrl's bf16 -> fp32 products serve here: a CPU with native bf16 (elsewhere MKL
+    would emulate it) and the kernels built."""
+    from llmrl import kernels
+    from llmrl.precision import cpu_has_native_bf16
+
+    return cpu_has_native_bf16() and kernels.load(kernels.DECODE) and bool(torch.ops.llmrl_kernels.wide_products_available())
 
 
 def _narrowed(t: torch.Tensor, dtype: torch.dtype, scratch: str) -> torch.Tensor:

@@ -110,3 +110,32 @@ def test_grouped_attention_materialises_several_queries_within_the_bound(monkeyp
     assert (calls.fused > 0) == fused
     want = sdpa(query, key.repeat_interleave(3, 1), value.repeat_interleave(3, 1), mask, 0.25).transpose(1, 2)
     torch.testing.assert_close(out, want, atol=1e-6, rtol=1e-5)
+
+
+def test_the_fused_bf16_softmax_and_its_gradient_match_the_cast_path(monkeypatch):
+    """llmrl's kernels (MKL's bf16 x bf16 -> fp32 product, then the masked softmax or its gradient
+    on each head's block) against the module's path of fp32 copies and torch's softmax: the same
+    arithmetic up to the order of sums, on transposed-head views of the kind the packed pass hands
+    over, with a per-row mask, a row that sees nothing, and no mask."""
+    if not materialized._wide_products():
+        pytest.skip("no native bf16 on this CPU, or no cblas_gemm_bf16bf16f32 in this torch's MKL")
+    g = torch.Generator().manual_seed(3)
+    q = (3 * torch.randn(2, 37, 3, 64, generator=g)).to(torch.bfloat16).transpose(1, 2)  # rows contiguous, heads strided
+    k, v = (torch.randn(2, 3, 29, 64, generator=g).to(torch.bfloat16) for _ in range(2))
+    attend = torch.rand(2, 1, 37, 29, generator=g) < 0.7
+    attend[1, 0, 5] = False  # a query that sees no key
+    weights = torch.randn(2, 3, 37, 64, generator=g, dtype=torch.float64)
+    for mask in (attend, None):
+        assert materialized._fused_softmax(q, k, v, mask)
+        fused = forward_backward(materialized_attention, (q, k, v), mask, weights)
+        probs = materialized._fused_probabilities(q, k, mask, 0.3)
+        monkeypatch.setattr(materialized, "_wide_products", lambda: False)
+        cast = forward_backward(materialized_attention, (q, k, v), mask, weights)
+        want_probs = materialized._probabilities(q, k, mask, 0.3)
+        monkeypatch.undo()
+        torch.testing.assert_close(probs, want_probs, atol=2e-6, rtol=1e-5)  # fp32 probabilities
+        for name, a, b in zip(("out", "dq", "dk", "dv"), fused, cast):
+            # bf16 results: a last-bit difference in a sum may move one by an ulp (2^-8 relative)
+            assert (a - b).abs().max() <= 8e-3 * b.abs().max(), name
+    blind = materialized._fused_probabilities(q, k, attend, 0.3)
+    assert (blind[1, :, 5] == 0).all() and torch.allclose(blind.sum(-1)[0], torch.ones(3, 37))

@@ -520,23 +520,29 @@ def _projection_rows(model, run):
 def test_packed_responses_run_the_projections_on_real_tokens_only(tiny_path):
     """grouped_batch's trained responses: lengths 3, 5, 1 | 4, 2 plus each row's last prompt
     token, so 20 real suffix tokens, against 5 rows x 6 columns = 30 when padded to the longest.
-    The prompt pass (2 prompts, left-padded to 8 = 9 - 1 tokens) is the same either way."""
+    Packed, the prompts' own 5 + 8 tokens (6 and 9, less the token each runs with its responses)
+    ride in the same row: one call of 33 tokens. Padded, the prompt pass is 2 rows left-padded
+    to 8, then the suffixes."""
     batch = grouped_batch()
     seen = {}
     for packed in (True, False):
         model = load_policy(ModelConfig(name=tiny_path))
         engine = TorchTrainEngine(model, TrainConfig(micro_batch_size=6, packed_responses=packed), total_updates=1)
         seen[packed] = _projection_rows(model, lambda: engine._outputs(model, batch, {"logprobs"}))
-    assert seen == {True: [16, 20], False: [16, 30]}
+    assert seen == {True: [33], False: [16, 30]}
 
 
 def test_the_start_all_prompts_share_runs_once(tiny_path):
-    """Prompts of 6 and 9 tokens that start with the same 4: the root pass runs those 4 once,
-    then the prefixes' own tokens (1 and 4, left-padded to 4, in 2 rows), then the suffixes."""
+    """Prompts of 6 and 9 tokens that start with the same 4: those 4 run once, then the prefixes'
+    own tokens (1 and 4), then the 20 suffix tokens. Packed, that is one call of 4 + 5 + 20
+    tokens; padded, three calls (the prefixes left-padded to 4, in 2 rows; the suffixes padded)."""
     batch = grouped_batch(shared_start=4)
-    model = load_policy(ModelConfig(name=tiny_path))
-    engine = TorchTrainEngine(model, TrainConfig(micro_batch_size=6), total_updates=1)
-    assert _projection_rows(model, lambda: engine._outputs(model, batch, {"logprobs"})) == [4, 8, 20]
+    seen = {}
+    for packed in (True, False):
+        model = load_policy(ModelConfig(name=tiny_path))
+        engine = TorchTrainEngine(model, TrainConfig(micro_batch_size=6, packed_responses=packed), total_updates=1)
+        seen[packed] = _projection_rows(model, lambda: engine._outputs(model, batch, {"logprobs"}))
+    assert seen == {True: [29], False: [4, 8, 30]}
 
 
 def test_a_root_leaves_every_prefix_a_token_of_its_own():
@@ -557,7 +563,7 @@ def test_a_packed_pass_refuses_a_model_whose_attention_it_cannot_see(tiny_path):
     model = load_policy(ModelConfig(name=tiny_path, attn_implementation="sdpa"))
     engine = TorchTrainEngine(model, TrainConfig(micro_batch_size=6), total_updates=1)
     assert not engine._packs_responses(model)  # the engine pads instead
-    with pytest.raises(RuntimeError, match="0 attention calls for"):
+    with pytest.raises(RuntimeError, match="packed pass: 0 attention calls for"):
         plan_shared_prefix(batch).run_decoder(model.get_decoder(), packed=True)
 
 

@@ -10,8 +10,8 @@ their responses.
 The prefix of a row is everything before its last prompt token: that token's hidden state
 predicts the first response token, so it runs with the response ("suffix"). The start that all
 distinct prefixes share (a system prompt, a chat template's header) runs once before them, as
-their "root". With `packed`, the suffixes run as one row of their real tokens
-(`llmrl.train.packed_suffix`).
+their "root". With `packed`, root, prompts and suffixes run as one row of their real tokens
+(`llmrl.train.packed_pass`).
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from transformers import DynamicCache
 
 from llmrl.algorithms.base import Batch
 from llmrl.common_prefix import shared_start
-from llmrl.train.packed_suffix import PackedSuffix
+from llmrl.train.packed_pass import PackedPass
 
 
 @dataclass
@@ -40,11 +40,14 @@ class PrefixPlan:
     shape: tuple[int, int]  # [B, T] of the micro-batch
 
     def run_decoder(self, decoder: torch.nn.Module, packed: bool = False) -> torch.Tensor:
-        """Suffix hidden states [R, S, H] (zero at padding when `packed`): prompt pass once per
-        prefix, then the suffixes. `packed` needs the llmrl_grouped attention."""
+        """Suffix hidden states [R, S, H] (zero at padding when `packed`). `packed` runs root,
+        prompts and suffixes as one row of their real tokens (`llmrl.train.packed_pass`; it
+        needs the llmrl_grouped attention); otherwise the root, the prompts and the suffixes run
+        as three decoder calls over one cache."""
+        if packed:
+            return self._run_packed(decoder)
         cache = DynamicCache()
-        packed_index = self.suffix_mask.flatten().nonzero().flatten() if packed else None
-        root_embeds, prefix_embeds, suffix_embeds = self._embed(decoder, packed_index)
+        root_embeds, prefix_embeds, suffix_embeds = self._embed(decoder)
         root = len(self.root_ids)
         if root:
             # An explicit causal mask, not none: with none, attention would take SDPA's causal kernel,
@@ -59,8 +62,6 @@ class PrefixPlan:
             inputs_embeds=prefix_embeds, attention_mask=visible, position_ids=prefix_positions,
             past_key_values=cache, use_cache=True,
         )
-        if packed_index is not None:
-            return self._run_packed(decoder, cache, suffix_embeds, packed_index, visible)
         _copy_rows(cache, self.source)  # gradients add back into the prefix pass
         attention = torch.cat([visible[self.source], self.suffix_mask], dim=1)
         return decoder(
@@ -68,39 +69,39 @@ class PrefixPlan:
             past_key_values=cache, use_cache=True,
         ).last_hidden_state
 
-    def _run_packed(
-        self, decoder: torch.nn.Module, cache: DynamicCache, suffix_embeds: torch.Tensor, packed_index: torch.Tensor,
-        visible: torch.Tensor,
-    ) -> torch.Tensor:
-        prefix_layers = [(layer.keys, layer.values) for layer in cache.layers]
-        suffix = PackedSuffix(prefix_layers, self.source, visible, self.suffix_mask, packed_index)
-        positions = self.suffix_positions.flatten().index_select(0, packed_index).unsqueeze(0)
-        with suffix.attending():
-            hidden = decoder(inputs_embeds=suffix_embeds, position_ids=positions, use_cache=False).last_hidden_state
-        if suffix.calls != len(prefix_layers):
-            # a model whose attention bypasses llmrl_grouped would have run the suffixes without
-            # their prompts: refuse rather than train on that
-            raise RuntimeError(f"packed suffix pass: {suffix.calls} attention calls for {len(prefix_layers)} layers")
-        return suffix.unpack(hidden)
+    def _run_packed(self, decoder: torch.nn.Module) -> torch.Tensor:
+        root = len(self.root_ids)
+        prompt_lengths = self.prefix_mask.sum(-1)
+        suffix_real = self.suffix_mask > 0
+        packed = PackedPass(root, prompt_lengths, self.source, suffix_real)
+        # one lookup for every token of the pass: its backward builds one dense vocabulary-sized
+        # gradient, not one per lookup plus their sum
+        ids = torch.cat([self.root_ids, self.prefix_ids[self.prefix_mask > 0], self.suffix_ids[suffix_real]])
+        embeds = decoder.get_input_embeddings()(ids).unsqueeze(0)
+        prompt_positions = root + (self.prefix_mask.cumsum(-1) - 1).clamp(min=0)
+        positions = torch.cat([torch.arange(root), prompt_positions[self.prefix_mask > 0], self.suffix_positions[suffix_real]])
+        with packed.attending():
+            hidden = decoder(inputs_embeds=embeds, position_ids=positions[None], use_cache=False).last_hidden_state
+        layers = decoder.config.num_hidden_layers
+        if packed.calls != layers:
+            # a model whose attention bypasses llmrl_grouped would have run every token without
+            # the others: refuse rather than train on that
+            raise RuntimeError(f"packed pass: {packed.calls} attention calls for {layers} layers")
+        return packed.suffixes(hidden)
 
     def visible_prefix(self) -> torch.Tensor:
         """[U, C + W]: the cache positions of each distinct prefix, root included, that hold tokens."""
         root = self.prefix_mask.new_ones(len(self.prefix_ids), len(self.root_ids))
         return torch.cat([root, self.prefix_mask], dim=1)
 
-    def _embed(self, decoder: torch.nn.Module, packed_index: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _embed(self, decoder: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Root, prefix and suffix token embeddings from one lookup. Each lookup's backward builds a
         dense vocabulary x hidden gradient (113 MB for SmolLM2) and autograd then adds the two:
-        one lookup is one such tensor fewer to allocate, zero and add per micro-batch. With
-        `packed_index` the suffix comes back as one row [1, N, H] of its real tokens."""
-        suffix_ids = self.suffix_ids.flatten()
-        if packed_index is not None:
-            suffix_ids = suffix_ids.index_select(0, packed_index)
-        ids = torch.cat([self.root_ids, self.prefix_ids.flatten(), suffix_ids])
+        one lookup is one such tensor fewer to allocate, zero and add per micro-batch."""
+        ids = torch.cat([self.root_ids, self.prefix_ids.flatten(), self.suffix_ids.flatten()])
         embeds = decoder.get_input_embeddings()(ids)
-        root, prefix, suffix = embeds.split([len(self.root_ids), self.prefix_ids.numel(), len(suffix_ids)])
-        suffix_shape = (1, len(suffix_ids)) if packed_index is not None else self.suffix_ids.shape
-        return root.unsqueeze(0), prefix.view(*self.prefix_ids.shape, -1), suffix.view(*suffix_shape, -1)
+        root, prefix, suffix = embeds.split([len(self.root_ids), self.prefix_ids.numel(), self.suffix_ids.numel()])
+        return root.unsqueeze(0), prefix.view(*self.prefix_ids.shape, -1), suffix.view(*self.suffix_ids.shape, -1)
 
     def to_rows(self, suffix_values: torch.Tensor) -> torch.Tensor:
         """[R, S] values in suffix columns -> [B, T] token-aligned values (0 elsewhere)."""
