@@ -22,8 +22,8 @@ so every step does identical work):
                   rows16's worst one).
   rows16+shared   rows16 with shared_prompt_forward, responses padded (packed_responses off): each
                   distinct prompt of a micro-batch runs once, its samples' responses after it.
-  rows16+packed   rows16+shared with the responses packed into one row of their real tokens
-                  (TrainConfig's defaults, so what recipes run).
+  rows16+packed   rows16+shared with the prompts and responses packed into one row of their
+                  real tokens (TrainConfig's defaults, so what recipes run).
   tokens+shared   tokens with shared_prompt_forward, responses padded.
 For each: the token slots the decoder processes (prompt-once slots under shared), how many of
 them are padding, and the FLOP/s. Under shared the useful FLOPs stay those of the full batch
@@ -94,9 +94,10 @@ def token_slots(batch: Batch, cfg: TrainConfig) -> tuple[int, int, int]:
             slots += mb["input_ids"].numel()
             real += int(mb["attention_mask"].sum())
         else:
-            suffix_slots = int(plan.suffix_mask.sum()) if cfg.packed_responses else plan.suffix_ids.numel()
-            slots += len(plan.root_ids) + plan.prefix_ids.numel() + suffix_slots
-            real += len(plan.root_ids) + int(plan.prefix_mask.sum() + plan.suffix_mask.sum())
+            used = len(plan.root_ids) + int(plan.prefix_mask.sum() + plan.suffix_mask.sum())
+            # packed: one row of real tokens (root, prompts, responses); else prompts and responses padded
+            slots += used if cfg.packed_responses else len(plan.root_ids) + plan.prefix_ids.numel() + plan.suffix_ids.numel()
+            real += used
     return len(micro_batches), slots, real
 
 

@@ -63,9 +63,11 @@ class TrainConfig(Section):
     )
     packed_responses: bool = Field(
         True,
-        description="With shared_prompt_forward, run the responses of a micro-batch as one packed row of their real tokens, "
-        "so the projections and MLP skip the padding to the longest response; attention still sees rows. Same update up "
-        "to rounding. Used with the llmrl_grouped attention (model.attn_implementation), the default.",
+        description="With shared_prompt_forward, run a micro-batch's shared start, distinct prompts and responses as one "
+        "packed row of their real tokens in one decoder call, so the projections and MLP skip all padding and the layers' "
+        "per-call overhead is paid once; attention still sees rows. Same update up to rounding. Used with the "
+        "llmrl_grouped attention (model.attn_implementation), the default; off runs prompts and padded responses as "
+        "separate calls.",
     )
     fused_layers: bool = Field(
         True,
