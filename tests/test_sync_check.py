@@ -18,9 +18,11 @@ CHECKED = TINY + [
 def test_the_probe_gap_closes_after_each_sync(tmp_path):
     rows = read_metrics(train(load_recipe(QUICKSTART, CHECKED + [f"output_dir={tmp_path}"])))
     for row in rows:
-        # measured: 0.088 and 0.103 before; 0.0 after (the same fp32 arithmetic on both sides)
+        # measured: 0.18 and 0.12 before; 7e-6 to 1.05e-5 after. fp32 on both sides, but the hf
+        # engine's decode products (llmrl's packed and panel kernels) sum in another order than
+        # the trainer's torch linears, so the gap after is fp32 rounding, four orders below before
         assert row["sync/check_gap_before"] >= 0.01, row
-        assert row["sync/check_gap_after"] <= 1e-5, row
+        assert row["sync/check_gap_after"] <= 1e-4, row
 
 
 class DropsWeights:

@@ -7,7 +7,8 @@ the probe's continuation tokens (the worst engine's):
 - `sync/check_gap_before`: the engines' old weights against the trainer's new ones. It shows how
   far one update moved the policy; a sync that delivers nothing leaves the gap after this large.
 - `sync/check_gap_after`: after the sync. Near 0 when the weights arrived whole: fp32 on both
-  sides measured 1e-5 (SmolLM2, vLLM-CPU) and 0 (the tiny model, hf engine in-process).
+  sides measured 1e-5 (SmolLM2, vLLM-CPU) and 7e-6 to 1e-5 (the tiny model, hf engine
+  in-process, whose decode kernels sum products in another order than the trainer).
 
 Decisive in fp32. In bf16 the two sides' kernels differ by more than a small update moves the
 probe: SmolLM2 on vLLM-CPU in bf16 measured gaps of 0.06-0.08 after and 0.05-0.09 before at
