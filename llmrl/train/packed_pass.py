@@ -40,14 +40,14 @@ class PackedPass:
     """Attention bookkeeping for one packed pass.
 
     root: length of the shared start (0: none); prompt_lengths [U]: each distinct prompt's own
-    tokens after the root; source [R]: each suffix row's prompt among them; suffix_mask [R, S]:
-    each row's real suffix tokens, right-padded. The packed row holds the root's tokens, then
+    tokens after the root; source [R]: each suffix row's prompt among them; suffix_real [R, S]
+    (bool): each row's real suffix tokens, right-padded. The packed row holds the root's tokens, then
     each prompt's, then each suffix's, in that order.
     """
 
-    def __init__(self, root: int, prompt_lengths: torch.Tensor, source: torch.Tensor, suffix_mask: torch.Tensor) -> None:
+    def __init__(self, root: int, prompt_lengths: torch.Tensor, source: torch.Tensor, suffix_real: torch.Tensor) -> None:
         prompts, width = len(prompt_lengths), int(prompt_lengths.max())
-        suffixes, span = suffix_mask.shape
+        suffixes, span = suffix_real.shape
         first_prompt = 1 if root else 0
         self.first_suffix = first_prompt + prompts
         self.root, self.width = root, width
@@ -55,10 +55,9 @@ class PackedPass:
         real = torch.zeros(self.grid_rows, self.columns, dtype=torch.bool)
         real[0, :root] = root > 0
         real[first_prompt : self.first_suffix] = torch.arange(self.columns)[None] < prompt_lengths[:, None]
-        real[self.first_suffix :, :span] = suffix_mask > 0
+        real[self.first_suffix :, :span] = suffix_real
         self.index = real.flatten().nonzero().flatten()
-        self.suffix_tokens = int((suffix_mask > 0).sum())
-        self.suffix_index = (suffix_mask > 0).flatten().nonzero().flatten()
+        self.suffix_index = suffix_real.flatten().nonzero().flatten()
         self.suffix_shape = (suffixes, span)
         # the grid row whose prompt keys each row reads (only suffix rows use theirs; the others
         # read their own, masked out)
@@ -108,7 +107,7 @@ class PackedPass:
 
     def suffixes(self, hidden: torch.Tensor) -> torch.Tensor:
         """The pass's output [1, N, ...] -> the suffix rows' values [R, S, ...], zero at padding."""
-        tail = hidden[0, hidden.shape[1] - self.suffix_tokens :]
+        tail = hidden[0, hidden.shape[1] - len(self.suffix_index) :]
         rows, span = self.suffix_shape
         wide = tail.new_zeros(rows * span, *tail.shape[1:]).index_copy(0, self.suffix_index, tail)
         return wide.view(rows, span, *tail.shape[1:])
