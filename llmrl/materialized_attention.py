@@ -9,13 +9,14 @@ The trainer turns it on around its forward passes (`materialized_scores`); the r
 prefill keeps the fused kernel. The forward keeps the probabilities for the backward, in fp32,
 so memory grows with queries x keys; calls whose score matrix would exceed `MAX_SCORE_ELEMENTS`
 go to the fused kernel. The two products whose rounding the softmax amplifies, the scores
-(Q K^T) and the probabilities' gradient (dO V^T), run in fp32 on fp32 copies of bf16 inputs, as
-the fused kernel accumulates them. torch's CPU matmuls cannot write a bf16 product to an fp32
-result, so the inputs are cast; where the CPU multiplies bf16 natively, llmrl's kernels
-(`llmrl/kernels/wide_products.cpp`, MKL's bf16 x bf16 -> fp32 GEMM) make both products without
-copies and apply the mask and softmax, or its gradient, to each head's block while it is in cache. Against fp64,
-outputs and gradients are then as close as the fused kernel's (tests). The softmax runs in fp32;
-fp64 stays fp64.
+(Q K^T) and the probabilities' gradient (dO V^T), run in fp32, as the fused kernel accumulates
+them. On a CPU llmrl's kernels (`llmrl/kernels/softmax_products.cpp`) make both products with MKL
+and apply the mask and softmax, or its gradient, to each head's block while it is in cache: for
+fp32 operands, and for bf16 ones where the CPU multiplies bf16 natively (MKL's bf16 x bf16 -> fp32
+GEMM, no copies). Elsewhere torch's ops do it in passes over the whole score tensor, on fp32
+copies of bf16 inputs (torch's CPU matmuls cannot write a bf16 product to an fp32 result).
+Against fp64, outputs and gradients are as close as the fused kernel's (tests). The softmax runs
+in fp32; fp64 stays fp64.
 
 Backward (dO the output's gradient, P the probabilities, O = P V):
   dV = P^T dO,  dP = dO V^T,  dS = P * (dP - rowsum(P * dP)),  dQ = scale dS K,  dK = scale dS^T Q
@@ -97,7 +98,7 @@ class _Materialized(torch.autograd.Function):
         grad_value = _bmm(_narrowed(probs, value.dtype, "low_probs").transpose(-1, -2), grad_out)
         # P * (dP - rowsum(P * dP)); the scale goes on dQ and dK, which are smaller.
         if ctx.fused:
-            grad_scores = torch.ops.llmrl_kernels.softmax_backward_wide(grad_out, value, probs)
+            grad_scores = torch.ops.llmrl_kernels.softmax_backward_products(grad_out, value, probs)
         else:
             grad_probs = _bmm(grad_out.to(probs.dtype), value.to(probs.dtype).transpose(-1, -2), "scores")
             grad_scores = torch.ops.aten._softmax_backward_data(grad_probs, probs, -1, probs.dtype)
@@ -117,10 +118,11 @@ def _bmm(a: torch.Tensor, b: torch.Tensor, scratch: str | None = None) -> torch.
 
 
 def _fused_softmax(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None) -> bool:
-    """Whether llmrl's kernels take the softmax and its gradient whole (`wide_products.cpp`):
-    bf16 operands on a CPU that multiplies bf16 natively, and a boolean mask or none."""
-    bf16 = query.dtype == key.dtype == value.dtype == torch.bfloat16
-    return bf16 and query.device.type == "cpu" and (mask is None or mask.dtype == torch.bool) and _wide_products()
+    """Whether llmrl's kernels take the softmax and its gradient whole (`softmax_products.cpp`):
+    CPU operands of one dtype that `_softmax_products` serves, and a boolean mask or none."""
+    dtype = query.dtype
+    same = key.dtype == value.dtype == dtype
+    return same and query.device.type == "cpu" and (mask is None or mask.dtype == torch.bool) and _softmax_products(dtype)
 
 
 def _fused_probabilities(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
@@ -128,17 +130,19 @@ def _fused_probabilities(query: torch.Tensor, key: torch.Tensor, mask: torch.Ten
         mask = mask.expand(*query.shape[:3], key.shape[2])
         if mask.stride(-1) != 1:  # a mask broadcast over the keys
             mask = mask.contiguous()
-    return torch.ops.llmrl_kernels.masked_softmax_wide(query, key, mask, scale)
+    return torch.ops.llmrl_kernels.masked_softmax_products(query, key, mask, scale)
 
 
 @functools.cache
-def _wide_products() -> bool:
-    """Whether llmrl's bf16 -> fp32 products serve here: a CPU with native bf16 (elsewhere MKL
-    would emulate it) and the kernels built."""
+def _softmax_products(dtype: torch.dtype) -> bool:
+    """Whether llmrl's kernels make the products for `dtype` here: fp32 wherever they build
+    (cblas_sgemm), bf16 only on a CPU with native bf16 (elsewhere MKL would emulate it)."""
     from llmrl import kernels
     from llmrl.precision import cpu_has_native_bf16
 
-    return cpu_has_native_bf16() and kernels.load(kernels.DECODE) and bool(torch.ops.llmrl_kernels.wide_products_available())
+    if dtype not in (torch.float32, torch.bfloat16) or (dtype == torch.bfloat16 and not cpu_has_native_bf16()):
+        return False
+    return kernels.load(kernels.DECODE) and bool(torch.ops.llmrl_kernels.softmax_products_available(dtype))
 
 
 def _narrowed(t: torch.Tensor, dtype: torch.dtype, scratch: str) -> torch.Tensor:

@@ -112,16 +112,18 @@ def test_grouped_attention_materialises_several_queries_within_the_bound(monkeyp
     torch.testing.assert_close(out, want, atol=1e-6, rtol=1e-5)
 
 
-def test_the_fused_bf16_softmax_and_its_gradient_match_the_cast_path(monkeypatch):
-    """llmrl's kernels (MKL's bf16 x bf16 -> fp32 product, then the masked softmax or its gradient
-    on each head's block) against the module's path of fp32 copies and torch's softmax: the same
-    arithmetic up to the order of sums, on transposed-head views of the kind the packed pass hands
-    over, with a per-row mask, a row that sees nothing, and no mask."""
-    if not materialized._wide_products():
-        pytest.skip("no native bf16 on this CPU, or no cblas_gemm_bf16bf16f32 in this torch's MKL")
+@pytest.mark.parametrize("dtype, out_tol", [(torch.float32, 2e-6), (torch.bfloat16, 8e-3)])
+def test_the_fused_softmax_and_its_gradient_match_torchs_ops(monkeypatch, dtype, out_tol):
+    """llmrl's kernels (MKL's product, then the masked softmax or its gradient on each head's
+    block) against the module's path through torch's ops (fp32 copies of bf16 inputs, a product,
+    a masked fill and torch's softmax): the same arithmetic up to the order of sums, on
+    transposed-head views of the kind the packed pass hands over, with a per-row mask, a row that
+    sees nothing, and no mask."""
+    if not materialized._softmax_products(dtype):
+        pytest.skip(f"llmrl's kernels make no {dtype} products here (bf16 needs a CPU with native bf16)")
     g = torch.Generator().manual_seed(3)
-    q = (3 * torch.randn(2, 37, 3, 64, generator=g)).to(torch.bfloat16).transpose(1, 2)  # rows contiguous, heads strided
-    k, v = (torch.randn(2, 3, 29, 64, generator=g).to(torch.bfloat16) for _ in range(2))
+    q = (3 * torch.randn(2, 37, 3, 64, generator=g)).to(dtype).transpose(1, 2)  # rows contiguous, heads strided
+    k, v = (torch.randn(2, 3, 29, 64, generator=g).to(dtype) for _ in range(2))
     attend = torch.rand(2, 1, 37, 29, generator=g) < 0.7
     attend[1, 0, 5] = False  # a query that sees no key
     weights = torch.randn(2, 3, 37, 64, generator=g, dtype=torch.float64)
@@ -129,13 +131,23 @@ def test_the_fused_bf16_softmax_and_its_gradient_match_the_cast_path(monkeypatch
         assert materialized._fused_softmax(q, k, v, mask)
         fused = forward_backward(materialized_attention, (q, k, v), mask, weights)
         probs = materialized._fused_probabilities(q, k, mask, 0.3)
-        monkeypatch.setattr(materialized, "_wide_products", lambda: False)
-        cast = forward_backward(materialized_attention, (q, k, v), mask, weights)
+        monkeypatch.setattr(materialized, "_softmax_products", lambda dtype: False)
+        assert not materialized._fused_softmax(q, k, v, mask)
+        reference = forward_backward(materialized_attention, (q, k, v), mask, weights)
         want_probs = materialized._probabilities(q, k, mask, 0.3)
         monkeypatch.undo()
         torch.testing.assert_close(probs, want_probs, atol=2e-6, rtol=1e-5)  # fp32 probabilities
-        for name, a, b in zip(("out", "dq", "dk", "dv"), fused, cast):
-            # bf16 results: a last-bit difference in a sum may move one by an ulp (2^-8 relative)
-            assert (a - b).abs().max() <= 8e-3 * b.abs().max(), name
+        for name, a, b in zip(("out", "dq", "dk", "dv"), fused, reference):
+            # a last-bit difference in a sum moves a result by an ulp (bf16: 2^-8 relative)
+            assert (a - b).abs().max() <= out_tol * b.abs().max(), name
     blind = materialized._fused_probabilities(q, k, attend, 0.3)
     assert (blind[1, :, 5] == 0).all() and torch.allclose(blind.sum(-1)[0], torch.ones(3, 37))
+
+
+def test_the_fused_softmax_is_not_taken_for_mixed_dtypes_or_fp64():
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(1, 2, 5, 8, generator=g) for _ in range(3))
+    mask = torch.ones(1, 1, 5, 5, dtype=torch.bool)
+    assert not materialized._fused_softmax(q.double(), k.double(), v.double(), mask)
+    assert not materialized._fused_softmax(q, k.bfloat16(), v, mask)
+    assert not materialized._fused_softmax(q, k, v, torch.zeros(1, 1, 5, 5))  # an additive mask

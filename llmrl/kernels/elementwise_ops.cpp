@@ -1,8 +1,8 @@
-// decode_ops.cpp, training_ops.cpp (which uses its helpers), sampling.cpp, mkl_packed_gemm.cpp, panel_gemm.cpp, panel_gemm_bf16.cpp and wide_products.cpp compiled as one unit (see LIBRARIES in __init__.py).
+// decode_ops.cpp, training_ops.cpp (which uses its helpers), sampling.cpp, mkl_packed_gemm.cpp, panel_gemm.cpp, panel_gemm_bf16.cpp and softmax_products.cpp compiled as one unit (see LIBRARIES in __init__.py).
 #include "decode_ops.cpp"
 #include "mkl_packed_gemm.cpp"
 #include "panel_gemm.cpp"
 #include "panel_gemm_bf16.cpp"
 #include "training_ops.cpp"
 #include "sampling.cpp"
-#include "wide_products.cpp"
+#include "softmax_products.cpp"
