@@ -19,14 +19,17 @@ class Workspace:
     def __init__(self) -> None:
         self.buffers: dict[tuple, torch.Tensor] = {}
 
-    def get(self, name: str, shape: tuple[int, ...] | torch.Size, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        """A contiguous tensor of `shape` under `name`; its contents are whatever was left there."""
+    def get(self, name: str, shape: tuple[int, ...] | torch.Size, dtype: torch.dtype, device: torch.device, exact: bool = False) -> torch.Tensor:
+        """A contiguous tensor of `shape` under `name`; its contents are whatever was left there.
+        `exact`: never hold more than asked (a caller that sizes its room against a budget)."""
         key = (name, dtype, device)
         size = math.prod(shape)
         buf = self.buffers.get(key)
         if buf is None or buf.numel() < size:
             self.buffers.pop(key, None)  # free the smaller one before allocating its successor
-            buf = self.buffers[key] = torch.empty(size, dtype=dtype, device=device)
+            # an eighth more than asked when it grows: the next batch, a little longer, fits
+            room = size if buf is None or exact else size + size // 8
+            buf = self.buffers[key] = torch.empty(room, dtype=dtype, device=device)
         return buf[:size].view(shape)
 
 

@@ -93,3 +93,55 @@ def test_a_retained_graph_backs_up_twice_with_the_same_gradients():
     second = torch.autograd.grad(loss, (hidden, weight))  # the kept logits were consumed: recomputed
     for a, b in zip(first, second):
         assert torch.equal(a, b)
+
+
+def _in_fresh_thread(fn):
+    """fn() in a new thread, whose workspace and kept-logits claim start empty; its result."""
+    import threading
+
+    out = {}
+    worker = threading.Thread(target=lambda: out.setdefault("value", fn()))
+    worker.start()
+    worker.join()
+    return out["value"]
+
+
+class _Ctx:
+    """Stands in for an autograd context: the claim holds it weakly."""
+
+
+def _claim(n, chunk, budget_rows):
+    from llmrl.train.logprobs import _KEPT
+
+    ctx = _Ctx()
+    buf = _KEPT.claim(ctx, n, chunk, VOCAB, torch.float32, torch.device("cpu"), budget_rows * ROW_BYTES)
+    _KEPT.release(ctx)
+    return buf
+
+
+def test_the_kept_buffer_has_room_for_whole_chunks_within_the_budget():
+    def passes():
+        first = _claim(5, 4, 100)  # 5 rows: room for 8, two whole chunks
+        longer = _claim(8, 4, 100)  # a longer pass within that room takes the same memory
+        capped = _claim(9, 4, 10)  # room for 12 rows would pass the budget of 10: the budget holds
+        return first, longer, capped
+
+    first, longer, capped = _in_fresh_thread(passes)
+    assert first.shape == (5, VOCAB) and longer.shape == (8, VOCAB) and capped.shape == (9, VOCAB)
+    assert longer.data_ptr() == first.data_ptr()
+    assert capped.untyped_storage().nbytes() == 10 * ROW_BYTES
+
+
+def test_a_workspace_buffer_grows_by_an_eighth_more_than_asked():
+    from llmrl.workspace import workspace
+
+    def requests():
+        ws = workspace()
+        small = ws.get("t", (16,), torch.float32, torch.device("cpu"))  # the first request: exactly its size
+        grown = ws.get("t", (17, 2), torch.float32, torch.device("cpu"))  # 34 elements: room for 38
+        within = ws.get("t", (38,), torch.float32, torch.device("cpu"))
+        return small, grown, within
+
+    small, grown, within = _in_fresh_thread(requests)
+    assert small.untyped_storage().nbytes() == 16 * 4 and grown.untyped_storage().nbytes() == 38 * 4
+    assert grown.shape == (17, 2) and within.data_ptr() == grown.data_ptr()

@@ -144,7 +144,12 @@ class _KeptLogits:
         if rows == 0 or (owner is not None and owner() is not None):
             return None
         self.local.owner = weakref.ref(ctx)
-        return workspace().get("kept_logits", (rows, vocab), dtype, device)
+        # Room for whole chunks (within the budget): the next pass, a few rows longer, then finds
+        # the buffer big enough. A buffer made anew is faulted in page by page, 0.25 s a 200 MB
+        # chunk on a 2-core VM, which steps 2-5 of bench/vs_trl.py paid each time a micro-batch
+        # outgrew every earlier one (docs/benchmarks.md).
+        room = min(-(-rows // chunk) * chunk, max(rows, budget // row_bytes))
+        return workspace().get("kept_logits", (room, vocab), dtype, device, exact=True)[:rows]
 
     def release(self, ctx: object) -> None:
         owner = getattr(self.local, "owner", None)
