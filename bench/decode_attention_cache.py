@@ -20,9 +20,12 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's llmrl
+from llmrl.mkl_on_amd import reexec_with_preload  # noqa: E402
+
+reexec_with_preload()  # the process as `llmrl` runs it (the kernel is llmrl's; the rest of the process is MKL's)
+
+import torch  # noqa: E402
 from machine import machine_header, native_bf16  # noqa: E402  (bench/machine.py)
 
 ROWS, PROMPTS, KV_HEADS, GROUPS, HEAD, PROMPT_TOKENS, LAYERS = 32, 4, 3, 3, 64, 115, 30

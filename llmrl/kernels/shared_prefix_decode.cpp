@@ -144,11 +144,16 @@ inline float exponentiate(float* scores, int64_t count, float peak) {
 // The rows the next pair will read, asked for into L2 a few lines at a time while this pair
 // computes (a hint; nothing waits on it). Between two calls of a layer a decode step streams every
 // weight through the caches, so each call's cache comes from memory, in short runs per pair that
-// the hardware prefetcher picks up late. With the cache cold, a call at 64 generated keys took 0.71x
-// the time, and a warm call 1.14x (docs/benchmarks.md). Asked for all at once at the start of a
-// pair, the rows gained nothing: the misses queued behind each other.
+// the hardware prefetcher picks up late. Asked for all at once at the start of a pair, the rows
+// gained nothing: the misses queued behind each other. Spread over the pair's scores, an fp32
+// call at 64 generated keys took 0.77-0.87x the time with its cache cold (bench/
+// decode_attention_cache.py; the decode step's attention 0.8x), though 1.2x with it warm. bf16
+// rows are half the bytes, which the hardware keeps up with: no gain there, so only fp32 asks.
 // Up to four runs of rows (the next pair's own keys and values, and its prompt's when it is the
 // first of its prompt's rows here), each `count` rows `stride` bytes apart.
+template <typename T>
+constexpr bool kAskAhead = std::is_same_v<T, float>;
+
 struct Ahead {
   struct Run {
     const char* start;
@@ -237,9 +242,9 @@ void attend_pair(const T* query, int64_t query_stride, int64_t groups, int64_t d
     // chains per query in flight keep the FMA units busy where one chain left them waiting on
     // its previous result. Each score is summed in the order score_one sums it: the same bits.
     constexpr int64_t kBlock = 4;
-    ahead.plan(keys / kBlock);
+    if constexpr (kAskAhead<T>) ahead.plan(keys / kBlock);
     for (; j + kBlock <= keys; j += kBlock) {
-      ahead.step();
+      if constexpr (kAskAhead<T>) ahead.step();
       const T* k[kBlock];
       bool all = true;
       for (int64_t b = 0; b < kBlock; ++b) all = (k[b] = key_row(j + b)) != nullptr && all;
@@ -334,7 +339,7 @@ void attend_all(const at::Tensor& query, const at::Tensor& prefix_keys, const at
       const int64_t b = pair / kv_heads, h = pair % kv_heads, p = prompt_of[b];
       const bool* seen = valid == nullptr ? nullptr : valid + p * valid_stride;
       ahead.clear();
-      if (pair + 1 < end) {
+      if (kAskAhead<T> && pair + 1 < end) {
         const int64_t nb = (pair + 1) / kv_heads, nh = (pair + 1) % kv_heads, np = prompt_of[nb];
         for (const Rows* r : {&sk, &sv})
           ahead.add(reinterpret_cast<const char*>(row<T>(*r, nb, nh, 0)), r->s2 * static_cast<int64_t>(sizeof(T)), length);
