@@ -56,10 +56,9 @@ class PrefixPlan:
             causal = torch.ones(root, root, dtype=torch.bool).tril()[None, None]
             decoder(inputs_embeds=root_embeds, attention_mask=causal, position_ids=torch.arange(root)[None], past_key_values=cache, use_cache=True)
             _copy_rows(cache, torch.zeros(len(self.prefix_ids), dtype=torch.long))
-        prefix_positions = root + (self.prefix_mask.cumsum(-1) - 1).clamp(min=0)
         visible = self.visible_prefix()
         decoder(
-            inputs_embeds=prefix_embeds, attention_mask=visible, position_ids=prefix_positions,
+            inputs_embeds=prefix_embeds, attention_mask=visible, position_ids=self.prefix_positions(),
             past_key_values=cache, use_cache=True,
         )
         _copy_rows(cache, self.source)  # gradients add back into the prefix pass
@@ -72,14 +71,13 @@ class PrefixPlan:
     def _run_packed(self, decoder: torch.nn.Module) -> torch.Tensor:
         root = len(self.root_ids)
         prompt_lengths = self.prefix_mask.sum(-1)
-        suffix_real = self.suffix_mask > 0
+        prompt_real, suffix_real = self.prefix_mask > 0, self.suffix_mask > 0
         packed = PackedPass(root, prompt_lengths, self.source, suffix_real)
         # one lookup for every token of the pass: its backward builds one dense vocabulary-sized
         # gradient, not one per lookup plus their sum
-        ids = torch.cat([self.root_ids, self.prefix_ids[self.prefix_mask > 0], self.suffix_ids[suffix_real]])
+        ids = torch.cat([self.root_ids, self.prefix_ids[prompt_real], self.suffix_ids[suffix_real]])
         embeds = decoder.get_input_embeddings()(ids).unsqueeze(0)
-        prompt_positions = root + (self.prefix_mask.cumsum(-1) - 1).clamp(min=0)
-        positions = torch.cat([torch.arange(root), prompt_positions[self.prefix_mask > 0], self.suffix_positions[suffix_real]])
+        positions = torch.cat([torch.arange(root), self.prefix_positions()[prompt_real], self.suffix_positions[suffix_real]])
         with packed.attending():
             hidden = decoder(inputs_embeds=embeds, position_ids=positions[None], use_cache=False).last_hidden_state
         layers = decoder.config.num_hidden_layers
@@ -88,6 +86,10 @@ class PrefixPlan:
             # the others: refuse rather than train on that
             raise RuntimeError(f"packed pass: {packed.calls} attention calls for {layers} layers")
         return packed.suffixes(hidden)
+
+    def prefix_positions(self) -> torch.Tensor:
+        """[U, W]: each distinct prefix's token positions, counted on from the root (padding: the first)."""
+        return len(self.root_ids) + (self.prefix_mask.cumsum(-1) - 1).clamp(min=0)
 
     def visible_prefix(self) -> torch.Tensor:
         """[U, C + W]: the cache positions of each distinct prefix, root included, that hold tokens."""
