@@ -60,15 +60,16 @@ def train(recipe: Recipe, overwrite: bool = False) -> Path:
     # times out still closes the reward pool and a local Ray).
     with ExitStack() as cleanup:
         cleanup.callback(run.release)
-        # Parts: data, rewards (their worker pool starts before the model is loaded, so forked
-        # workers stay small), the policy's train engine, the algorithm's stages, the rollout engine,
-        # each placed by the cluster backend.
+        # Parts: data, rewards (their workers are forked before the model is loaded, so they stay
+        # small and share no page the trainer writes later), the policy's train engine, the
+        # algorithm's stages, the rollout engine, each placed by the cluster backend.
         tokenizer = load_tokenizer(recipe.model.name, recipe.model.revision)
         graded_by = reward_needing_answer([spec.fn for spec in recipe.reward.function_specs()])
         taskset = build_tasks(recipe.data, tokenizer, split=recipe.data.split, graded_by=graded_by)
         sampler = PromptSampler(taskset.tasks, recipe.train.prompts_per_step, seed=recipe.seed, shuffle=recipe.data.shuffle)
         rewards = RewardComputer(reward_config_with_overlong(recipe.reward, algo, recipe.rollout.max_new_tokens, taskset.kind), default_kind=taskset.kind)
         cleanup.callback(rewards.close)
+        rewards.start()
         total_updates = updates_per_run(recipe.train.steps, mini_batched_rows_per_step(recipe), algo, recipe.train.mini_batch_size)
         cluster = build_cluster(recipe)  # in this process, or Ray actors behind the same protocols
         cleanup.callback(cluster.shutdown)

@@ -382,3 +382,44 @@ def test_example_plugin_by_path_from_the_repository_root(monkeypatch: pytest.Mon
     with computer([spec], num_workers=1) as rewards:
         results = rewards.score([make_trajectory("abcdef"), make_trajectory("abc", finish_reason="length")])
     assert [r.parts for r in results] == [{"brevity": 0.5, "brevity/chars": 6.0}, {"brevity": 0.0, "brevity/chars": 3.0}]
+
+
+def test_start_forks_the_workers_that_then_score() -> None:
+    with computer(["gsm8k"], num_workers=2) as rewards:
+        rewards.start()
+        started = [worker.process for worker in rewards._pool._workers]  # noqa: SLF001 - lifecycle check
+        assert len(started) == 2 and all(p.is_alive() for p in started)
+        rewards.start()  # a second start forks nothing more
+        assert [w.process for w in rewards._pool._workers] == started  # noqa: SLF001
+        assert [r.score for r in rewards.score([make_trajectory("#### 42"), make_trajectory("#### 7")])] == [1.0, 0.0]
+        assert [w.process for w in rewards._pool._workers] == started  # noqa: SLF001 - the same processes scored
+    with computer(["gsm8k"], num_workers=0) as in_process:
+        in_process.start()  # nothing to fork
+        assert in_process._pool is None  # noqa: SLF001
+
+
+@pytest.mark.slow
+def test_the_loop_forks_reward_workers_before_it_loads_a_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A fork shares its parent's pages until one side writes them; a worker forked after the model
+    # loaded made every later first write of the trainer's (weights, packed decode copies) a page
+    # fault that copies the page: 1.2-1.4 s of re-packing in a step of SmolLM2-135M (docs/benchmarks.md).
+    import multiprocessing
+
+    import llmrl.loop as loop
+    from llmrl.recipe import load_recipe
+
+    alive_at_model_load: list[int] = []
+    build_cluster = loop.build_cluster
+
+    def recording(recipe):  # type: ignore[no-untyped-def]
+        alive_at_model_load.append(sum(p.name == "llmrl-reward-worker" for p in multiprocessing.active_children()))
+        return build_cluster(recipe)
+
+    monkeypatch.setattr(loop, "build_cluster", recording)
+    overrides = [
+        "model.name=tiny", "rollout.n=2", "train.prompts_per_step=1", "train.micro_batch_size=2", "rollout.max_new_tokens=4",
+        "logging.progress=false", "logging.tensorboard=false", "eval.benches=[]", "checkpoint.every=0",
+        "reward.num_workers=2", "train.steps=1", f"output_dir={tmp_path}",
+    ]
+    loop.train(load_recipe(str(Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml"), overrides))
+    assert alive_at_model_load == [2]

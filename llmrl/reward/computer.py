@@ -196,6 +196,18 @@ class RewardComputer:
         self._track_failures(outcomes)
         return results
 
+    def start(self) -> None:
+        """Fork the reward workers now (with reward.num_workers >= 1; otherwise nothing to start).
+        The training loop calls this before it loads a model, so that the workers hold only what
+        the process held then: see `_WorkerPool.start`."""
+        if self.cfg.num_workers > 0 and self._pool is None:
+            self._pool = self._new_pool()
+            self._pool.start()
+
+    def _new_pool(self) -> _WorkerPool:
+        specs = [component.spec for component in self.components]
+        return _WorkerPool(specs, self.cfg.num_workers, self.cfg.sandbox_settings())
+
     def metrics(self) -> dict[str, float]:
         """Counters of the last `score` call, keyed for the run's metric log."""
         return dict(self._metrics)
@@ -231,9 +243,7 @@ class RewardComputer:
         return outcomes
 
     def _run_in_pool(self, calls: list[_Call], budget_end: float | None) -> tuple[dict[int, _Outcome], int]:
-        if self._pool is None:
-            specs = [component.spec for component in self.components]
-            self._pool = _WorkerPool(specs, self.cfg.num_workers, self.cfg.sandbox_settings())
+        self._pool = self._pool or self._new_pool()
         try:
             run = self._pool.run(calls, self.cfg.timeout_s, self.cfg.skip_after_timeouts, budget_end)
             return run.outcomes, run.restarts

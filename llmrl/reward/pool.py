@@ -225,6 +225,14 @@ class _WorkerPool:
         self._lifeline = os.pipe() if method == "fork" else None
         self.guarantees: dict[str, str] = {}  # the sandbox report of the first worker started
 
+    def start(self) -> None:
+        """Start the workers now rather than at the first call. Each is a fork of this process, and
+        a fork shares every page of its parent until one side writes it: started after a model is
+        loaded, a worker keeps the old copy of each page the trainer writes later (weights, packed
+        copies, reused heap), and each such first write is a page fault that copies 4 KB. A worker
+        replaced after a hang or crash is forked from the process as it is then."""
+        self._fill()
+
     def run(
         self, calls: list[_Call], timeout_s: float, skip_after_timeouts: int, budget_end: float | None = None
     ) -> _PoolRun:
