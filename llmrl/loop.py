@@ -29,7 +29,7 @@ from llmrl.checkpoint import load_checkpoint, save_checkpoint
 from llmrl.data import PromptSampler, build_tasks
 from llmrl.distributed.cluster import build_cluster
 from llmrl.distributed.weight_sync import weight_sync_for
-from llmrl.eval.harness import evaluate_during_training, should_evaluate
+from llmrl.eval.harness import EvalGraders, evaluate_during_training, evaluates_during_training, should_evaluate
 from llmrl.models import load_tokenizer
 from llmrl.plot import write_run_curves
 from llmrl.recipe import Recipe, mini_batched_rows_per_step, resolve_recipe
@@ -60,9 +60,10 @@ def train(recipe: Recipe, overwrite: bool = False) -> Path:
     # times out still closes the reward pool and a local Ray).
     with ExitStack() as cleanup:
         cleanup.callback(run.release)
-        # Parts: data, rewards (their workers are forked before the model is loaded, so they stay
-        # small and share no page the trainer writes later), the policy's train engine, the
-        # algorithm's stages, the rollout engine, each placed by the cluster backend.
+        # Parts: data, rewards and the evaluation's graders (their workers are forked before the
+        # model is loaded, so they stay small and share no page the trainer writes later), the
+        # policy's train engine, the algorithm's stages, the rollout engine, each placed by the
+        # cluster backend.
         tokenizer = load_tokenizer(recipe.model.name, recipe.model.revision)
         graded_by = reward_needing_answer([spec.fn for spec in recipe.reward.function_specs()])
         taskset = build_tasks(recipe.data, tokenizer, split=recipe.data.split, graded_by=graded_by)
@@ -70,6 +71,9 @@ def train(recipe: Recipe, overwrite: bool = False) -> Path:
         rewards = RewardComputer(reward_config_with_overlong(recipe.reward, algo, recipe.rollout.max_new_tokens, taskset.kind), default_kind=taskset.kind)
         cleanup.callback(rewards.close)
         rewards.start()
+        graders = EvalGraders(recipe.eval) if evaluates_during_training(recipe.eval) else None
+        if graders is not None:
+            cleanup.callback(graders.close)
         total_updates = updates_per_run(recipe.train.steps, mini_batched_rows_per_step(recipe), algo, recipe.train.mini_batch_size)
         cluster = build_cluster(recipe)  # in this process, or Ray actors behind the same protocols
         cleanup.callback(cluster.shutdown)
@@ -151,7 +155,7 @@ def train(recipe: Recipe, overwrite: bool = False) -> Path:
             # 8. held-out evaluation of the synced weights, with the harness `llmrl eval` runs
             if should_evaluate(recipe.eval, step, recipe.train.steps):
                 started = time.perf_counter()
-                metrics.update(evaluate_during_training(rollout, tokenizer, recipe.eval, step, run_dir))
+                metrics.update(evaluate_during_training(rollout, tokenizer, recipe.eval, step, run_dir, graders))
                 metrics["time/eval"] = time.perf_counter() - started
             tracker.log(step, metrics)
             tracker.log_rollouts(step, sampled)

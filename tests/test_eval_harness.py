@@ -11,7 +11,7 @@ import pytest
 from llmrl.eval.benchmarks import load_bench_tasks, resolve_bench
 from llmrl.eval.cli import add_eval_arguments, config_from_args, main_eval, resolve_eval_model
 from llmrl.eval.config import EvalConfig
-from llmrl.eval.harness import evaluate_bench, evaluate_during_training, run_evaluation, should_evaluate
+from llmrl.eval.harness import EvalGraders, evaluate_bench, evaluate_during_training, evaluates_during_training, run_evaluation, should_evaluate
 from llmrl.types import Completion
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -87,6 +87,23 @@ def test_scripted_engine_gives_hand_computed_metrics(tokenizer, tmp_path):
     assert rows[6]["answer"] is None and rows[6]["correct"] is False  # item 3's "I do not know."
     assert {"prompt", "completion", "answer", "gold", "correct", "finish_reason", "response_tokens"} <= rows[0].keys()
     assert entry["run"]["samples_generated"] == 12
+
+
+def test_started_graders_grade_every_evaluation_and_stay_open(tokenizer, tmp_path):
+    cfg, bench_tasks, script = arithmetic_setup(tokenizer, reward_workers=1)
+    graders = EvalGraders(cfg)
+    try:
+        (worker,) = graders.get("arithmetic")._pool._workers  # noqa: SLF001 - forked at construction
+        assert worker.process.is_alive() and graders.get("gsm8k") is None
+        for run in ("a", "b"):
+            entry = evaluate_bench(ScriptedEngine(tokenizer, script), tokenizer, bench_tasks, cfg, tmp_path / run, graders=graders)
+            check_arithmetic_results(entry, tmp_path / run)
+        assert graders.get("arithmetic")._pool._workers == [worker] and worker.process.is_alive()  # noqa: SLF001
+    finally:
+        graders.close()
+    assert not worker.process.is_alive()
+    assert [evaluates_during_training(cfg.model_copy(update=u)) for u in ({}, {"every": 0}, {"at_end": False}, {"benches": []})] == [
+        True, False, False, False]
 
 
 def test_stop_strings_reach_the_engine(tokenizer, tmp_path):

@@ -399,7 +399,7 @@ def test_start_forks_the_workers_that_then_score() -> None:
 
 
 @pytest.mark.slow
-def test_the_loop_forks_reward_workers_before_it_loads_a_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_loop_forks_reward_and_grader_workers_before_it_loads_a_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # A fork shares its parent's pages until one side writes them; a worker forked after the model
     # loaded made every later first write of the trainer's (weights, packed decode copies) a page
     # fault that copies the page: 1.2-1.4 s of re-packing in a step of SmolLM2-135M (docs/benchmarks.md).
@@ -418,8 +418,11 @@ def test_the_loop_forks_reward_workers_before_it_loads_a_model(tmp_path: Path, m
     monkeypatch.setattr(loop, "build_cluster", recording)
     overrides = [
         "model.name=tiny", "rollout.n=2", "train.prompts_per_step=1", "train.micro_batch_size=2", "rollout.max_new_tokens=4",
-        "logging.progress=false", "logging.tensorboard=false", "eval.benches=[]", "checkpoint.every=0",
-        "reward.num_workers=2", "train.steps=1", f"output_dir={tmp_path}",
+        "logging.progress=false", "logging.tensorboard=false", "checkpoint.every=0",
+        "reward.num_workers=2", "train.steps=1", "eval.limit=2", "eval.max_new_tokens=4", "eval.progress=false",
+        f"output_dir={tmp_path}",
     ]
-    loop.train(load_recipe(str(Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml"), overrides))
-    assert alive_at_model_load == [2]
+    run = loop.train(load_recipe(str(Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml"), overrides))
+    assert alive_at_model_load == [3]  # two for the training reward, one for the evaluation's grader
+    assert (run / "eval" / "step_1" / "results.json").exists()
+    assert not [p for p in multiprocessing.active_children() if p.name == "llmrl-reward-worker"]  # all stopped

@@ -13,6 +13,7 @@ import argparse
 import hashlib
 import re
 import sys
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -103,7 +104,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from llmrl.eval.harness import prepare_benches, run_evaluation
+    from llmrl.eval.harness import EvalGraders, prepare_benches, run_evaluation
     from llmrl.eval.report import RESULTS_FILE, summary_table
     from llmrl.models import ModelConfig, load_tokenizer
     from llmrl.rollout.base import RolloutConfig, build_rollout_engine
@@ -119,18 +120,19 @@ def _run(args: argparse.Namespace) -> int:
     output = Path(args.output) if args.output else Path("runs") / "eval" / model["label"]
     tokenizer = load_tokenizer(model["path"])
     prepared = prepare_benches(cfg, tokenizer)  # data errors surface before the model loads
-    rollout_cfg = RolloutConfig(engine=args.engine, dtype=args.dtype, max_batch_size=cfg.batch_size)
-    engine = build_rollout_engine(rollout_cfg, ModelConfig(name=model["path"]), tokenizer, seed=args.seed)
-    model["sha256"] = model_sha256(model["path"])
-    try:
-        results = run_evaluation(
-            engine, tokenizer, cfg, output, prepared=prepared, resume=args.resume, model=model,
-            extra_recipe={"engine": args.engine, "dtype": args.dtype},
-        )
-    except KeyboardInterrupt:
-        print(f"\ninterrupted: the samples generated so far are in {output}/<bench>/samples.jsonl; "
-              "run the same command with --resume to finish", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    with closing(EvalGraders(cfg)) as graders:  # their workers forked before the model loads (docs/rewards.md)
+        rollout_cfg = RolloutConfig(engine=args.engine, dtype=args.dtype, max_batch_size=cfg.batch_size)
+        engine = build_rollout_engine(rollout_cfg, ModelConfig(name=model["path"]), tokenizer, seed=args.seed)
+        model["sha256"] = model_sha256(model["path"])
+        try:
+            results = run_evaluation(
+                engine, tokenizer, cfg, output, prepared=prepared, resume=args.resume, model=model,
+                extra_recipe={"engine": args.engine, "dtype": args.dtype}, graders=graders,
+            )
+        except KeyboardInterrupt:
+            print(f"\ninterrupted: the samples generated so far are in {output}/<bench>/samples.jsonl; "
+                  "run the same command with --resume to finish", file=sys.stderr)
+            return EXIT_INTERRUPTED
     print(summary_table(results["benches"]))
     print(f"results: {output / RESULTS_FILE}")
     return 0

@@ -48,6 +48,34 @@ def prepare_benches(cfg: EvalConfig, tokenizer: Any) -> list[BenchTasks]:
     return prepared
 
 
+class EvalGraders:
+    """One started `RewardComputer` per reward the benchmarks of `cfg` grade with, reused by every
+    evaluation until `close()`. Made before a model loads, so that their worker processes are
+    forked from a small process: a worker forked from one holding a model shares its pages, and
+    each first write of the model's process to a shared page afterwards is a page fault that
+    copies it (docs/rewards.md)."""
+
+    def __init__(self, cfg: EvalConfig) -> None:
+        rewards = sorted({resolve_bench(spec, cfg.reward).reward for spec in cfg.benches})
+        self._computers: dict[str, RewardComputer] = {}
+        try:
+            for reward in rewards:
+                computer = RewardComputer(RewardConfig(functions=[reward], num_workers=cfg.reward_workers))
+                self._computers[reward] = computer
+                computer.start()
+        except BaseException:
+            self.close()
+            raise
+
+    def get(self, reward: str) -> RewardComputer | None:
+        return self._computers.get(reward)
+
+    def close(self) -> None:
+        for computer in self._computers.values():
+            computer.close()
+        self._computers = {}
+
+
 def sampling_params(bench_tasks: BenchTasks, cfg: EvalConfig) -> SamplingParams:
     return SamplingParams(
         temperature=cfg.sampling_temperature,
@@ -67,9 +95,12 @@ def evaluate_bench(
     *,
     resume: bool = False,
     model: dict[str, Any] | None = None,
+    graders: EvalGraders | None = None,
 ) -> dict[str, Any]:
     """Evaluate one benchmark into `out_dir` (samples.jsonl, per_item.jsonl) and return its
-    entry of results.json: metrics, breakdowns, throughput, prompt format and data identity."""
+    entry of results.json: metrics, breakdowns, throughput, prompt format and data identity.
+    Grades with `graders`' computer for the benchmark's reward when it has one, else with a
+    computer of its own, started here and closed at the end."""
     bench = bench_tasks.bench
     sampling = sampling_params(bench_tasks, cfg)
     fingerprint = _fingerprint(bench_tasks, sampling, model)
@@ -83,7 +114,8 @@ def evaluate_bench(
     total = len(bench_tasks.tasks) * cfg.n
     generated_tokens, generated, correct, failures = 0, 0, 0, 0
     start = time.perf_counter()
-    rewards = RewardComputer(RewardConfig(functions=[bench.reward], num_workers=cfg.reward_workers))
+    shared = graders.get(bench.reward) if graders is not None else None
+    rewards = shared or RewardComputer(RewardConfig(functions=[bench.reward], num_workers=cfg.reward_workers))
     progress = _progress_bar(cfg, bench.name, total, total - len(todo))
     try:
         with SampleWriter(samples_path, kept) as writer:
@@ -108,7 +140,8 @@ def evaluate_bench(
     finally:
         if progress is not None:
             progress.close()
-        rewards.close()
+        if shared is None:
+            rewards.close()
     seconds = time.perf_counter() - start
 
     entry = score_samples(bench_tasks, cfg, out_dir, reader)
@@ -180,12 +213,13 @@ def run_evaluation(
     resume: bool = False,
     model: dict[str, Any] | None = None,
     extra_recipe: dict[str, Any] | None = None,
+    graders: EvalGraders | None = None,
 ) -> dict[str, Any]:
     """Evaluate every benchmark of `cfg` into `output_dir/<bench>/` and write results.json."""
     started = _now()
     prepared = prepared if prepared is not None else prepare_benches(cfg, tokenizer)
     benches = {
-        p.bench.name: evaluate_bench(engine, tokenizer, p, cfg, output_dir / p.bench.name, resume=resume, model=model)
+        p.bench.name: evaluate_bench(engine, tokenizer, p, cfg, output_dir / p.bench.name, resume=resume, model=model, graders=graders)
         for p in prepared
     }
     results = {
@@ -219,18 +253,23 @@ def flat_metrics(results: dict[str, Any], prefix: str = "eval") -> dict[str, flo
 _PREPARED: dict[tuple[int, str], list[BenchTasks]] = {}
 
 
+def evaluates_during_training(cfg: EvalConfig) -> bool:
+    """Whether `should_evaluate` says yes after any step at all."""
+    return bool(cfg.benches) and cfg.every != 0 and (cfg.every is not None or cfg.at_end)
+
+
 def should_evaluate(cfg: EvalConfig, step: int, last_step: int) -> bool:
     """Whether the loop evaluates after `step`: every `cfg.every` steps and, with `at_end`, after the
     last one; `every=0` turns evaluation during training off, the end included (what a user who
     writes 0 means; `at_end=false` keeps the periodic evaluations but skips the final one)."""
-    if not cfg.benches or cfg.every == 0:
+    if not evaluates_during_training(cfg):
         return False
     periodic = cfg.every is not None and step % cfg.every == 0
     return periodic or (cfg.at_end and step == last_step)
 
 
 def evaluate_during_training(
-    rollout_engine: RolloutEngine, tokenizer: Any, cfg: EvalConfig, step: int, output_dir: Path
+    rollout_engine: RolloutEngine, tokenizer: Any, cfg: EvalConfig, step: int, output_dir: Path, graders: EvalGraders | None = None
 ) -> dict[str, float]:
     """Evaluate the rollout engine's current weights; files go to output_dir/eval/step_<step>/.
 
@@ -243,7 +282,8 @@ def evaluate_during_training(
     if key not in _PREPARED:
         _PREPARED[key] = prepare_benches(cfg, tokenizer)
     results = run_evaluation(
-        rollout_engine, tokenizer, cfg, Path(output_dir) / "eval" / f"step_{step}", prepared=_PREPARED[key], model={"step": step}
+        rollout_engine, tokenizer, cfg, Path(output_dir) / "eval" / f"step_{step}", prepared=_PREPARED[key], model={"step": step},
+        graders=graders,
     )
     return flat_metrics(results)
 
