@@ -3,6 +3,7 @@ import math
 
 import pytest
 import torch
+from transformers.models.llama import modeling_llama
 from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
 
 from llmrl import kernels
@@ -10,7 +11,7 @@ from llmrl.algorithms import LOSSES, AlgorithmConfig, resolve_algorithm
 from llmrl.algorithms.base import LossContext
 from llmrl.models import ModelConfig, load_policy
 from llmrl.train.engine import TrainConfig
-from llmrl.train.fused_layers import fuse_training_layers, fused_rms_norm, fused_silu_mul
+from llmrl.train.fused_layers import _attention_forward, _fused_rotary, fuse_training_layers, fused_rms_norm, fused_silu_mul
 from llmrl.train.torch_engine import TorchTrainEngine
 
 pytestmark = pytest.mark.skipif(not kernels.load(kernels.DECODE), reason="llmrl's kernels do not build here")
@@ -73,6 +74,74 @@ def test_silu_mul_matches_transformers_forward_and_autograd(dtype):
     torch.testing.assert_close(got_up.grad, want_up.grad, **GRAD_TOLERANCE[dtype])
 
 
+def _rotary_case(dtype: torch.dtype, tokens: int = 37, batch: int = 2) -> tuple[torch.Tensor, ...]:
+    """q and k as LlamaAttention makes them (transposed views of the projections), cos and sin as
+    its rotary embedding does, and upstream gradients."""
+    torch.manual_seed(4)
+    q_proj, k_proj = torch.randn(batch, tokens, 4 * 16, dtype=dtype), torch.randn(batch, tokens, 2 * 16, dtype=dtype)
+    angles = torch.arange(tokens, dtype=torch.float32)[:, None] * (0.3 ** torch.arange(8, dtype=torch.float32))
+    angles = torch.cat([angles, angles], dim=-1).expand(batch, tokens, 16)
+    cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+    grad_q, grad_k = torch.randn(batch, 4, tokens, 16, dtype=dtype), torch.randn(batch, 2, tokens, 16, dtype=dtype)
+    return q_proj, k_proj, cos, sin, grad_q, grad_k
+
+
+def _rotated(apply, q_proj, k_proj, cos, sin, grad_q, grad_k):  # type: ignore[no-untyped-def]
+    q_in, k_in = q_proj.clone().requires_grad_(), k_proj.clone().requires_grad_()
+    batch, tokens = q_in.shape[:2]
+    q = q_in.view(batch, tokens, -1, 16).transpose(1, 2)
+    k = k_in.view(batch, tokens, -1, 16).transpose(1, 2)
+    q_out, k_out = apply(q, k, cos, sin)
+    torch.autograd.backward([q_out, k_out], [grad_q, grad_k])
+    return q_out, k_out, q_in.grad, k_in.grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_gives_transformers_bits_forward_and_backward(dtype):
+    case = _rotary_case(dtype)
+    current = modeling_llama.apply_rotary_pos_emb  # switched already if an earlier test fused a Llama
+    want = _rotated(getattr(current, "llmrl_original", current), *case)
+    fused = _fused_rotary(lambda *a: pytest.fail("the fused path should have taken these"))
+
+    class Attention(torch.nn.Module):
+        def forward(self, *args):  # type: ignore[no-untyped-def]
+            return fused(*args)
+
+    attention = Attention()
+    got = _rotated(lambda *a: _attention_forward(attention, *a), *case)
+    for g, w, name in zip(got, want, ("q", "k", "q grad", "k grad")):
+        assert g.shape == w.shape and (g.stride() == w.stride() or name.endswith("grad")), name  # the layout torch's ops give
+        assert torch.equal(g, w), name  # bit for bit
+
+
+def test_rotary_worked_example_and_what_goes_to_transformers():
+    """One head of size 4 at angle t: (x1, x2 | x3, x4) -> x1 c - x3 s, x2 c - x4 s | x3 c + x1 s, x4 c + x2 s;
+    the gradient is the transpose: g1 c + g3 s, g2 c + g4 s | g3 c - g1 s, g4 c - g2 s."""
+    c, s = math.cos(0.5), math.sin(0.5)
+    x = torch.tensor([1.0, 2.0, 3.0, 4.0]).view(1, 1, 1, 4).requires_grad_()
+    cos, sin = torch.full((1, 1, 4), c), torch.full((1, 1, 4), s)
+    calls = []
+    fused = _fused_rotary(lambda *a: calls.append(a) or (a[0], a[1]))
+
+    class Attention(torch.nn.Module):
+        def forward(self, *args):  # type: ignore[no-untyped-def]
+            return fused(*args)
+
+    attention = Attention()
+    q, _ = _attention_forward(attention, x, x, cos, sin)
+    torch.testing.assert_close(q.view(4), torch.tensor([1 * c - 3 * s, 2 * c - 4 * s, 3 * c + 1 * s, 4 * c + 2 * s]))
+    g = torch.tensor([1.0, -1.0, 2.0, 0.5])
+    q.backward(g.view(1, 1, 1, 4))
+    torch.testing.assert_close(x.grad.view(4), torch.tensor([1 * c + 2 * s, -1 * c + 0.5 * s, 2 * c - 1 * s, 0.5 * c + 1 * s]))
+    assert not calls
+    fused(x, x, cos, sin)  # outside a switched attention's forward: transformers' function
+    _attention_forward(attention, x, x, cos, sin, 2)  # unsqueeze_dim 2: another layout
+    _attention_forward(attention, x.double(), x.double(), cos.double(), sin.double())  # fp64
+    _attention_forward(attention, x, x, cos.requires_grad_(), sin)  # cos to be trained
+    _attention_forward(attention, x, x, cos[..., :2].detach(), sin[..., :2])  # a partial rotary
+    assert len(calls) == 5
+
+
 def test_empty_input_and_a_frozen_weight():
     weight = torch.ones(8)  # no grad wanted, as LoRA leaves the norms
     x = torch.zeros(0, 8, requires_grad=True)
@@ -115,7 +184,7 @@ def test_the_engine_trains_the_same_with_and_without_the_fused_layers(tiny_path)
         model = load_policy(ModelConfig(name=tiny_path))
         engine = TorchTrainEngine(model, TrainConfig(lr=0.0, precision="fp32", micro_batch_size=4, fused_layers=fused), total_updates=1)
         switched = sum(m.forward.__func__.__module__ == "llmrl.train.fused_layers" for m in model.modules() if "forward" in vars(m))
-        assert switched == (2 * model.config.num_hidden_layers + 1 + model.config.num_hidden_layers if fused else 0)
+        assert switched == (2 * model.config.num_hidden_layers + 1 + 2 * model.config.num_hidden_layers if fused else 0)
         metrics = engine.step(dict(batch), LOSSES[algo.loss], LossContext(step=0, cfg=algo))
         losses[fused] = metrics["actor/loss"]
         grads[fused] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}

@@ -1,5 +1,6 @@
-// Forward and backward of a Llama-family layer's RMSNorm and SiLU-gated product for training on a
-// CPU, each one pass over its tensors (llmrl/train/fused_layers.py wraps them for autograd).
+// Forward and backward of a Llama-family layer's RMSNorm, SiLU-gated product and rotary embedding
+// for training on a CPU, each one pass over its tensors (llmrl/train/fused_layers.py wraps them
+// for autograd).
 //
 // Why: transformers' RMSNorm is seven small ops and its backward about ten more, each a full pass
 // over [tokens, width]: at 1,900 tokens of SmolLM2-135M one norm's forward and backward took 16
@@ -11,6 +12,7 @@
 //
 // Compiled in one unit after decode_ops.cpp (elementwise_ops.cpp), whose row helpers it uses.
 #include <ATen/Parallel.h>
+#include <ATen/ops/empty_like.h>
 #include <ATen/ops/zeros.h>
 
 #include <tuple>
@@ -143,6 +145,60 @@ std::tuple<at::Tensor, at::Tensor> silu_mul_backward(const at::Tensor& grad, con
   return {grad_gate, grad_up};
 }
 
+// transformers' apply_rotary_pos_emb for one of q or k, x [B, H, T, D] (any strides, unit along
+// D) with cos and sin [B, T, D] in x's dtype, as one pass: x * cos + rotate_half(x) * sin with each
+// product and the sum rounded to the dtype. `backward` applies the transpose instead, the gradient
+// that autograd takes through transformers' ops with the same roundings: for halves (g1, g2) of
+// the upstream gradient, (g1 c1 + g2 s2, g2 c2 - g1 s1). The result has x's layout (empty_like):
+// the one torch's elementwise ops give, so what reads it next sees the strides it saw before.
+at::Tensor rotary_train(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, bool backward) {
+  TORCH_CHECK(x.dim() == 4 && x.stride(3) == 1, "x must be [batch, heads, tokens, head size] with unit stride along the head size");
+  const int64_t batch = x.size(0), heads = x.size(1), tokens = x.size(2), dim = x.size(3), half = dim / 2;
+  TORCH_CHECK(dim % 2 == 0, "the head size must be even, got ", dim);
+  for (const at::Tensor* t : {&cos, &sin}) {
+    TORCH_CHECK(t->dim() == 3 && t->size(0) == batch && t->size(1) == tokens && t->size(2) == dim && t->is_contiguous(),
+                "cos and sin must be contiguous [batch, tokens, head size] matching x");
+    TORCH_CHECK(t->scalar_type() == x.scalar_type(), "cos and sin must have x's dtype");
+  }
+  at::Tensor out = at::empty_like(x);
+  const int64_t sb = x.stride(0), sh = x.stride(1), st = x.stride(2);
+  const int64_t ob = out.stride(0), oh = out.stride(1), ot = out.stride(2);
+  by_dtype(x, [&](auto tag) {
+    using T = decltype(tag);
+    const T* in = x.data_ptr<T>();
+    T* o = out.data_ptr<T>();
+    const T* cos_all = cos.data_ptr<T>();
+    const T* sin_all = sin.data_ptr<T>();
+    at::parallel_for(0, batch * tokens, kRowsPerTask, [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) {
+        const int64_t b = row / tokens, t = row % tokens;
+        const T* c = cos_all + row * dim;
+        const T* s = sin_all + row * dim;
+        for (int64_t h = 0; h < heads; ++h) {
+          const T* v = in + b * sb + h * sh + t * st;
+          T* w = o + b * ob + h * oh + t * ot;
+          if (backward) {
+#pragma omp simd
+            for (int64_t i = 0; i < half; ++i) {
+              const float first = widen(v[i]), second = widen(v[i + half]);
+              w[i] = narrow<T>(as<T>(first * widen(c[i])) + as<T>(second * widen(s[i + half])));
+              w[i + half] = narrow<T>(as<T>(second * widen(c[i + half])) + as<T>(-(first * widen(s[i]))));
+            }
+          } else {
+#pragma omp simd
+            for (int64_t i = 0; i < half; ++i) {
+              const float first = widen(v[i]), second = widen(v[i + half]);
+              w[i] = narrow<T>(as<T>(first * widen(c[i])) + as<T>(-(second * widen(s[i]))));
+              w[i + half] = narrow<T>(as<T>(second * widen(c[i + half])) + as<T>(first * widen(s[i + half])));
+            }
+          }
+        }
+      }
+    });
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(llmrl_kernels, m) {
@@ -150,6 +206,7 @@ TORCH_LIBRARY_FRAGMENT(llmrl_kernels, m) {
   m.def("rms_norm_backward(Tensor grad, Tensor x, Tensor weight, Tensor inverse, bool weight_grad) -> (Tensor, Tensor)");
   m.def("silu_mul_train(Tensor gate, Tensor up) -> Tensor");
   m.def("silu_mul_backward(Tensor grad, Tensor gate, Tensor up) -> (Tensor, Tensor)");
+  m.def("rotary_train(Tensor x, Tensor cos, Tensor sin, bool backward) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(llmrl_kernels, CPU, m) {
@@ -157,4 +214,5 @@ TORCH_LIBRARY_IMPL(llmrl_kernels, CPU, m) {
   m.impl("rms_norm_backward", &rms_norm_backward);
   m.impl("silu_mul_train", &silu_mul_train);
   m.impl("silu_mul_backward", &silu_mul_backward);
+  m.impl("rotary_train", &rotary_train);
 }
