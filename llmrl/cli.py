@@ -15,13 +15,14 @@ class LaunchError(RuntimeError):
 
 def user_errors() -> tuple[type[BaseException], ...]:
     from llmrl.data.config import DataConfigError
+    from llmrl.eval.benchmarks import EvalError
     from llmrl.models import ModelError
     from llmrl.plot import PlotError
     from llmrl.recipe import RecipeError
     from llmrl.reward import RewardConfigError
     from llmrl.run_dir import RunDirError
 
-    return (RecipeError, ModelError, DataConfigError, RewardConfigError, RunDirError, PlotError, LaunchError)
+    return (RecipeError, ModelError, DataConfigError, EvalError, RewardConfigError, RunDirError, PlotError, LaunchError)
 
 
 # A run stopped by SIGTERM or Ctrl-C after saving its checkpoint: sysexits.h's EX_TEMPFAIL ("try

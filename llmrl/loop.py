@@ -29,7 +29,7 @@ from llmrl.checkpoint import load_checkpoint, save_checkpoint
 from llmrl.data import PromptSampler, build_tasks
 from llmrl.distributed.cluster import build_cluster
 from llmrl.distributed.weight_sync import weight_sync_for
-from llmrl.eval.harness import EvalGraders, evaluate_during_training, evaluates_during_training, should_evaluate
+from llmrl.eval.harness import evaluate_during_training, should_evaluate, start_training_evaluation
 from llmrl.models import load_tokenizer
 from llmrl.plot import write_run_curves
 from llmrl.recipe import Recipe, mini_batched_rows_per_step, resolve_recipe
@@ -71,7 +71,7 @@ def train(recipe: Recipe, overwrite: bool = False) -> Path:
         rewards = RewardComputer(reward_config_with_overlong(recipe.reward, algo, recipe.rollout.max_new_tokens, taskset.kind), default_kind=taskset.kind)
         cleanup.callback(rewards.close)
         rewards.start()
-        graders = EvalGraders(recipe.eval) if evaluates_during_training(recipe.eval) else None
+        graders = start_training_evaluation(recipe.eval, tokenizer)  # a bad benchmark fails here, not after training
         if graders is not None:
             cleanup.callback(graders.close)
         total_updates = updates_per_run(recipe.train.steps, mini_batched_rows_per_step(recipe), algo, recipe.train.mini_batch_size)

@@ -369,3 +369,21 @@ def test_the_progress_bar_counts_samples_and_shows_accuracy_and_tokens_per_secon
     evaluate_bench(ScriptedEngine(tokenizer, script), tokenizer, bench_tasks, cfg, tmp_path)
     assert [n for n, _ in seen] == [4, 8, 12]  # samples, batch by batch
     assert seen[-1][1]["acc"] == "0.500" and float(seen[-1][1]["tok/s"]) > 0
+
+
+def test_a_benchmark_that_cannot_be_read_fails_training_before_it_starts(tmp_path):
+    """Before: the run trained every step, then failed at its evaluation, before the final checkpoint."""
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    missing = tmp_path / "missing.jsonl"
+    out = subprocess.run(
+        [sys.executable, "-m", "llmrl.cli", "train", str(repo / "recipes" / "quickstart.yaml"), "model.name=tiny", "train.steps=2",
+         f"eval.benches=[{missing}]", "eval.reward=arithmetic", "logging.progress=false", f"output_dir={tmp_path / 'run'}"],
+        capture_output=True, text=True, timeout=300, cwd=repo,
+    )
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("llmrl: error: eval.benches: ") and str(missing) in last
+    assert not (tmp_path / "run" / "metrics.jsonl").exists() or not (tmp_path / "run" / "metrics.jsonl").read_text().strip()

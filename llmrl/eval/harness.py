@@ -16,6 +16,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from llmrl.data.config import DataConfigError
 from llmrl.eval.benchmarks import ANSWER_READERS, AnswerReader, BenchTasks, EvalError, load_bench_tasks, resolve_bench
 from llmrl.eval.config import EvalConfig
 from llmrl.eval.metrics import GradedSample, accuracy_metrics, breakdown, group_by_item, majority_answer, sample_metrics
@@ -268,6 +269,26 @@ def should_evaluate(cfg: EvalConfig, step: int, last_step: int) -> bool:
     return periodic or (cfg.at_end and step == last_step)
 
 
+def _prepared_for_training(cfg: EvalConfig, tokenizer: Any) -> list[BenchTasks]:
+    key = (id(tokenizer), cfg.model_dump_json(exclude={"every", "at_end", "progress"}))
+    if key not in _PREPARED:
+        _PREPARED[key] = prepare_benches(cfg, tokenizer)
+    return _PREPARED[key]
+
+
+def start_training_evaluation(cfg: EvalConfig, tokenizer: Any) -> EvalGraders | None:
+    """For the training loop, before it loads a model: load the benchmarks of `cfg` (kept for
+    every evaluation of the run), so that a benchmark that cannot be read fails the run before it
+    trains rather than after, and start their graders. None when the run never evaluates."""
+    if not evaluates_during_training(cfg):
+        return None
+    try:
+        _prepared_for_training(cfg, tokenizer)
+    except (EvalError, DataConfigError) as exc:
+        raise EvalError(f"eval.benches: {exc}") from exc
+    return EvalGraders(cfg)
+
+
 def evaluate_during_training(
     rollout_engine: RolloutEngine, tokenizer: Any, cfg: EvalConfig, step: int, output_dir: Path, graders: EvalGraders | None = None
 ) -> dict[str, float]:
@@ -278,12 +299,9 @@ def evaluate_during_training(
     """
     if not cfg.benches:
         return {}
-    key = (id(tokenizer), cfg.model_dump_json(exclude={"every", "at_end", "progress"}))
-    if key not in _PREPARED:
-        _PREPARED[key] = prepare_benches(cfg, tokenizer)
     results = run_evaluation(
-        rollout_engine, tokenizer, cfg, Path(output_dir) / "eval" / f"step_{step}", prepared=_PREPARED[key], model={"step": step},
-        graders=graders,
+        rollout_engine, tokenizer, cfg, Path(output_dir) / "eval" / f"step_{step}", prepared=_prepared_for_training(cfg, tokenizer),
+        model={"step": step}, graders=graders,
     )
     return flat_metrics(results)
 
