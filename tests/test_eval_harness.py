@@ -91,7 +91,7 @@ def test_scripted_engine_gives_hand_computed_metrics(tokenizer, tmp_path):
 
 def test_started_graders_grade_every_evaluation_and_stay_open(tokenizer, tmp_path):
     cfg, bench_tasks, script = arithmetic_setup(tokenizer, reward_workers=1)
-    graders = EvalGraders(cfg)
+    graders = EvalGraders([bench_tasks], cfg.reward_workers)
     try:
         (worker,) = graders.get("arithmetic")._pool._workers  # noqa: SLF001 - forked at construction
         assert worker.process.is_alive() and graders.get("gsm8k") is None

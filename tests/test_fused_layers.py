@@ -74,6 +74,17 @@ def test_silu_mul_matches_transformers_forward_and_autograd(dtype):
     torch.testing.assert_close(got_up.grad, want_up.grad, **GRAD_TOLERANCE[dtype])
 
 
+def _in_switched_attention(fused):  # type: ignore[no-untyped-def]
+    """`fused` (a switched apply_rotary_pos_emb) called from inside a switched attention's forward."""
+
+    class Attention(torch.nn.Module):
+        def forward(self, *args):  # type: ignore[no-untyped-def]
+            return fused(*args)
+
+    attention = Attention()
+    return lambda *args: _attention_forward(attention, *args)
+
+
 def _rotary_case(dtype: torch.dtype, tokens: int = 37, batch: int = 2) -> tuple[torch.Tensor, ...]:
     """q and k as LlamaAttention makes them (transposed views of the projections), cos and sin as
     its rotary embedding does, and upstream gradients."""
@@ -101,14 +112,8 @@ def test_rotary_gives_transformers_bits_forward_and_backward(dtype):
     case = _rotary_case(dtype)
     current = modeling_llama.apply_rotary_pos_emb  # switched already if an earlier test fused a Llama
     want = _rotated(getattr(current, "llmrl_original", current), *case)
-    fused = _fused_rotary(lambda *a: pytest.fail("the fused path should have taken these"))
-
-    class Attention(torch.nn.Module):
-        def forward(self, *args):  # type: ignore[no-untyped-def]
-            return fused(*args)
-
-    attention = Attention()
-    got = _rotated(lambda *a: _attention_forward(attention, *a), *case)
+    switched = _in_switched_attention(_fused_rotary(lambda *a: pytest.fail("the fused path should have taken these")))
+    got = _rotated(switched, *case)
     for g, w, name in zip(got, want, ("q", "k", "q grad", "k grad")):
         assert g.shape == w.shape and (g.stride() == w.stride() or name.endswith("grad")), name  # the layout torch's ops give
         assert torch.equal(g, w), name  # bit for bit
@@ -122,23 +127,18 @@ def test_rotary_worked_example_and_what_goes_to_transformers():
     cos, sin = torch.full((1, 1, 4), c), torch.full((1, 1, 4), s)
     calls = []
     fused = _fused_rotary(lambda *a: calls.append(a) or (a[0], a[1]))
-
-    class Attention(torch.nn.Module):
-        def forward(self, *args):  # type: ignore[no-untyped-def]
-            return fused(*args)
-
-    attention = Attention()
-    q, _ = _attention_forward(attention, x, x, cos, sin)
+    switched = _in_switched_attention(fused)
+    q, _ = switched(x, x, cos, sin)
     torch.testing.assert_close(q.view(4), torch.tensor([1 * c - 3 * s, 2 * c - 4 * s, 3 * c + 1 * s, 4 * c + 2 * s]))
     g = torch.tensor([1.0, -1.0, 2.0, 0.5])
     q.backward(g.view(1, 1, 1, 4))
     torch.testing.assert_close(x.grad.view(4), torch.tensor([1 * c + 2 * s, -1 * c + 0.5 * s, 2 * c - 1 * s, 0.5 * c + 1 * s]))
     assert not calls
     fused(x, x, cos, sin)  # outside a switched attention's forward: transformers' function
-    _attention_forward(attention, x, x, cos, sin, 2)  # unsqueeze_dim 2: another layout
-    _attention_forward(attention, x.double(), x.double(), cos.double(), sin.double())  # fp64
-    _attention_forward(attention, x, x, cos.requires_grad_(), sin)  # cos to be trained
-    _attention_forward(attention, x, x, cos[..., :2].detach(), sin[..., :2])  # a partial rotary
+    switched(x, x, cos, sin, 2)  # unsqueeze_dim 2: another layout
+    switched(x.double(), x.double(), cos.double(), sin.double())  # fp64
+    switched(x, x, cos.requires_grad_(), sin)  # cos to be trained
+    switched(x, x, cos[..., :2].detach(), sin[..., :2])  # a partial rotary
     assert len(calls) == 5
 
 

@@ -120,7 +120,7 @@ def _run(args: argparse.Namespace) -> int:
     output = Path(args.output) if args.output else Path("runs") / "eval" / model["label"]
     tokenizer = load_tokenizer(model["path"])
     prepared = prepare_benches(cfg, tokenizer)  # data errors surface before the model loads
-    with closing(EvalGraders(cfg)) as graders:  # their workers forked before the model loads (docs/rewards.md)
+    with closing(EvalGraders(prepared, cfg.reward_workers)) as graders:  # their workers forked before the model loads (docs/rewards.md)
         rollout_cfg = RolloutConfig(engine=args.engine, dtype=args.dtype, max_batch_size=cfg.batch_size)
         engine = build_rollout_engine(rollout_cfg, ModelConfig(name=model["path"]), tokenizer, seed=args.seed)
         model["sha256"] = model_sha256(model["path"])

@@ -50,18 +50,18 @@ def prepare_benches(cfg: EvalConfig, tokenizer: Any) -> list[BenchTasks]:
 
 
 class EvalGraders:
-    """One started `RewardComputer` per reward the benchmarks of `cfg` grade with, reused by every
-    evaluation until `close()`. Made before a model loads, so that their worker processes are
-    forked from a small process: a worker forked from one holding a model shares its pages, and
-    each first write of the model's process to a shared page afterwards is a page fault that
-    copies it (docs/rewards.md)."""
+    """One started `RewardComputer` per reward the prepared benchmarks grade with (`workers`
+    processes each), reused by every evaluation until `close()`. Made before a model loads, so
+    that their worker processes are forked from a small process: a worker forked from one holding
+    a model shares its pages, and each first write of the model's process to a shared page
+    afterwards is a page fault that copies it (docs/rewards.md)."""
 
-    def __init__(self, cfg: EvalConfig) -> None:
-        rewards = sorted({resolve_bench(spec, cfg.reward).reward for spec in cfg.benches})
+    def __init__(self, prepared: list[BenchTasks], workers: int) -> None:
+        rewards = sorted({p.bench.reward for p in prepared})
         self._computers: dict[str, RewardComputer] = {}
         try:
             for reward in rewards:
-                computer = RewardComputer(RewardConfig(functions=[reward], num_workers=cfg.reward_workers))
+                computer = RewardComputer(RewardConfig(functions=[reward], num_workers=workers))
                 self._computers[reward] = computer
                 computer.start()
         except BaseException:
@@ -283,10 +283,10 @@ def start_training_evaluation(cfg: EvalConfig, tokenizer: Any) -> EvalGraders | 
     if not evaluates_during_training(cfg):
         return None
     try:
-        _prepared_for_training(cfg, tokenizer)
+        prepared = _prepared_for_training(cfg, tokenizer)
     except (EvalError, DataConfigError) as exc:
         raise EvalError(f"eval.benches: {exc}") from exc
-    return EvalGraders(cfg)
+    return EvalGraders(prepared, cfg.reward_workers)
 
 
 def evaluate_during_training(
