@@ -69,7 +69,7 @@ def grouped_attention(
     # The trainer's passes (several queries a head) run as batched matmuls where the scores fit;
     # decode's single query reads the cache once through the fused kernel, which is faster there.
     if queries > 1 and serves(grouped, key, mask):
-        out = materialized_attention(grouped, key, value, mask, scaling)
+        out = materialized_attention(grouped, key, value, mask, scaling, row_period=queries if groups > 1 else 0)
     else:
         out = torch.nn.functional.scaled_dot_product_attention(grouped, key, value, attn_mask=mask, scale=scaling)
     return out.reshape(batch, heads, queries, dim).transpose(1, 2).contiguous()

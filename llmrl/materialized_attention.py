@@ -10,10 +10,12 @@ prefill keeps the fused kernel. The forward keeps the probabilities for the back
 so memory grows with queries x keys; calls whose score matrix would exceed `MAX_SCORE_ELEMENTS`
 go to the fused kernel. The two products whose rounding the softmax amplifies, the scores
 (Q K^T) and the probabilities' gradient (dO V^T), run in fp32, as the fused kernel accumulates
-them. On a CPU llmrl's kernels (`llmrl/kernels/softmax_products.cpp`) make both products with MKL
-and apply the mask and softmax, or its gradient, to each head's block while it is in cache: for
-fp32 operands, and for bf16 ones where the CPU multiplies bf16 natively (MKL's bf16 x bf16 -> fp32
-GEMM, no copies). Elsewhere torch's ops do it in passes over the whole score tensor, on fp32
+them. On a CPU llmrl's kernels (`llmrl/kernels/softmax_products.cpp`) run the forward and the
+backward whole with MKL's products, a tile of query rows at a time: each tile's scores are made,
+turned into probabilities (or gradients) and multiplied again while they are in cache, and only
+over the keys its rows see (a causal mask's upper triangle is never computed). That serves fp32
+operands, and bf16 ones where the CPU multiplies bf16 natively (MKL's bf16 x bf16 -> fp32 GEMM, no
+copies). Elsewhere torch's ops do it in passes over the whole score tensor, on fp32
 copies of bf16 inputs (torch's CPU matmuls cannot write a bf16 product to an fp32 result).
 Against fp64, outputs and gradients are as close as the fused kernel's (tests). The softmax runs
 in fp32; fp64 stays fp64.
@@ -65,12 +67,14 @@ def serves(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None) ->
 
 
 def materialized_attention(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None, scale: float
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None, scale: float, row_period: int = 0
 ) -> torch.Tensor:
     """softmax(query key^T * scale + mask) value for [B, h, Q, D] inputs; `mask` is SDPA's,
     boolean (True = attend) or additive, broadcastable to [B, h, Q, K]. A query that sees no
     key gets a zero output and zero gradients, as SDPA gives. Under autocast the inputs are cast
-    to autocast's dtype, as SDPA's are; without it, to the widest of theirs."""
+    to autocast's dtype, as SDPA's are; without it, to the widest of theirs. `row_period`: the
+    queries come in runs of that many rows whose masks differ (the grouped layout's query heads,
+    stacked), which llmrl's kernels keep apart when they tile the rows; 0 when there are none."""
     device = query.device.type
     if torch.is_autocast_enabled(device):
         dtype = torch.get_autocast_dtype(device)
@@ -79,33 +83,37 @@ def materialized_attention(
     query, key, value = (t.to(dtype) for t in (query, key, value))
     # The casts above are autocast's for these inputs; inside, every product stays in `dtype`.
     with torch.autocast(device, enabled=False):
-        return _Materialized.apply(query, key, value, mask, scale)
+        return _Materialized.apply(query, key, value, mask, scale, row_period)
 
 
 class _Materialized(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, query, key, value, mask, scale):  # type: ignore[override]
-        ctx.fused = _fused_softmax(query, key, value, mask)
-        probs = _fused_probabilities(query, key, mask, scale) if ctx.fused else _probabilities(query, key, mask, scale)
+    def forward(ctx, query, key, value, mask, scale, row_period):  # type: ignore[override]
+        ctx.scale, ctx.row_period = scale, row_period
+        if _fused_softmax(query, key, value, mask):
+            probs, out, spans = torch.ops.llmrl_kernels.attention_tiles_forward(query, key, value, _expanded(query, key, mask), scale, row_period)
+            ctx.save_for_backward(query, key, value, probs, spans)
+            return out
+        probs = _probabilities(query, key, mask, scale)
         out = _bmm(_narrowed(probs, value.dtype, "low_probs"), value)
         ctx.save_for_backward(query, key, value, probs)
-        ctx.scale = scale
         return out
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
+        if len(ctx.saved_tensors) == 5:  # llmrl's kernels made the forward
+            query, key, value, probs, spans = ctx.saved_tensors
+            grads = torch.ops.llmrl_kernels.attention_tiles_backward(grad_out, query, key, value, probs, spans, ctx.scale, ctx.row_period)
+            return (*grads, None, None, None)
         query, key, value, probs = ctx.saved_tensors
         grad_value = _bmm(_narrowed(probs, value.dtype, "low_probs").transpose(-1, -2), grad_out)
         # P * (dP - rowsum(P * dP)); the scale goes on dQ and dK, which are smaller.
-        if ctx.fused:
-            grad_scores = torch.ops.llmrl_kernels.softmax_backward_products(grad_out, value, probs)
-        else:
-            grad_probs = _bmm(grad_out.to(probs.dtype), value.to(probs.dtype).transpose(-1, -2), "scores")
-            grad_scores = torch.ops.aten._softmax_backward_data(grad_probs, probs, -1, probs.dtype)
-            grad_scores = _narrowed(grad_scores, query.dtype, "low_scores")
+        grad_probs = _bmm(grad_out.to(probs.dtype), value.to(probs.dtype).transpose(-1, -2), "scores")
+        grad_scores = torch.ops.aten._softmax_backward_data(grad_probs, probs, -1, probs.dtype)
+        grad_scores = _narrowed(grad_scores, query.dtype, "low_scores")
         grad_query = _bmm(grad_scores, key).mul_(ctx.scale)
         grad_key = _bmm(grad_scores.transpose(-1, -2), query).mul_(ctx.scale)
-        return grad_query, grad_key, grad_value, None, None
+        return grad_query, grad_key, grad_value, None, None, None
 
 
 def _bmm(a: torch.Tensor, b: torch.Tensor, scratch: str | None = None) -> torch.Tensor:
@@ -125,12 +133,12 @@ def _fused_softmax(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
     return same and query.device.type == "cpu" and (mask is None or mask.dtype == torch.bool) and _softmax_products(dtype)
 
 
-def _fused_probabilities(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
-    if mask is not None:
-        mask = mask.expand(*query.shape[:3], key.shape[2])
-        if mask.stride(-1) != 1:  # a mask broadcast over the keys
-            mask = mask.contiguous()
-    return torch.ops.llmrl_kernels.masked_softmax_products(query, key, mask, scale)
+def _expanded(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None:
+    """A boolean mask as llmrl's kernels read it: [B, H, M, N], broadcast by strides, keys contiguous."""
+    if mask is None:
+        return None
+    mask = mask.expand(*query.shape[:3], key.shape[2])
+    return mask if mask.stride(-1) == 1 else mask.contiguous()  # contiguous: a mask broadcast over the keys
 
 
 @functools.cache

@@ -112,11 +112,16 @@ def test_grouped_attention_materialises_several_queries_within_the_bound(monkeyp
     torch.testing.assert_close(out, want, atol=1e-6, rtol=1e-5)
 
 
+def kernel_probabilities(q, k, v, mask, scale, row_period=0):
+    probs, _, spans = torch.ops.llmrl_kernels.attention_tiles_forward(q, k, v, materialized._expanded(q, k, mask), scale, row_period)
+    return probs, spans
+
+
 @pytest.mark.parametrize("dtype, out_tol", [(torch.float32, 2e-6), (torch.bfloat16, 8e-3)])
 def test_the_fused_softmax_and_its_gradient_match_torchs_ops(monkeypatch, dtype, out_tol):
-    """llmrl's kernels (MKL's product, then the masked softmax or its gradient on each head's
-    block) against the module's path through torch's ops (fp32 copies of bf16 inputs, a product,
-    a masked fill and torch's softmax): the same arithmetic up to the order of sums, on
+    """llmrl's kernels (MKL's products, the masked softmax and its gradient, a tile of query rows
+    at a time) against the module's path through torch's ops (fp32 copies of bf16 inputs, batched
+    products, a masked fill and torch's softmax): the same arithmetic up to the order of sums, on
     transposed-head views of the kind the packed pass hands over, with a per-row mask, a row that
     sees nothing, and no mask."""
     if not materialized._softmax_products(dtype):
@@ -130,7 +135,7 @@ def test_the_fused_softmax_and_its_gradient_match_torchs_ops(monkeypatch, dtype,
     for mask in (attend, None):
         assert materialized._fused_softmax(q, k, v, mask)
         fused = forward_backward(materialized_attention, (q, k, v), mask, weights)
-        probs = materialized._fused_probabilities(q, k, mask, 0.3)
+        probs, _ = kernel_probabilities(q, k, v, mask, 0.3)
         monkeypatch.setattr(materialized, "_softmax_products", lambda dtype: False)
         assert not materialized._fused_softmax(q, k, v, mask)
         reference = forward_backward(materialized_attention, (q, k, v), mask, weights)
@@ -140,8 +145,54 @@ def test_the_fused_softmax_and_its_gradient_match_torchs_ops(monkeypatch, dtype,
         for name, a, b in zip(("out", "dq", "dk", "dv"), fused, reference):
             # a last-bit difference in a sum moves a result by an ulp (bf16: 2^-8 relative)
             assert (a - b).abs().max() <= out_tol * b.abs().max(), name
-    blind = materialized._fused_probabilities(q, k, attend, 0.3)
+    blind, _ = kernel_probabilities(q, k, v, attend, 0.3)
     assert (blind[1, :, 5] == 0).all() and torch.allclose(blind.sum(-1)[0], torch.ones(3, 37))
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_the_kernels_tiles_skip_the_keys_no_row_sees_and_match_exact_attention(dtype, tol):
+    """The packed pass's layout, two query heads per KV head stacked as runs of 200 rows: a row of a
+    shared start (sees only its own 20 tokens, which sit after 40 prompt slots), rows that see the
+    start, a prompt of 25 real tokens out of 40 slots and themselves causally, and a row whose
+    queries see nothing. Each tile's keys stop at its last row's causal edge and start where its
+    first key is; outputs and gradients match SDPA in fp64."""
+    if not materialized._softmax_products(dtype):
+        pytest.skip(f"llmrl's kernels make no {dtype} products here (bf16 needs a CPU with native bf16)")
+    root, width, own, groups = 20, 40, 200, 2
+    keys = root + width + own
+    attend = torch.zeros(4, 1, own, keys, dtype=torch.bool)
+    causal = torch.ones(own, own, dtype=torch.bool).tril()
+    attend[0, 0, :, root + width :] = causal & (torch.arange(own) < root)[None]  # the shared start's row
+    for row in (1, 2):
+        attend[row, 0, :, :root] = True
+        attend[row, 0, :, root : root + 25] = True
+        attend[row, 0, :, root + width :] = causal
+    grouped_mask = attend.repeat(1, 1, groups, 1)  # row g * own + q is query q of head g
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(4, 3, groups * own, 32, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(4, 3, keys, 32, generator=g, dtype=torch.float64) for _ in range(2))
+    weights = torch.randn(q.shape, generator=g, dtype=torch.float64)
+    low = [t.to(dtype) for t in (q, k, v)]
+    assert materialized._fused_softmax(*low, grouped_mask)
+
+    got = forward_backward(lambda *a: materialized_attention(*a, row_period=own), low, grouped_mask, weights)
+    exact = forward_backward(sdpa, [t.to(dtype).double() for t in (q, k, v)], grouped_mask, weights)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, exact):
+        real = b.abs().max()
+        assert (a - b).abs().max() <= tol * real, name
+    assert got[0][3].abs().max() == 0 and got[1][3].abs().max() == 0  # the row that sees nothing
+
+    _, spans = kernel_probabilities(*low, grouped_mask, 0.3, row_period=own)
+    # each head's run of rows is split into near-equal tiles, the same for both heads
+    per_run = spans.shape[1] // groups
+    assert spans.shape[1] == groups * per_run and per_run >= 2
+    starts = [t * own // per_run for t in range(per_run)] + [own]
+    for head_run in range(groups):
+        for t in range(per_run):
+            last = starts[t + 1] - 1
+            assert spans[1 * 3, head_run * per_run + t].tolist() == [0, root + width + last + 1]
+            assert spans[0, head_run * per_run + t].tolist() == [root + width, root + width + min(last + 1, root)]
+    assert (spans[3 * 3 : 4 * 3] == 0).all()
 
 
 def test_the_fused_softmax_is_not_taken_for_mixed_dtypes_or_fp64():
