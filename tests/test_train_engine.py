@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from llmrl import kernels
 from llmrl.algorithms.base import LossContext, LossOutput
 from llmrl.batch import select_rows, split_micro_batches
 from llmrl.models import ModelConfig, load_causal_lm, load_policy
@@ -175,13 +176,14 @@ def test_a_logged_entropy_is_detached_and_costs_backward_nothing():
     assert differentiable[1].requires_grad and not logged[1].requires_grad
     for a, b in zip(differentiable[:4], logged[:4]):
         torch.testing.assert_close(a.detach(), b)
-    # 10 positions in 3 chunks: backward does one vocabulary exp per chunk (the softmax of the
-    # logprob's gradient), and an entropy the loss did not use adds no work to it (autograd's
-    # own detach bookkeeping aside).
+    # 10 positions in 3 chunks: backward does one pass over the vocabulary per chunk (the softmax
+    # of the logprob's gradient: llmrl's kernel where it builds, else an exp), and an entropy the
+    # loss did not use adds no work to it (autograd's own detach bookkeeping aside).
     def work(calls):
         return {op: n for op, n in calls.items() if op != "aten.detach.default"}
 
-    assert logged[4].get("aten.exp_.default") == 3 and work(differentiable[4]) == work(logged[4])
+    vocabulary_pass = "llmrl_kernels.head_grad_.default" if kernels.load(kernels.DECODE) else "aten.exp_.default"
+    assert logged[4].get(vocabulary_pass) == 3 and work(differentiable[4]) == work(logged[4])
 
 
 class _FreshVocabularyTensors(TorchDispatchMode):

@@ -1,4 +1,4 @@
-// decode_ops.cpp, training_ops.cpp (which uses its helpers), sampling.cpp, mkl_packed_gemm.cpp, panel_gemm.cpp, panel_gemm_bf16.cpp and softmax_products.cpp compiled as one unit (see LIBRARIES in __init__.py).
+// decode_ops.cpp, training_ops.cpp (which uses its helpers), sampling.cpp, mkl_packed_gemm.cpp, panel_gemm.cpp, panel_gemm_bf16.cpp, softmax_products.cpp and head_ops.cpp compiled as one unit (see LIBRARIES in __init__.py).
 #include "decode_ops.cpp"
 #include "mkl_packed_gemm.cpp"
 #include "panel_gemm.cpp"
@@ -6,3 +6,4 @@
 #include "training_ops.cpp"
 #include "sampling.cpp"
 #include "softmax_products.cpp"
+#include "head_ops.cpp"

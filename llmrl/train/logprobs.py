@@ -13,6 +13,11 @@ vs_trl shape, 1.2 s of a 25 s update) but bounds the memory to a few chunks' wor
 (chunk_tokens x vocab) in scratch buffers (`llmrl.workspace`). Kept or recomputed, the logits
 are the same product of the same operands, so the gradients are the same to the bit.
 
+On a CPU the rest of the work on fp32 logits (log-sum-exp, the target's logprob, the entropy, and
+in the backward the gradient in place) is llmrl's kernel (`llmrl/kernels/head_ops.cpp`), one
+token's row of logits at a time while it is in cache, where torch's ops passed over the chunk's
+logits in memory once per step (docs/benchmarks.md).
+
 Under ZeRO-3 the lm_head weight is partitioned over ranks and only whole inside a module's
 forward or backward. The chunks read it outside lm_head's own forward, so a ZeRO-3 engine
 attaches a `TokenLogprobs` module to the model and registers the weight as its external
@@ -22,6 +27,7 @@ backward, where each chunk's logits are recomputed.
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 import weakref
 from typing import Iterator
@@ -64,6 +70,11 @@ class _HeadPass(torch.autograd.Function):
             rows = slice(start, min(start + chunk, n))
             kept = ctx.kept is not None and rows.stop <= ctx.kept.shape[0]
             z = _chunk_logits(hidden[rows], matmul_weight, temperature, out=ctx.kept[rows] if kept else None)
+            if _row_kernels(z):
+                lse[rows], logp[rows], chunk_entropy = torch.ops.llmrl_kernels.head_logsumexp(z, targets[rows].contiguous(), want_entropy)
+                if want_entropy:
+                    entropy[rows] = chunk_entropy
+                continue
             m = z.amax(-1, keepdim=True)
             target_z = z.gather(-1, targets[rows].unsqueeze(-1)).squeeze(-1)
             # z - m: in place, unless z is kept for the backward
@@ -103,14 +114,19 @@ class _HeadPass(torch.autograd.Function):
             # The 1/temperature of z's chain rule is folded into the per-token coefficients.
             g = grad_logp[rows].unsqueeze(-1) / temperature
             z = kept[rows] if kept is not None and rows.stop <= kept.shape[0] else _chunk_logits(hidden[rows], weight, temperature)
-            log_p = z.sub_(lse[rows].unsqueeze(-1))
-            if grad_entropy is None:
-                grad_z = log_p.exp_().mul_(g.neg())  # log p is not needed again: softmax in place
+            if _row_kernels(z):
+                h = None if grad_entropy is None else grad_entropy[rows] / temperature
+                torch.ops.llmrl_kernels.head_grad_(z, lse[rows], targets[rows].contiguous(), g.squeeze(-1), None if h is None else entropy[rows], h)
+                grad_z = z
             else:
-                p = torch.exp(log_p, out=ws.get("spare", log_p.shape, log_p.dtype, log_p.device))
-                coef = log_p.add_(entropy[rows].unsqueeze(-1)).mul_(grad_entropy[rows].unsqueeze(-1) / temperature).add_(g)
-                grad_z = p.mul_(coef).neg_()
-            grad_z.scatter_add_(-1, targets[rows].unsqueeze(-1), g)
+                log_p = z.sub_(lse[rows].unsqueeze(-1))
+                if grad_entropy is None:
+                    grad_z = log_p.exp_().mul_(g.neg())  # log p is not needed again: softmax in place
+                else:
+                    p = torch.exp(log_p, out=ws.get("spare", log_p.shape, log_p.dtype, log_p.device))
+                    coef = log_p.add_(entropy[rows].unsqueeze(-1)).mul_(grad_entropy[rows].unsqueeze(-1) / temperature).add_(g)
+                    grad_z = p.mul_(coef).neg_()
+                grad_z.scatter_add_(-1, targets[rows].unsqueeze(-1), g)
             if grad_z.dtype != hidden.dtype:
                 grad_z = ws.get("low", grad_z.shape, hidden.dtype, hidden.device).copy_(grad_z)
             if grad_hidden is not None:
@@ -158,6 +174,19 @@ class _KeptLogits:
 
 
 _KEPT = _KeptLogits()
+
+
+def _row_kernels(z: torch.Tensor) -> bool:
+    """Whether llmrl's kernels do the head pass's elementwise work on these logits: contiguous
+    fp32 on a CPU, where the kernels build (fp64 stays with torch's ops)."""
+    return z.dtype == torch.float32 and z.device.type == "cpu" and z.is_contiguous() and _head_kernels_here()
+
+
+@functools.cache
+def _head_kernels_here() -> bool:
+    from llmrl import kernels
+
+    return kernels.load(kernels.DECODE)
 
 
 def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, temperature: float, out: torch.Tensor | None = None) -> torch.Tensor:
