@@ -145,8 +145,8 @@ inline void softmax_row(float* x, const bool* attend, int64_t n) {
 
 // Query rows per tile, at most: smaller tiles follow a causal edge closer, larger ones make larger
 // products. At the vs_trl shape (runs of 129 query rows over about 240 keys, head size 64; fp32 on 2
-// Zen 4 cores) a forward and backward took 24.6 ms at 64 and 96 rows, 26.0 at 32 and 26.7 at 130,
-// where each run is one tile (docs/benchmarks.md).
+// Zen 4 cores) a forward and backward took at best 24.6 ms at 64 and 96 rows, 26.0 at 32 and 26.7
+// at 130, where each run is one tile (docs/benchmarks.md).
 constexpr int64_t kTileRows = 96;
 
 // The tiles' first rows: each run of `period` rows (the grouped layout stacks each query head's
