@@ -90,7 +90,8 @@ class _Materialized(torch.autograd.Function):
     @staticmethod
     def forward(ctx, query, key, value, mask, scale, row_period):  # type: ignore[override]
         ctx.scale, ctx.row_period = scale, row_period
-        if _fused_softmax(query, key, value, mask):
+        ctx.fused = _fused_softmax(query, key, value, mask)
+        if ctx.fused:
             probs, out, spans = torch.ops.llmrl_kernels.attention_tiles_forward(query, key, value, _expanded(query, key, mask), scale, row_period)
             ctx.save_for_backward(query, key, value, probs, spans)
             return out
@@ -101,7 +102,7 @@ class _Materialized(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
-        if len(ctx.saved_tensors) == 5:  # llmrl's kernels made the forward
+        if ctx.fused:  # llmrl's kernels made the forward
             query, key, value, probs, spans = ctx.saved_tensors
             grads = torch.ops.llmrl_kernels.attention_tiles_backward(grad_out, query, key, value, probs, spans, ctx.scale, ctx.row_period)
             return (*grads, None, None, None)

@@ -61,6 +61,7 @@ class _HeadPass(torch.autograd.Function):
         ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None: no work
         logits_dtype = torch.promote_types(hidden.dtype, torch.float32)
         n = hidden.shape[0]
+        targets = targets.contiguous()  # each chunk's slice is then contiguous, as llmrl's kernels read it
         logp = hidden.new_empty(n, dtype=logits_dtype)
         lse = torch.empty_like(logp)
         entropy = torch.zeros_like(logp)
@@ -71,7 +72,7 @@ class _HeadPass(torch.autograd.Function):
             kept = ctx.kept is not None and rows.stop <= ctx.kept.shape[0]
             z = _chunk_logits(hidden[rows], matmul_weight, temperature, out=ctx.kept[rows] if kept else None)
             if _row_kernels(z):
-                lse[rows], logp[rows], chunk_entropy = torch.ops.llmrl_kernels.head_logsumexp(z, targets[rows].contiguous(), want_entropy)
+                lse[rows], logp[rows], chunk_entropy = torch.ops.llmrl_kernels.head_logsumexp(z, targets[rows], want_entropy)
                 if want_entropy:
                     entropy[rows] = chunk_entropy
                 continue
@@ -116,7 +117,7 @@ class _HeadPass(torch.autograd.Function):
             z = kept[rows] if kept is not None and rows.stop <= kept.shape[0] else _chunk_logits(hidden[rows], weight, temperature)
             if _row_kernels(z):
                 h = None if grad_entropy is None else grad_entropy[rows] / temperature
-                torch.ops.llmrl_kernels.head_grad_(z, lse[rows], targets[rows].contiguous(), g.squeeze(-1), None if h is None else entropy[rows], h)
+                torch.ops.llmrl_kernels.head_grad_(z, lse[rows], targets[rows], g.squeeze(-1), None if h is None else entropy[rows], h)
                 grad_z = z
             else:
                 log_p = z.sub_(lse[rows].unsqueeze(-1))
