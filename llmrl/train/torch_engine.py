@@ -18,6 +18,7 @@ from llmrl.stored_weights import SAFETENSORS_DTYPES, load_stored_tensors, stored
 from llmrl.train.engine import NonFiniteUpdateError, TrainConfig, each_tensor_once, storage_key
 from llmrl.train.fused_layers import fuse_training_layers
 from llmrl.train.logprobs import head_logprobs, steady_weights
+from llmrl.train.optimizer_state import allocate_adam_state
 from llmrl.train.shared_prefix import PrefixPlan, plan_shared_prefix
 
 TRAINER_STATE = "trainer_state.pt"
@@ -86,6 +87,9 @@ class TorchTrainEngine:
         self.optimizer = torch.optim.AdamW(
             params, lr=cfg.lr, betas=cfg.betas, eps=cfg.adam_eps, weight_decay=cfg.weight_decay, fused=fused
         )
+        # The moments now, below every activation, rather than in the holes the first update
+        # leaves (llmrl/train/optimizer_state.py)
+        allocate_adam_state(self.optimizer)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg, total_updates))
         self.nonfinite_streak = 0
         self.skipped_updates = 0
