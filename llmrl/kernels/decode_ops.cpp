@@ -113,7 +113,7 @@ void rotary_(const at::Tensor& x, int64_t heads, const at::Tensor& cos, const at
   check_rows(x, "x");
   check_rows(cos, "cos");
   check_rows(sin, "sin");
-  const int64_t dim = cos.size(1), half = dim / 2;
+  const int64_t dim = cos.size(1);
   TORCH_CHECK(dim % 2 == 0 && x.size(1) >= heads * dim, "x has ", x.size(1), " columns, fewer than ", heads, " heads of ", dim);
   TORCH_CHECK(cos.size(0) == x.size(0) && sin.sizes() == cos.sizes(), "cos and sin must be [rows of x, head size]");
   TORCH_CHECK(cos.scalar_type() == x.scalar_type() && sin.scalar_type() == x.scalar_type(), "cos and sin must have x's dtype");
@@ -122,15 +122,7 @@ void rotary_(const at::Tensor& x, int64_t heads, const at::Tensor& cos, const at
     for (int64_t n = 0; n < x.size(0); ++n) {
       const T* c = row_ptr<T>(cos, n);
       const T* s = row_ptr<T>(sin, n);
-      for (int64_t h = 0; h < heads; ++h) {
-        T* head = row_mut<T>(x, n) + h * dim;
-#pragma omp simd
-        for (int64_t i = 0; i < half; ++i) {
-          const float first = widen(head[i]), second = widen(head[i + half]);
-          head[i] = narrow<T>(as<T>(first * widen(c[i])) + as<T>(-second * widen(s[i])));
-          head[i + half] = narrow<T>(as<T>(second * widen(c[i + half])) + as<T>(first * widen(s[i + half])));
-        }
-      }
+      for (int64_t h = 0; h < heads; ++h) llmrl::rotate_head<T>(row_mut<T>(x, n) + h * dim, c, s, dim);
     }
   });
 }

@@ -41,6 +41,20 @@ inline T narrow(float f) {
 template <typename T>
 inline float as(float f) { return widen(narrow<T>(f)); }
 
+// Rotary position embedding on one head of `dim` values in place, as transformers'
+// apply_rotary_pos_emb: x * cos + rotate_half(x) * sin, each product and the sum rounded to T.
+// cos and sin are the row's [dim] values in T.
+template <typename T>
+inline void rotate_head(T* head, const T* c, const T* s, int64_t dim) {
+  const int64_t half = dim / 2;
+#pragma omp simd
+  for (int64_t i = 0; i < half; ++i) {
+    const float first = widen(head[i]), second = widen(head[i + half]);
+    head[i] = narrow<T>(as<T>(first * widen(c[i])) + as<T>(-second * widen(s[i])));
+    head[i + half] = narrow<T>(as<T>(second * widen(c[i + half])) + as<T>(first * widen(s[i + half])));
+  }
+}
+
 // a * b + c, rounded once (a fused multiply-add) when Fused, else twice, as the expression reads
 template <bool Fused>
 inline float multiply_add(float a, float b, float c) {

@@ -35,19 +35,36 @@ class PreallocatedLayer(DynamicLayer):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         end = self.length + key_states.shape[-2]
-        if self._key_buffer is None or end > self._key_buffer.shape[-2]:
-            capacity = end + self.room if self._key_buffer is None else max(end, 2 * self._key_buffer.shape[-2])
-            self._key_buffer = self._resized(self._key_buffer, key_states, capacity)
-            self._value_buffer = self._resized(self._value_buffer, value_states, capacity)
+        self._make_room(end, key_states.shape[0], key_states.shape[1], key_states.shape[3])
+        assert self._key_buffer is not None and self._value_buffer is not None
         self._key_buffer[:, :, self.length : end].copy_(key_states)
         self._value_buffer[:, :, self.length : end].copy_(value_states)
         self.length = end
         self._expose()
         return self.keys, self.values
 
-    def _resized(self, buffer: torch.Tensor | None, states: torch.Tensor, capacity: int) -> torch.Tensor:
-        batch, heads, _, dim = states.shape
-        grown = torch.empty(batch, heads, capacity, dim, dtype=states.dtype, device=states.device)
+    def append_slot(self, rows: int, heads: int, dim: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Room for one more token of every row, for a caller that writes it itself (llmrl's decode
+        kernel, `rotary_attend_`): (key buffer, value buffer, the slot), the buffers contiguous
+        [rows, heads, room, dim] of `like`'s dtype and device. The slot counts as filled from here on."""
+        if not self.is_initialized:
+            self.lazy_initialization(like, like)
+        slot = self.length
+        self._make_room(slot + 1, rows, heads, dim)
+        assert self._key_buffer is not None and self._value_buffer is not None
+        self.length = slot + 1
+        self._expose()
+        return self._key_buffer, self._value_buffer, slot
+
+    def _make_room(self, end: int, batch: int, heads: int, dim: int) -> None:
+        """Buffers that hold `end` tokens: made with `room` to spare, or doubled when outgrown."""
+        if self._key_buffer is None or end > self._key_buffer.shape[-2]:
+            capacity = end + self.room if self._key_buffer is None else max(end, 2 * self._key_buffer.shape[-2])
+            self._key_buffer = self._resized(self._key_buffer, batch, heads, dim, capacity)
+            self._value_buffer = self._resized(self._value_buffer, batch, heads, dim, capacity)
+
+    def _resized(self, buffer: torch.Tensor | None, batch: int, heads: int, dim: int, capacity: int) -> torch.Tensor:
+        grown = torch.empty(batch, heads, capacity, dim, dtype=self.dtype, device=self.device)
         if buffer is not None:
             grown[:, :, : self.length].copy_(buffer[:, :, : self.length])
         return grown

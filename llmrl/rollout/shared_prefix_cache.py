@@ -160,6 +160,23 @@ class SharedPrefixCache(DynamicCache):
         finally:
             _ACTIVE.cache = outer
 
+    def rotary_attend(
+        self, layer_idx: int, qkv: torch.Tensor, heads: int, kv_heads: int, cos: torch.Tensor, sin: torch.Tensor, scale: float
+    ) -> torch.Tensor:
+        """One decode step's attention from the packed product qkv [rows, (heads + 2 kv_heads) * D]:
+        q and k rotated in place, the new keys and values appended, attention over the prompt and
+        the row's tokens; returns [rows, heads * D]. One call of the kernel (`self.kernel` only):
+        the same values as rotary_, `update` and `attend` in turn."""
+        if not self.kernel:
+            raise RuntimeError("rotary_attend runs llmrl's decode kernel, which this cache does not use")
+        layer = self.layers[layer_idx]
+        dim = cos.shape[-1]
+        key_buffer, value_buffer, slot = layer.suffix.append_slot(len(qkv), kv_heads, dim, qkv)
+        return torch.ops.llmrl_kernels.rotary_attend_(
+            qkv, heads, kv_heads, cos, sin, key_buffer, value_buffer, slot, layer.prefix_keys, layer.prefix_values,
+            self.prefix_valid, self.row_prompt, scale,
+        )
+
     def attend(self, layer_idx: int, query: torch.Tensor, suffix_keys: torch.Tensor, suffix_values: torch.Tensor, scale: float) -> torch.Tensor:
         """Attention of one new token per row, query [B, H, 1, D], over its prompt and its own
         tokens so far; returns [B, 1, H, D] as attention functions do. Query head h reads KV head
