@@ -444,9 +444,10 @@ void rotate_and_store(const at::Tensor& qkv, int64_t heads, int64_t kv_heads, co
 // q and k rotated in place (as rotary_ does), the new key and value of every row written into
 // slot `slot` of its cache (key_buffer, value_buffer: [rows, kv_heads, room, dim], contiguous),
 // then shared_prefix_decode over the prompt and slots [0, slot]. Returns [rows, heads * dim].
-// Why one call: at 32 rows a layer's rotary, the views of q, k and v, the two cache writes and the
-// attention's wrapper were about 150 us of torch's per-call cost and Python, against about 5 us
-// of arithmetic (docs/benchmarks.md); a rollout of 128 steps over 30 layers paid that 3,810 times.
+// Why one call: at 32 rows the separate calls (rotary_, the views of q, k and v, the cache's two
+// slot writes and slicing, attention's Python wrapper) cost 87.6 us a layer beyond the attention
+// kernel itself, and this call 20.7 (AVX2 host, docs/benchmarks.md); a vs_trl rollout makes 3,810
+// such calls.
 at::Tensor rotary_attend_(const at::Tensor& qkv, int64_t heads, int64_t kv_heads, const at::Tensor& cos, const at::Tensor& sin,
                           const at::Tensor& key_buffer, const at::Tensor& value_buffer, int64_t slot,
                           const at::Tensor& prefix_keys, const at::Tensor& prefix_values,

@@ -142,8 +142,8 @@ class FusedDecode:
         cos, sin = self.rotary(x, positions[:, None])
         cos, sin = cos[:, 0], sin[:, 0]
         # With the decode kernel, a layer's rotary, cache write and attention are one call
-        # (SharedPrefixCache.rotary_attend): the same values, without about 0.1 ms of per-call cost
-        # a layer. The rotary's cos and sin must then have contiguous rows.
+        # (SharedPrefixCache.rotary_attend): the same values, and 20.7 instead of 87.6 us a layer of
+        # per-call cost at 32 rows. The rotary's cos and sin must then have contiguous rows.
         one_call = cache.kernel
         if one_call:
             cos, sin = cos.contiguous(), sin.contiguous()
