@@ -155,3 +155,26 @@ def test_a_process_with_deepspeed_and_an_in_process_vllm_engine_exits_cleanly():
     )
     assert done.returncode == 0 and "built" in done.stdout, done.stderr[-3000:]
     assert "Traceback" not in done.stderr, done.stderr[-3000:]
+
+
+def test_start_up_builds_no_shm_op_and_leaves_muon_eager():
+    """Two start-up costs llmrl skips (llmrl/train/deepspeed_startup.py): DeepSpeed's shared-
+    memory all-reduce extension (a JIT build of about a minute in each fresh environment) and
+    the torch.compile wrapping of Muon's kernel (inductor's import). A ZeRO-2 engine still builds
+    and steps, and DeepSpeed's Muon class is importable for its isinstance checks."""
+    done = run_python(
+        "import sys, inspect",
+        "backend = sys.modules['deepspeed.comm.comm'].cdb  # the torch backend init_process_group made",
+        "from llmrl.train.deepspeed_engine import DeepSpeedTrainEngine",
+        "from llmrl.train.engine import TrainConfig",
+        "from llmrl.models import ModelConfig, load_policy",
+        "assert backend.shm_comm_op is None, backend.shm_comm_op",
+        "engine = DeepSpeedTrainEngine(load_policy(ModelConfig(name='tiny')), TrainConfig(precision='fp32', zero_stage=2), total_updates=1)",
+        "muon = sys.modules['deepspeed.runtime.zero.muon.original_muon']",
+        "assert inspect.isfunction(muon.zeropower_via_newtonschulz5), type(muon.zeropower_via_newtonschulz5)",
+        "from deepspeed.runtime.zero.muon.muon_optimizer import MuonWithAuxAdam",
+        "assert not isinstance(engine.optimizer, MuonWithAuxAdam)",
+        "print('ok')",
+    )
+    assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-3000:]
+    assert "deepspeed_shm_comm" not in done.stdout + done.stderr

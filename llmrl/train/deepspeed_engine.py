@@ -33,6 +33,7 @@ from llmrl.algorithms.base import Batch
 from llmrl.batch import select_rows
 from llmrl.models import is_lora
 from llmrl.precision import resolve_precision
+from llmrl.train.deepspeed_startup import import_muon_uncompiled, skip_shm_comm_build
 from llmrl.train.engine import TrainConfig, each_tensor_once
 from llmrl.train.logprobs import attach_token_logprobs
 from llmrl.train.torch_engine import TRAINER_STATE, TorchTrainEngine, lr_lambda
@@ -78,6 +79,7 @@ def init_process_group() -> None:
     import torch.distributed as dist
 
     if not dist.is_initialized():
+        skip_shm_comm_build()
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
         # Leave the group before the interpreter tears down: exiting with gloo's threads still
         # attached aborted a finished ZeRO-3 rank in CI ("terminate called without an active
@@ -127,6 +129,7 @@ class DeepSpeedTrainEngine(TorchTrainEngine):
                 raise ValueError("train.zero_stage=3 with model.lora is not supported: use ZeRO-2 for LoRA (its weights are small)")
             head_pass = attach_token_logprobs(model)
             deepspeed.zero.register_external_parameter(head_pass, model.get_output_embeddings().weight)
+        import_muon_uncompiled()
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model,
             model_parameters=self.params,
