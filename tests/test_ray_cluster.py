@@ -61,18 +61,27 @@ def two_steps(tmp_path, name, extra):
     return read_metrics(train(load_recipe(QUICKSTART, common + extra + [f"output_dir={tmp_path / name}"])))
 
 
+TINY_RAY = [
+    "train.backend=deepspeed", "train.zero_stage=3", "train.precision=fp32", "cluster.backend=ray", "cluster.train_workers.count=2",
+    "rollout.weight_sync=broadcast",
+]
+
+
+@pytest.fixture(scope="module")
+def ray_two_steps(tmp_path_factory, local_ray) -> list[dict]:
+    """Two steps on Ray: 2 DeepSpeed ZeRO-3 ranks and 1 engine actor synced by broadcast. The
+    reference of the equivalence test and of the engine-restart test (one run serves both)."""
+    return two_steps(tmp_path_factory.mktemp("ray"), "ray", TINY_RAY)
+
+
 @pytest.mark.slow
-def test_same_numbers_in_process_on_deepspeed_and_on_ray(tmp_path, local_ray):
+def test_same_numbers_in_process_on_deepspeed_and_on_ray(tmp_path, ray_two_steps):
     """2 steps three ways: torch in-process, DeepSpeed (ZeRO-2) in-process, and Ray with 2
     DeepSpeed ZeRO-3 ranks plus 1 engine actor synced by broadcast. The same samples (rewards)
     and the same updates (losses, grad norms within 1e-5) show the loop was not forked."""
     plain = two_steps(tmp_path, "torch", ["train.backend=torch"])
     deepspeed = two_steps(tmp_path, "deepspeed", ["train.backend=deepspeed", "train.zero_stage=2"])
-    on_ray = two_steps(
-        tmp_path, "ray",
-        ["train.backend=deepspeed", "train.zero_stage=3", "cluster.backend=ray", "cluster.train_workers.count=2",
-         "rollout.weight_sync=broadcast"],
-    )
+    on_ray = ray_two_steps
     for rows in (deepspeed, on_ray):
         for want, got in zip(plain, rows):
             assert got["reward/mean"] == want["reward/mean"] and got["response/length_mean"] == want["response/length_mean"]
@@ -157,12 +166,6 @@ def test_broadcast_sync_gathers_two_zero3_ranks_weights_into_an_engine_actor(loc
         cluster.shutdown()
 
 
-TINY_RAY = [
-    "train.backend=deepspeed", "train.zero_stage=3", "train.precision=fp32", "cluster.backend=ray", "cluster.train_workers.count=2",
-    "rollout.weight_sync=broadcast",
-]
-
-
 @pytest.mark.slow
 def test_a_stuck_rollout_engine_ends_the_run_with_its_name_not_a_hang(tmp_path, local_ray, monkeypatch):
     import time
@@ -210,6 +213,35 @@ def test_a_failure_caused_by_a_peer_dying_names_the_dead_peer(local_ray):
     assert DEATH_GRACE_S <= time.monotonic() - started < DEATH_GRACE_S + 10
 
 
+def test_answers_gives_none_for_a_stuck_or_dead_actor_within_one_wait(local_ray):
+    """The shutdown's peak-memory report (`ray_calls.answers`): every actor asked at once, one
+    bounded wait in all; the stuck and the dead ones give None, and nothing raises."""
+    import os
+    import time
+
+    from llmrl.distributed.ray_calls import ActorHandle, answers
+
+    @local_ray.remote(num_cpus=0.1)
+    class Worker:
+        def value(self, x: int) -> int:
+            return x
+
+        def sleep(self, seconds: float) -> None:
+            time.sleep(seconds)
+
+        def exit(self) -> None:
+            os._exit(1)
+
+    stuck, dead, fine = (ActorHandle(Worker.remote(), f"engine {k}") for k in range(3))
+    local_ray.get([h.actor.value.remote(0) for h in (stuck, dead, fine)])
+    stuck.actor.sleep.remote(60)
+    dead.actor.exit.remote()
+    started = time.monotonic()
+    got = answers([(stuck, "value", (1,), {}), (dead, "value", (2,), {}), (fine, "value", (3,), {})], timeout=3)
+    assert got == [None, None, 3]
+    assert time.monotonic() - started < 3 + 2
+
+
 @pytest.mark.slow
 def test_a_dead_train_rank_ends_the_run_naming_it_and_resume_continues(tmp_path, local_ray, monkeypatch):
     import json
@@ -233,7 +265,7 @@ def test_a_dead_train_rank_ends_the_run_naming_it_and_resume_continues(tmp_path,
 
 
 @pytest.mark.slow
-def test_a_dead_rollout_engine_is_restarted_resynced_and_a_second_death_stops_the_run(tmp_path, local_ray, monkeypatch):
+def test_a_dead_rollout_engine_is_restarted_resynced_and_a_second_death_stops_the_run(tmp_path, local_ray, monkeypatch, ray_two_steps):
     """The engine dies in step 2's generate: a replacement starts, the broadcast group is formed
     again and the step-1 weights are sent before the prompts are resubmitted, so step 2 samples
     exactly what an uninterrupted run samples. The replacement dies too (its own 2nd generate,
@@ -246,8 +278,7 @@ def test_a_dead_rollout_engine_is_restarted_resynced_and_a_second_death_stops_th
     rows = read_metrics(tmp_path / "restarted")
     assert [r["step"] for r in rows] == [1, 2]
     assert [r["rollout/restarts"] for r in rows] == [0.0, 1.0]
-    monkeypatch.delenv("LLMRL_TEST_FAULT")
-    clean = two_steps(tmp_path, "clean", TINY_RAY)
+    clean = ray_two_steps
     assert clean[1]["rollout/restarts"] == 0.0
     for key in ("reward/mean", "response/length_mean"):
         assert rows[1][key] == clean[1][key], key

@@ -58,6 +58,29 @@ def gather(calls: list[tuple[ActorHandle, str, tuple, dict]], timeout: float) ->
     return [results[ref] for ref in refs]
 
 
+def answers(calls: list[tuple[ActorHandle, str, tuple, dict]], timeout: float) -> list[Any]:
+    """Best effort, for reports: every call at once, waited on for one `timeout` in all; a call
+    that failed or did not answer in time gives None instead of raising."""
+    import ray
+
+    refs = []
+    for handle, method, args, kwargs in calls:
+        try:
+            refs.append(getattr(handle.actor, method).remote(*args, **kwargs))
+        except ray.exceptions.RayError:
+            refs.append(None)
+    live = [ref for ref in refs if ref is not None]
+    ready, _ = ray.wait(live, num_returns=len(live), timeout=timeout) if live else ([], [])
+    done = set(ready)
+    results: list[Any] = []
+    for ref in refs:
+        try:
+            results.append(ray.get(ref) if ref is not None and ref in done else None)
+        except ray.exceptions.RayError:
+            results.append(None)
+    return results
+
+
 # A rank whose peer dies mid-collective fails at once ("connection closed by peer") while Ray may
 # take a moment more to report the death itself; the death is the cause a user needs named.
 DEATH_GRACE_S = 5.0
