@@ -19,8 +19,10 @@ def launch(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run(["bash", str(LAUNCH), *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def two_nodes():
+    """One 2-node cluster for the module (starting one took 15-20 s, stopping it 8-10 s). The test
+    that removes the train node comes last in the file and ends it."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

@@ -285,6 +285,31 @@ void attend_pair(const T* query, int64_t query_stride, int64_t groups, int64_t d
     }
   };
   int64_t j = 0;
+#if LLMRL_WIDE
+  // kBlock keys from j, each a chain of kVectors dependent FMAs per query: kBlock chains in
+  // flight keep the FMA units busy where one chain left them waiting on its previous result.
+  // `finish(g, dot)` takes query g's kBlock dot products. A masked key among them (a prompt's
+  // padding) sends the block through score_one one key at a time.
+  auto dot_block = [&](auto block, int64_t j, auto finish) __attribute__((always_inline)) {
+    constexpr int64_t kBlock = decltype(block)::value;
+    const T* k[kBlock];
+    bool all = true;
+    for (int64_t b = 0; b < kBlock; ++b) all = (k[b] = key_row(j + b)) != nullptr && all;
+    if (!all) {
+      for (int64_t b = 0; b < kBlock; ++b) score_one(j + b);
+      return;
+    }
+    for (int64_t g = 0; g < groups; ++g) {
+      V dot[kBlock];
+      for (int64_t b = 0; b < kBlock; ++b) dot[b] = zero();
+      for (int64_t v = 0; v < vectors; ++v) {
+        const V q = load(qf + g * dim + v * kLanes);
+        for (int64_t b = 0; b < kBlock; ++b) dot[b] = fmadd(q, load(k[b] + v * kLanes), dot[b]);
+      }
+      finish(g, dot);
+    }
+  };
+#endif
 #if LLMRL_WIDE && !defined(__AVX512F__)
   if constexpr (wide) {
     // AVX2: eight keys at a time, a query's eight scores summed together (sum8) and stored as one
@@ -296,24 +321,11 @@ void attend_pair(const T* query, int64_t query_stride, int64_t groups, int64_t d
       if constexpr (kAskAhead<T>) ahead.plan(keys / kBlock);
       for (; j + kBlock <= keys; j += kBlock) {
         if constexpr (kAskAhead<T>) ahead.step();
-        const T* k[kBlock];
-        bool all = true;
-        for (int64_t b = 0; b < kBlock; ++b) all = (k[b] = key_row(j + b)) != nullptr && all;
-        if (!all) {
-          for (int64_t b = 0; b < kBlock; ++b) score_one(j + b);
-          continue;
-        }
-        for (int64_t g = 0; g < groups; ++g) {
-          V dot[kBlock];
-          for (int64_t b = 0; b < kBlock; ++b) dot[b] = zero();
-          for (int64_t v = 0; v < vectors; ++v) {
-            const V q = load(qf + g * dim + v * kLanes);
-            for (int64_t b = 0; b < kBlock; ++b) dot[b] = fmadd(q, load(k[b] + v * kLanes), dot[b]);
-          }
+        dot_block(std::integral_constant<int64_t, kBlock>{}, j, [&](int64_t g, const V* dot) {
           const V s = sum8(dot);
           store(scores + g * keys + j, s);
           best[g] = maximum(s, best[g]);  // max(s, best) keeps best where s is NaN, as std::max(peak, s)
-        }
+        });
       }
       for (int64_t g = 0; g < groups; ++g) peak[g] = std::max(peak[g], max_lane(best[g]));
     }
@@ -321,33 +333,19 @@ void attend_pair(const T* query, int64_t query_stride, int64_t groups, int64_t d
 #endif
 #if LLMRL_WIDE
   if constexpr (wide) {
-    // Four keys at a time: one key's dot product is a chain of kVectors dependent FMAs, and four
-    // chains per query in flight keep the FMA units busy where one chain left them waiting on
-    // its previous result. Each score is summed in the order score_one sums it: the same bits.
+    // Four keys at a time (the rest of them on AVX2). Each score is summed in the order
+    // score_one sums it: the same bits.
     constexpr int64_t kBlock = 4;
     if constexpr (kAskAhead<T>) ahead.plan(keys / kBlock);
     for (; j + kBlock <= keys; j += kBlock) {
       if constexpr (kAskAhead<T>) ahead.step();
-      const T* k[kBlock];
-      bool all = true;
-      for (int64_t b = 0; b < kBlock; ++b) all = (k[b] = key_row(j + b)) != nullptr && all;
-      if (!all) {  // a masked key among them (a prompt's padding): one at a time
-        for (int64_t b = 0; b < kBlock; ++b) score_one(j + b);
-        continue;
-      }
-      for (int64_t g = 0; g < groups; ++g) {
-        V dot[kBlock];
-        for (int64_t b = 0; b < kBlock; ++b) dot[b] = zero();
-        for (int64_t v = 0; v < vectors; ++v) {
-          const V q = load(qf + g * dim + v * kLanes);
-          for (int64_t b = 0; b < kBlock; ++b) dot[b] = fmadd(q, load(k[b] + v * kLanes), dot[b]);
-        }
+      dot_block(std::integral_constant<int64_t, kBlock>{}, j, [&](int64_t g, const V* dot) {
         for (int64_t b = 0; b < kBlock; ++b) {
           const float s = sum(dot[b]);
           scores[g * keys + j + b] = s;
           peak[g] = std::max(peak[g], s);
         }
-      }
+      });
     }
   }
 #endif
