@@ -86,6 +86,17 @@ def test_cli_validate_prints_every_default(tmp_path):
     assert resolved["train"]["backend"] == "torch" and resolved["rollout"]["engine"] == "hf"
 
 
+def test_the_training_modules_load_without_the_packages_only_some_runs_need():
+    # `datasets` (about 1.3 s to import) reads .json/.parquet files and hub ids; math-verify (0.9 s,
+    # sympy) grades MATH answers. Every `llmrl` process paid both at start-up, and a CLI call that
+    # needed neither took 8.6-9.0 s instead of 6.2-6.4 (docs/benchmarks.md).
+    heavy = ("datasets", "pyarrow", "math_verify", "sympy")
+    code = f"import sys, llmrl.cli, llmrl.recipe, llmrl.loop, llmrl.eval.harness; print([m for m in {heavy!r} if m in sys.modules])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
 def test_cli_bad_key_exits_2_without_traceback(tmp_path):
     path = write(tmp_path, "train:\n  stepz: 3\n")
     for command in ("validate", "train"):

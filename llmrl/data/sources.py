@@ -12,8 +12,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from datasets import load_dataset
-
 from llmrl.data.config import DataConfigError
 from llmrl.data.hub import hub_offline_reason, offline_datasets
 
@@ -23,6 +21,15 @@ Row = dict[str, Any]
 FILE_BUILDERS: dict[str, str] = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 # `owner/name`, no file suffix: what a hub dataset id looks like (a typo'd local path does not).
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def load_dataset(*args: Any, **kwargs: Any) -> Any:
+    """`datasets.load_dataset`, imported by its first call: importing `datasets` takes about 1.3 s
+    (pyarrow, pandas), which every `llmrl` process paid, while JSON Lines files and the built-in
+    data never need it."""
+    from datasets import load_dataset as load
+
+    return load(*args, **kwargs)
 
 
 def looks_like_hub_id(path: str) -> bool:

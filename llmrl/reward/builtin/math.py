@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import re
 import threading
-
-from math_verify import parse, verify
+from types import ModuleType
 
 from llmrl.reward import register_reward
 from llmrl.reward.builtin.gsm8k import gold_answer
@@ -75,10 +74,18 @@ def _timeout_s() -> int | None:
     return MATH_VERIFY_TIMEOUT_S if threading.current_thread() is threading.main_thread() else None
 
 
+def _math_verify() -> ModuleType:
+    # Imported by the first grading, not with llmrl: it loads sympy (about 0.9 s), and a run or a
+    # test that grades no MATH answer should not wait for it. A reward worker imports it once.
+    import math_verify
+
+    return math_verify
+
+
 def _parse_answer(answer: str) -> list:
     # Wrapped in a box so a bare gold such as `5` or `\frac{1}{2}` parses as LaTeX, the way verl
     # math_verify.py wraps its ground truth.
-    return parse("\\boxed{" + answer + "}", parsing_timeout=_timeout_s())
+    return _math_verify().parse("\\boxed{" + answer + "}", parsing_timeout=_timeout_s())
 
 
 def math_equal(pred_text: str, gold: str) -> bool:
@@ -90,7 +97,7 @@ def math_equal(pred_text: str, gold: str) -> bool:
     if not gold_parsed or not pred_parsed:
         return False
     # Gold first: math-verify's comparison is not symmetric (docs/rewards.md, `math`).
-    return bool(verify(gold_parsed, pred_parsed, timeout_seconds=_timeout_s()))
+    return bool(_math_verify().verify(gold_parsed, pred_parsed, timeout_seconds=_timeout_s()))
 
 
 @register_reward("math", needs_answer=True)
