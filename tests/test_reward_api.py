@@ -1,6 +1,8 @@
 """The reward API: resolving specs, the config section, and RewardComputer's isolation of user code."""
 from __future__ import annotations
 
+import subprocess
+import sys
 import textwrap
 import threading
 import time
@@ -353,6 +355,24 @@ def test_math_reward_in_a_pool_started_from_a_thread() -> None:
     thread.join()
     rewards.close()
     assert outputs == [[1.0], 0.0]
+
+
+def test_a_rewards_warm_up_runs_once_before_its_workers_fork() -> None:
+    # The math reward's math-verify (sympy) is not imported with llmrl, but before the workers fork,
+    # so that no worker pays for the import inside a time-limited call. A fresh interpreter, since
+    # this one may have imported it already.
+    code = (
+        "import sys\n"
+        "from llmrl.reward import RewardComputer, RewardConfig\n"
+        "rewards = RewardComputer(RewardConfig(functions=['math'], num_workers=1))\n"
+        "before = 'math_verify' in sys.modules\n"
+        "rewards.start()\n"
+        "print(before, 'math_verify' in sys.modules)\n"
+        "rewards.close()\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["False", "True"]
 
 
 def test_close_stops_the_workers() -> None:

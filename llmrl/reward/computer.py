@@ -12,6 +12,7 @@ from typing import Any
 from llmrl.reward.config import OPTIONAL_KWARGS, RewardConfig, RewardFunctionSpec
 from llmrl.reward.pool import _Call, _Outcome, _run_reward, _WorkerPool, probe_import
 from llmrl.reward.registry import (
+    WARM_UP_ATTR,
     RewardConfigError,
     RewardFn,
     _canonical_spec,
@@ -205,6 +206,10 @@ class RewardComputer:
             self._pool.start()
 
     def _new_pool(self) -> _WorkerPool:
+        for fn in self._functions:  # before the fork, so every worker inherits what it loads
+            warm_up = getattr(fn, WARM_UP_ATTR, None)
+            if callable(warm_up):
+                warm_up()
         specs = [component.spec for component in self.components]
         return _WorkerPool(specs, self.cfg.num_workers, self.cfg.sandbox_settings())
 

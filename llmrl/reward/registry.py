@@ -63,6 +63,12 @@ REWARDS: Registry[RewardFn] = Registry("reward", loader=_load_builtins)
 # gold answer are then malformed (skipped, fatal in bulk) rather than scored by the fallback.
 NEEDS_ANSWER_ATTR = "needs_answer"
 
+# Attribute a reward function may carry: a callable the reward computer runs once in the trainer
+# before it forks its workers, for what every call needs and is slow to load (an import). The
+# workers then inherit it; loaded in a worker, it would count against the first call's
+# timeout_s and cpu_limit_s, and again in every restarted worker.
+WARM_UP_ATTR = "warm_up"
+
 
 def register_reward(name: str, *, needs_answer: bool = False) -> Callable[[RewardFn], RewardFn]:
     """Decorator: make `fn` available to recipes under `name`. `needs_answer`: it grades against

@@ -14,6 +14,7 @@ from types import ModuleType
 
 from llmrl.reward import register_reward
 from llmrl.reward.builtin.gsm8k import gold_answer
+from llmrl.reward.registry import WARM_UP_ATTR
 from llmrl.types import Task
 
 # Per-expression parse and per-comparison verify limits. math-verify enforces them with
@@ -75,8 +76,9 @@ def _timeout_s() -> int | None:
 
 
 def _math_verify() -> ModuleType:
-    # Imported by the first grading, not with llmrl: it loads sympy (about 0.9 s), and a run or a
-    # test that grades no MATH answer should not wait for it. A reward worker imports it once.
+    # Imported when first needed, not with llmrl: it loads sympy (about 0.9 s), and a run or a test
+    # that grades no MATH answer should not wait for it. Reward workers inherit it: `math_reward`'s
+    # warm_up imports it before they fork.
     import math_verify
 
     return math_verify
@@ -107,3 +109,6 @@ def math_reward(completion: str, task: Task) -> dict[str, float]:
     answer = extract_last_boxed(completion)
     correct = answer is not None and math_equal(answer, gold)
     return {"score": float(correct), "acc": float(correct)}
+
+
+setattr(math_reward, WARM_UP_ATTR, _math_verify)
