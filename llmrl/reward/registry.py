@@ -70,13 +70,18 @@ NEEDS_ANSWER_ATTR = "needs_answer"
 WARM_UP_ATTR = "warm_up"
 
 
-def register_reward(name: str, *, needs_answer: bool = False) -> Callable[[RewardFn], RewardFn]:
+def register_reward(
+    name: str, *, needs_answer: bool = False, warm_up: Callable[[], object] | None = None
+) -> Callable[[RewardFn], RewardFn]:
     """Decorator: make `fn` available to recipes under `name`. `needs_answer`: it grades against
-    the task's gold answer (a plugin can set `fn.needs_answer = True` itself)."""
+    the task's gold answer (a plugin can set `fn.needs_answer = True` itself). `warm_up`: run once
+    before reward workers fork (WARM_UP_ATTR; a plugin can set `fn.warm_up` itself)."""
 
     def decorator(fn: RewardFn) -> RewardFn:
         if needs_answer:
             setattr(fn, NEEDS_ANSWER_ATTR, True)
+        if warm_up is not None:
+            setattr(fn, WARM_UP_ATTR, warm_up)
         # Re-registering the same function (a module loaded twice) is harmless; a clash is not.
         try:
             return REWARDS.register(name, fn)

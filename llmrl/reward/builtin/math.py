@@ -14,7 +14,6 @@ from types import ModuleType
 
 from llmrl.reward import register_reward
 from llmrl.reward.builtin.gsm8k import gold_answer
-from llmrl.reward.registry import WARM_UP_ATTR
 from llmrl.types import Task
 
 # Per-expression parse and per-comparison verify limits. math-verify enforces them with
@@ -102,13 +101,10 @@ def math_equal(pred_text: str, gold: str) -> bool:
     return bool(_math_verify().verify(gold_parsed, pred_parsed, timeout_seconds=_timeout_s()))
 
 
-@register_reward("math", needs_answer=True)
+@register_reward("math", needs_answer=True, warm_up=_math_verify)
 def math_reward(completion: str, task: Task) -> dict[str, float]:
     """1 when the last boxed answer equals the gold answer (math-verify), else 0."""
     gold = gold_answer(task)
     answer = extract_last_boxed(completion)
     correct = answer is not None and math_equal(answer, gold)
     return {"score": float(correct), "acc": float(correct)}
-
-
-setattr(math_reward, WARM_UP_ATTR, _math_verify)
