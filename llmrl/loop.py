@@ -211,7 +211,7 @@ def sampling_for(recipe: Recipe, step: int, round_index: int = 0) -> SamplingPar
     r = recipe.rollout
     # A per-step (and per-round) seed makes a resumed run sample exactly what an uninterrupted one would.
     seed = recipe.seed * 1_000_003 + step + round_index * 7_919_000
-    return SamplingParams(r.temperature, r.top_p, r.top_k, r.max_new_tokens, list(r.stop), seed=seed)
+    return SamplingParams(r.temperature, r.top_p, r.top_k, r.max_new_tokens, list(r.stop), seed=seed, for_training=True)
 
 
 def note_advantages(trajectories: list[Trajectory], batch: dict[str, torch.Tensor]) -> None:

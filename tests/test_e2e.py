@@ -45,7 +45,9 @@ def test_two_steps_with_tiny_model(tmp_path):
     from transformers import AutoModelForCausalLM
 
     rewards = "reward.functions=[arithmetic, toy_token_fraction]"  # the toy part gives non-zero advantages
-    recipe = load_recipe(QUICKSTART, TINY + TINY_EVAL + [rewards, "train.steps=2", "train.lr=1e-3", f"output_dir={tmp_path}", "checkpoint.every=1"])
+    # fp32 on both sides, whatever the CPU: the update takes the decode's kept outputs
+    fp32 = ["rollout.dtype=float32", "train.precision=fp32"]
+    recipe = load_recipe(QUICKSTART, TINY + TINY_EVAL + fp32 + [rewards, "train.steps=2", "train.lr=1e-3", f"output_dir={tmp_path}", "checkpoint.every=1"])
     run_dir = train(recipe)
     rows = read_metrics(run_dir)
     assert [r["step"] for r in rows] == [1, 2]
@@ -53,6 +55,7 @@ def test_two_steps_with_tiny_model(tmp_path):
         for key in DOCUMENTED_METRICS:
             assert key in row, key
             assert math.isfinite(row[key]), (key, row[key])
+        assert row["actor/reused_decode_frac"] > 0.1  # short replies (8 tokens) to prompts counted once
     assert (run_dir / "recipe.yaml").exists() and list((run_dir / "tensorboard").iterdir())
     for row in rows:
         assert 0.0 <= row["eval/arithmetic/pass@1"] <= 1.0 and row["time/eval"] > 0

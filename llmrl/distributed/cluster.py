@@ -6,6 +6,7 @@ loop only sees those protocols, so `cluster.backend: none` (everything in this p
 """
 from __future__ import annotations
 
+import logging
 from typing import Any, Callable, Literal, Protocol
 
 from pydantic import Field
@@ -21,6 +22,8 @@ def _load_ray_backend() -> None:
 
     importlib.import_module("llmrl.distributed.ray_cluster")
 
+
+logger = logging.getLogger("llmrl.cluster")
 
 CLUSTERS: Registry[Callable[[Any], "Cluster"]] = Registry("cluster backend", loader=_load_ray_backend)
 
@@ -85,14 +88,25 @@ class LocalCluster:
 
     def __init__(self, recipe: Any) -> None:
         self.recipe = recipe
+        self.policy: TrainEngine | None = None
 
     def train_engine(self, recipe: Any, total_updates: int, role: str) -> TrainEngine:
-        return build_local_train_engine(recipe, total_updates, role)
+        engine = build_local_train_engine(recipe, total_updates, role)
+        if role == "policy":
+            self.policy = engine
+        return engine
 
     def rollout_engine(self, recipe: Any, tokenizer: Any) -> RolloutEngine:
         from llmrl.rollout.base import build_rollout_engine
+        from llmrl.rollout.decode_outputs import link_decode_outputs
 
-        return build_rollout_engine(recipe.rollout, recipe.model, tokenizer, seed=recipe.seed)
+        engine = build_rollout_engine(recipe.rollout, recipe.model, tokenizer, seed=recipe.seed)
+        if self.policy is not None:
+            # both in this process: the update may take the decode's linear outputs
+            why_not = link_decode_outputs(engine, self.policy, recipe.rollout.reuse_decode_outputs_mb)
+            if why_not is not None:
+                logger.info("the update recomputes the decode's products: %s", why_not)
+        return engine
 
     def shutdown(self) -> None:
         pass

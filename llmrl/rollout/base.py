@@ -80,6 +80,9 @@ class SamplingParams:
     # Decode past EOS so every row runs max_new_tokens (stop strings still apply): fixed work,
     # for comparing engines' throughput without their samples' lengths in the way.
     ignore_eos: bool = False
+    # The completions are a training rollout (the loop's own sampling): an engine may keep what
+    # the trainer would recompute from them (the hf engine's decode outputs, decode_outputs.py).
+    for_training: bool = False
 
     @property
     def greedy(self) -> bool:
@@ -143,6 +146,16 @@ class RolloutConfig(Section):
         "modules; same logits up to fp32 summation order. Needs the kernels of decode_kernel and grouped linears "
         "(packed_linears not false). auto = where it can run, else transformers' forward; true = fail, naming why, "
         "where it cannot; false = transformers' forward.",
+    )
+    reuse_decode_outputs_mb: int = Field(
+        4096, ge=0,
+        description="hf engine with the fused decode step and a fp32 torch trainer in the same process (cluster.backend: "
+        "none, no LoRA): keep each training rollout's decoder linear outputs, up to this many MiB, and let the update's "
+        "forward take them instead of multiplying again while the trainer's weights are still the rollout's (its first "
+        "optimizer step of the step); rows whose tokens were not all decoded (tool output) are recomputed "
+        "(llmrl/rollout/decode_outputs.py). Costs 4 bytes x the layers' summed output widths x layers per generated "
+        "token (SmolLM2-135M: 0.62 MB a token); a rollout that does not fit keeps its first layers that do. "
+        "actor/reused_decode_frac logs the share of the update's products it saved. 0 = off.",
     )
     # vLLM engine (rollout.engine: vllm)
     tensor_parallel_size: int = Field(1, ge=1, description="vllm: GPUs one engine shards the model over.")

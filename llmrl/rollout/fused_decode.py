@@ -34,6 +34,7 @@ from torch import nn
 
 from llmrl import kernels
 from llmrl.registry import Registry
+from llmrl.rollout.decode_outputs import DecodeRecord
 from llmrl.rollout.packed_linears import GroupedLinear, LinearGroup, PackedWeight
 from llmrl.rollout.shared_prefix_cache import SharedPrefixCache
 
@@ -131,10 +132,22 @@ class FusedDecode:
             for layer in inner.layers
         ]
 
+    def layer_products(self) -> list[list[tuple[str, int]]]:
+        """A layer's four products in the order `step` computes them, each as the linears it
+        packs (their paths inside a decoder layer) with their output widths."""
+        names = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
+                 ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",))
+        first = self.layers[0]
+        groups = (first.qkv, first.o, first.gate_up, first.down)
+        return [list(zip(paths, group.sizes)) for paths, group in zip(names, groups)]
+
     @torch.no_grad()
-    def step(self, cache: SharedPrefixCache, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def step(
+        self, cache: SharedPrefixCache, tokens: torch.Tensor, positions: torch.Tensor, keep: DecodeRecord | None = None
+    ) -> torch.Tensor:
         """Logits [rows, vocab] for one new token per row (`tokens` [rows], at `positions` [rows]),
-        appending their keys and values to `cache`."""
+        appending their keys and values to `cache`. `keep` takes each layer's products (numbered
+        as in `layer_products`) before anything changes them in place."""
         ops = torch.ops.llmrl_kernels
         rows, dim = len(tokens), self.head_dim
         q_width, kv_width = self.heads * dim, self.kv_heads * dim
@@ -151,6 +164,8 @@ class FusedDecode:
         for index, layer in enumerate(self.layers):
             h = ops.rms_norm(x, layer.input_norm, self.eps) if delta is None else ops.add_rms_norm(x, delta, layer.input_norm, self.eps)
             qkv = layer.qkv.product(h)
+            if keep is not None:
+                keep.keep(index, 0, qkv)  # before the rotary turns q and k in place
             if one_call:
                 attended = cache.rotary_attend(index, qkv, self.heads, self.kv_heads, cos, sin, self.scale)
             else:
@@ -160,7 +175,13 @@ class FusedDecode:
                 values = qkv[:, q_width + kv_width :].view(rows, self.kv_heads, 1, dim)
                 all_keys, all_values = cache.layers[index].suffix.update(keys, values)
                 attended = cache.attend(index, query, all_keys, all_values, self.scale).reshape(rows, q_width)
-            h = ops.add_rms_norm(x, layer.o.product(attended), layer.post_attention_norm, self.eps)
-            delta = layer.down.product(ops.silu_mul(layer.gate_up.product(h)))
+            o = layer.o.product(attended)
+            h = ops.add_rms_norm(x, o, layer.post_attention_norm, self.eps)
+            gate_up = layer.gate_up.product(h)
+            delta = layer.down.product(ops.silu_mul(gate_up))
+            if keep is not None:
+                keep.keep(index, 1, o)
+                keep.keep(index, 2, gate_up)
+                keep.keep(index, 3, delta)
         assert delta is not None
         return self.head.product(ops.add_rms_norm(x, delta, self.final_norm, self.eps))

@@ -18,6 +18,7 @@ from llmrl.common_prefix import shared_start
 from llmrl.models import GROUPED_ATTENTION, ModelConfig, load_causal_lm
 from llmrl.precision import resolve_dtype
 from llmrl.rollout.base import RolloutConfig, SamplingParams, register_rollout_engine
+from llmrl.rollout.decode_outputs import DecodeOutputs
 from llmrl.rollout.fused_decode import FusedDecode, fused_decode_problem
 from llmrl.rollout.kv_cache import PreallocatedCache
 from llmrl.rollout.packed_linears import pack_linears, packing_pays
@@ -111,6 +112,8 @@ class HFRolloutEngine:
         eos_ids.add(tokenizer.eos_token_id)
         self.eos_ids = torch.tensor(sorted(i for i in eos_ids if i is not None))
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        # set by link_decode_outputs when a torch trainer in this process trains on these rollouts
+        self.decode_outputs: DecodeOutputs | None = None
 
     def _fused_decode(self, cfg: RolloutConfig) -> FusedDecode | None:
         if cfg.fused_decode is False:
@@ -172,6 +175,8 @@ class HFRolloutEngine:
             if len(prompts) < B:
                 logits, attention, positions = logits[expand], attention[expand], positions[expand]
         next_pos = positions[:, -1] + 1
+        fused = self.fused_decode is not None and shared
+        record = self.decode_outputs.begin(all_prompts, sp.max_new_tokens) if fused and sp.for_training and self.decode_outputs else None
         rows = list(range(B))  # original row of each live cache row; finished rows are dropped
         reasons = ["length"] * B
         tokens: list[list[int]] = [[] for _ in range(B)]
@@ -198,8 +203,10 @@ class HFRolloutEngine:
                 chosen, attention, next_pos = chosen[keep], attention[keep], next_pos[keep]
             if not shared:  # the shared cache holds its prompts' padding itself and its suffixes have none
                 attention = torch.cat([attention, torch.ones(len(rows), 1, dtype=torch.long)], dim=1)
-            if self.fused_decode is not None and shared:
-                logits = self.fused_decode.step(cache, chosen, next_pos)
+            if fused:
+                if record is not None:
+                    record.at_step(rows, step)
+                logits = self.fused_decode.step(cache, chosen, next_pos, record)
             else:
                 with cache.decoding():
                     logits = self.model(
@@ -207,6 +214,8 @@ class HFRolloutEngine:
                         past_key_values=cache, use_cache=True,
                     ).logits[:, -1]
             next_pos = next_pos + 1
+        if record is not None:
+            record.finish(tokens)
         return [Completion(token_ids=tokens[i], logprobs=logps[i], finish_reason=reasons[i]) for i in range(B)]
 
     def _prefill(

@@ -19,7 +19,9 @@ from llmrl.train.engine import NonFiniteUpdateError, TrainConfig, each_tensor_on
 from llmrl.train.fused_layers import fuse_training_layers
 from llmrl.train.logprobs import head_logprobs, steady_weights
 from llmrl.train.optimizer_state import allocate_adam_state
+from llmrl.rollout.decode_outputs import DecodeOutputs
 from llmrl.train.shared_prefix import PrefixPlan, plan_shared_prefix
+from llmrl.train.supplied_linears import supply_plan, supplying_linears
 
 TRAINER_STATE = "trainer_state.pt"
 # The trainer state's key for "the trainable weights are the export at this relative path".
@@ -94,6 +96,10 @@ class TorchTrainEngine:
         self.nonfinite_streak = 0
         self.skipped_updates = 0
         self.updates = 0
+        # A rollout engine in this process may keep its decode outputs for the update
+        # (llmrl/rollout/decode_outputs.py); [token-layers supplied, token-layers run] this step.
+        self.decode_outputs: DecodeOutputs | None = None
+        self._reused = [0, 0]
         self._exported: tuple[Path, int] | None = None  # where save_policy last wrote, at which update
 
     # ------------------------------------------------------------------ forward
@@ -122,6 +128,7 @@ class TorchTrainEngine:
         if plan is not None:
             return self._shared_prefix_outputs(model, plan, want, entropy_grad)
         decoder = model.get_decoder()
+        self._reused[1] += int(mb["attention_mask"].sum()) * model.config.num_hidden_layers
         with self._autocast():
             hidden = decoder(
                 input_ids=mb["input_ids"], attention_mask=mb["attention_mask"], position_ids=mb["position_ids"], use_cache=False
@@ -159,7 +166,7 @@ class TorchTrainEngine:
         self, model: torch.nn.Module, plan: PrefixPlan, want: set[str], entropy_grad: bool
     ) -> dict[str, torch.Tensor]:
         with self._autocast():
-            hidden = plan.run_decoder(model.get_decoder(), packed=self._packs_responses(model))
+            hidden = self._run_decoder(model, plan)
             logp, ent = head_logprobs(
                 model, hidden, plan.suffix_ids, self.temperature, "entropy" in want, self.cfg.logprob_chunk_tokens,
                 only=plan.suffix_loss_mask > 0, entropy_grad=entropy_grad, keep_logits_bytes=self.cfg.logprob_keep_logits_mb << 20,
@@ -168,6 +175,22 @@ class TorchTrainEngine:
         if ent is not None:
             out["entropy"] = plan.to_rows(ent)
         return out
+
+    def _run_decoder(self, model: torch.nn.Module, plan: PrefixPlan) -> torch.Tensor:
+        """The plan's decoder pass, its linears taking the rollout's kept decode outputs where
+        there are current ones (llmrl/train/supplied_linears.py)."""
+        packed = self._packs_responses(model)
+        decoder = model.get_decoder()
+        tokens = len(plan.root_ids) + int(plan.prefix_mask.sum()) + int(plan.suffix_mask.sum())
+        store = self.decode_outputs
+        supply = supply_plan(plan, store.current_entries(model)) if store is not None and packed else None
+        layers = model.config.num_hidden_layers
+        self._reused[1] += tokens * layers
+        if supply is None:
+            return plan.run_decoder(decoder, packed=packed)
+        with supplying_linears(decoder, store, supply) as supplied_layers:
+            self._reused[0] += supply.supplied * supplied_layers
+            return plan.run_decoder(decoder, packed=True)
 
     @torch.no_grad()
     def forward(self, batch: Batch, want: set[str], reference: bool = False, micro_batch_size: int | None = None) -> dict[str, torch.Tensor]:
@@ -234,6 +257,7 @@ class TorchTrainEngine:
 
         self.model.train()
         self._discard_grads()
+        self._reused = [0, 0]
         metric_sums: dict[str, float] = {}
         metric_counts: dict[str, float] = {}
         total_loss = 0.0
@@ -288,6 +312,8 @@ class TorchTrainEngine:
         total_loss, rows_total, rows_trained = totals["loss"], totals["rows_total"], totals["rows_trained"]
         metrics = {name: metric_sums[name] / metric_counts[name] for name in metric_sums if metric_counts[name] > 0}
         metrics["actor/rows_trained_frac"] = rows_trained / max(rows_total, 1)
+        if self.decode_outputs is not None:
+            metrics["actor/reused_decode_frac"] = self._reused[0] / max(self._reused[1], 1)
         metrics.update({"actor/loss": total_loss, "actor/grad_norm": grad_norm, "actor/lr": self.scheduler.get_last_lr()[0]})
         if not (math.isfinite(total_loss) and math.isfinite(grad_norm)):
             self._discard_grads()
