@@ -93,12 +93,33 @@ def test_the_update_from_kept_outputs_has_the_recomputed_gradients(model, tiny_p
     assert kept_metrics["actor/loss"] == pytest.approx(plain_metrics["actor/loss"], rel=1e-4, abs=1e-6)
     assert_same_gradients(kept, plain)
 
-    # and the update really reads them: other kept values, another update
+    # and the update really reads them: other kept values, another update; the head's logits
+    # (kept too at this budget) alone move the entropy and the gradients
+    def moved(grads: dict[str, torch.Tensor]) -> bool:
+        return any(float((grads[n] - plain[n]).abs().max()) > 1e-2 * float(plain[n].abs().max()) for n in plain)
+
     trainer.decode_outputs = store
+    assert store.logits is not None
+    store.logits.mul_(1.5)
+    head_altered, grads = step_gradients(trainer, batch)
+    assert head_altered["actor/entropy"] != pytest.approx(plain_metrics["actor/entropy"], rel=1e-3) and moved(grads)
+    store.logits.div_(1.5)
     for buffer in store.arena:
         buffer.mul_(1.5)
-    _, altered = step_gradients(trainer, batch)
-    assert any(float((altered[n] - plain[n]).abs().max()) > 1e-2 * float(plain[n].abs().max()) for n in plain)
+    assert moved(step_gradients(trainer, batch)[1])
+
+
+def test_supplied_logits_stand_in_for_the_heads_product_row_by_row():
+    from llmrl.train.logprobs import _chunk_logits
+
+    hidden = torch.tensor([[1.0, 2.0], [3.0, -1.0], [0.5, 0.5]])
+    weight = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [2.0, -1.0]])
+    source = torch.arange(24, dtype=torch.float32).view(6, 4)
+    z = _chunk_logits(hidden, weight, 2.0, out=torch.empty(3, 4), supplied=(source, torch.tensor([5, -1, 2])))
+    # rows 0 and 2 are rows 5 and 2 of the source, row 1 is hidden @ weight.T; all over T = 2
+    assert z.tolist() == [[10.0, 10.5, 11.0, 11.5], [1.5, -0.5, 1.0, 3.5], [4.0, 4.5, 5.0, 5.5]]
+    plain = _chunk_logits(hidden, weight, 2.0, out=torch.empty(3, 4), supplied=(source, torch.tensor([-1, -1, -1])))
+    assert torch.equal(plain, (hidden @ weight.T) / 2)
 
 
 def test_kept_outputs_go_stale_when_either_model_changes(tiny_path, tokenizer):
@@ -146,7 +167,7 @@ def test_a_budget_for_one_layer_keeps_the_first_layer(tiny_path, tokenizer):
     # 8 rows x 12 tokens of room x fp32 x the tiny model's 512 output columns: 196,608 bytes a layer
     store.budget_bytes = 300_000
     assert torch.equal(rollout_batch(rollout, tokenizer)["input_ids"], batch["input_ids"])  # same seed, same weights
-    assert len(store.arena) == 1
+    assert len(store.arena) == 1 and store.logits is None  # the logits are kept only with every layer
     one, kept = step_gradients(trainer, batch)
     trainer.decode_outputs = None
     _, plain = step_gradients(trainer, batch)

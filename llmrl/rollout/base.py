@@ -150,12 +150,12 @@ class RolloutConfig(Section):
     reuse_decode_outputs_mb: int = Field(
         4096, ge=0,
         description="hf engine with the fused decode step and a fp32 torch trainer in the same process (cluster.backend: "
-        "none, no LoRA): keep each training rollout's decoder linear outputs, up to this many MiB, and let the update's "
-        "forward take them instead of multiplying again while the trainer's weights are still the rollout's (its first "
-        "optimizer step of the step); rows whose tokens were not all decoded (tool output) are recomputed "
-        "(llmrl/rollout/decode_outputs.py). Costs 4 bytes x the layers' summed output widths x layers per generated "
-        "token (SmolLM2-135M: 0.62 MB a token); a rollout that does not fit keeps its first layers that do. "
-        "actor/reused_decode_frac logs the share of the update's products it saved. 0 = off.",
+        "none, no LoRA): keep each training rollout's decoder linear outputs and head logits, up to this many MiB, and let "
+        "the update's forward take them instead of multiplying again while the trainer's weights are still the rollout's "
+        "(its first optimizer step of the step); rows whose tokens were not all decoded (tool output) are recomputed "
+        "(llmrl/rollout/decode_outputs.py). Costs 4 bytes x (the layers' summed output widths x layers + the vocabulary) "
+        "per generated token (SmolLM2-135M: 0.82 MB a token); a rollout that does not fit keeps no logits and its first "
+        "layers that do. actor/reused_decode_frac logs the share of the update's layer products it saved. 0 = off.",
     )
     # vLLM engine (rollout.engine: vllm)
     tensor_parallel_size: int = Field(1, ge=1, description="vllm: GPUs one engine shards the model over.")

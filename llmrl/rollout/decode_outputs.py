@@ -5,9 +5,10 @@ its first optimizer step). The update's forward then recomputes, for every token
 back, each decoder linear's output: the same weights times the same inputs as in the decode.
 At the vs_trl shape those products are about a quarter of the update (docs/benchmarks.md). So,
 in one process, the fused decode step (llmrl/rollout/fused_decode.py) writes each layer's four
-products (q|k|v, o, gate|up, down) of each fed token into an arena, and the trainer's packed pass
-takes them from there instead of multiplying (llmrl/train/supplied_linears.py). Each linear's
-backward still runs in full, from the trainer's own inputs.
+products (q|k|v, o, gate|up, down) of each fed token into an arena, with the head's logits for
+the token after it, and the trainer's packed pass and head pass take them from there instead of
+multiplying (llmrl/train/supplied_linears.py, llmrl/train/logprobs.py). Each linear's backward
+still runs in full, from the trainer's own inputs.
 
 What makes a kept output the one the trainer would compute:
 - The tokens: an entry is keyed by its whole token sequence (prompt and completion), so only a
@@ -20,10 +21,11 @@ What makes a kept output the one the trainer would compute:
 The products themselves round differently from the trainer's (other kernels, other summation
 orders), so a supplied output equals the computed one to fp32 rounding, not to the bit.
 
-Memory: 4 bytes x the layers' summed output widths (5,184 for SmolLM2-135M) x layers x fed tokens,
-2.6 GB at vs_trl's 32 rows of 128 tokens. The arena is kept from step to step (its pages are not
-faulted in again) and bounded by rollout.reuse_decode_outputs_mb; a rollout that would not fit
-keeps the first layers that do.
+Memory: 4 bytes x (the layers' summed output widths x layers + the vocabulary) per fed token; for
+SmolLM2-135M (5,184 x 30 + 49,152) 0.82 MB, 3.4 GB at vs_trl's 32 rows of 128 tokens. The arena is
+kept from step to step (its pages are not faulted in again) and bounded by
+rollout.reuse_decode_outputs_mb; a rollout that would not fit keeps no logits and the first layers
+that do.
 """
 from __future__ import annotations
 
@@ -69,6 +71,11 @@ class DecodeRecord:
         if layer < len(self.store.views):
             self.store.views[layer][product][self.block].copy_(values)
 
+    def keep_logits(self, logits: torch.Tensor) -> None:
+        """The head's logits [live rows, vocab] of the step: the fed tokens' next-token logits."""
+        if self.store.logits is not None:
+            self.store.logits[self.block].copy_(logits)
+
     def finish(self, completions: list[list[int]]) -> None:
         """Index the batch's rows by their tokens (a completion of t tokens fed t - 1 of them)."""
         for row, (prompt, completion) in enumerate(zip(self.prompts, completions)):
@@ -104,7 +111,10 @@ class DecodeOutputs:
                 column += width
             self.product_columns.append((first, column))
         self.width = column
+        self.vocab = int(rollout_model.get_output_embeddings().weight.shape[0])
         self.arena: list[torch.Tensor] = []  # per recorded layer: [capacity, width]
+        # [capacity, vocab]: the head's logits, kept when every layer fits the budget with them
+        self.logits: torch.Tensor | None = None
         self.views: list[list[torch.Tensor]] = []  # per recorded layer, per product: a column view
         self.used = 0
         self.entries: dict[tuple[int, ...], Entry] = {}
@@ -127,24 +137,37 @@ class DecodeOutputs:
         return record
 
     def _reserve(self, capacity: int) -> int:
-        """Room for `capacity` rows in as many layers as the budget allows; returns that count
-        (0: none, and the arena is left as it is). While entries are kept, layers are never added:
-        theirs would be missing there."""
+        """Room for `capacity` rows in as many layers as the budget allows, and for the logits
+        when all layers fit with them; returns the layer count (0: none, and the arena is left as
+        it is). While entries are kept nothing is added: theirs would be missing there."""
         capacity = max(capacity, self.arena[0].shape[0] if self.arena else 0)
-        row_bytes = self.width * torch.empty(0, dtype=self.dtype).element_size()
-        layers = min(self.budget_bytes // (capacity * row_bytes), len(self.arena) if self.used else self.layer_count)
+        item = torch.empty(0, dtype=self.dtype).element_size()
+        layer_bytes, logits_bytes = capacity * self.width * item, capacity * self.vocab * item
+        layers = min(self.budget_bytes // layer_bytes, len(self.arena) if self.used else self.layer_count)
         if not layers:
             return 0
+        with_logits = layers == self.layer_count and layers * layer_bytes + logits_bytes <= self.budget_bytes
+        if self.used and self.logits is None:
+            with_logits = False
         del self.arena[layers:]
-        if self.arena and self.arena[0].shape[0] < capacity:
-            for index, old in enumerate(self.arena):  # one layer at a time: one extra copy at most
-                buffer = torch.empty(capacity, self.width, dtype=self.dtype)
-                buffer[: self.used].copy_(old[: self.used])
-                self.arena[index] = buffer
+        if not with_logits:
+            self.logits = None
+        for index, buffer in enumerate(self.arena):  # in place: one layer's extra copy at most
+            self.arena[index] = self._grown(buffer, capacity)
         while len(self.arena) < layers:
             self.arena.append(torch.empty(capacity, self.width, dtype=self.dtype))
+        if with_logits:
+            self.logits = self._grown(self.logits, capacity) if self.logits is not None else torch.empty(capacity, self.vocab, dtype=self.dtype)
         self.views = [[buffer[:, a:b] for a, b in self.product_columns] for buffer in self.arena]
         return layers
+
+    def _grown(self, buffer: torch.Tensor, capacity: int) -> torch.Tensor:
+        """`buffer` with room for `capacity` rows, its used rows kept."""
+        if buffer.shape[0] >= capacity:
+            return buffer
+        grown = buffer.new_empty(capacity, buffer.shape[1])
+        grown[: self.used].copy_(buffer[: self.used])
+        return grown
 
     # ------------------------------------------------------------------ trainer side
     def current_entries(self, model: nn.Module) -> dict[tuple[int, ...], Entry]:

@@ -147,7 +147,7 @@ class FusedDecode:
     ) -> torch.Tensor:
         """Logits [rows, vocab] for one new token per row (`tokens` [rows], at `positions` [rows]),
         appending their keys and values to `cache`. `keep` takes each layer's products (numbered
-        as in `layer_products`) before anything changes them in place."""
+        as in `layer_products`) before anything changes them in place, and the logits."""
         ops = torch.ops.llmrl_kernels
         rows, dim = len(tokens), self.head_dim
         q_width, kv_width = self.heads * dim, self.kv_heads * dim
@@ -184,4 +184,7 @@ class FusedDecode:
                 keep.keep(index, 2, gate_up)
                 keep.keep(index, 3, delta)
         assert delta is not None
-        return self.head.product(ops.add_rms_norm(x, delta, self.final_norm, self.eps))
+        logits = self.head.product(ops.add_rms_norm(x, delta, self.final_norm, self.eps))
+        if keep is not None:
+            keep.keep_logits(logits)
+        return logits

@@ -57,7 +57,7 @@ class _HeadPass(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, matmul_weight, targets, temperature, want_entropy, entropy_grad, chunk, keep_bytes):
+    def forward(ctx, hidden, weight, matmul_weight, targets, temperature, want_entropy, entropy_grad, chunk, keep_bytes, supplied=None):
         ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None: no work
         logits_dtype = torch.promote_types(hidden.dtype, torch.float32)
         n = hidden.shape[0]
@@ -70,7 +70,7 @@ class _HeadPass(torch.autograd.Function):
         for start in range(0, n, chunk):
             rows = slice(start, min(start + chunk, n))
             kept = ctx.kept is not None and rows.stop <= ctx.kept.shape[0]
-            z = _chunk_logits(hidden[rows], matmul_weight, temperature, out=ctx.kept[rows] if kept else None)
+            z = _chunk_logits(hidden[rows], matmul_weight, temperature, out=ctx.kept[rows] if kept else None, supplied=_chunk_of(supplied, rows))
             if _row_kernels(z):
                 lse[rows], logp[rows], chunk_entropy = torch.ops.llmrl_kernels.head_logsumexp(z, targets[rows], want_entropy)
                 if want_entropy:
@@ -93,7 +93,7 @@ class _HeadPass(torch.autograd.Function):
         if not (want_entropy and entropy_grad):
             ctx.mark_non_differentiable(entropy)
         ctx.save_for_backward(hidden, matmul_weight, targets, lse, entropy)
-        ctx.temperature, ctx.chunk = temperature, chunk
+        ctx.temperature, ctx.chunk, ctx.supplied = temperature, chunk, supplied
         ctx.weight_dtype = weight.dtype
         return logp, entropy
 
@@ -114,7 +114,10 @@ class _HeadPass(torch.autograd.Function):
             rows = slice(start, min(start + chunk, hidden.shape[0]))
             # The 1/temperature of z's chain rule is folded into the per-token coefficients.
             g = grad_logp[rows].unsqueeze(-1) / temperature
-            z = kept[rows] if kept is not None and rows.stop <= kept.shape[0] else _chunk_logits(hidden[rows], weight, temperature)
+            if kept is not None and rows.stop <= kept.shape[0]:
+                z = kept[rows]
+            else:
+                z = _chunk_logits(hidden[rows], weight, temperature, supplied=_chunk_of(ctx.supplied, rows))
             if _row_kernels(z):
                 h = None if grad_entropy is None else grad_entropy[rows] / temperature
                 torch.ops.llmrl_kernels.head_grad_(z, lse[rows], targets[rows], g.squeeze(-1), None if h is None else entropy[rows], h)
@@ -138,7 +141,7 @@ class _HeadPass(torch.autograd.Function):
                 else:
                     part = torch.mm(grad_z.t(), hidden[rows], out=ws.get("weight_grad", weight.shape, hidden.dtype, hidden.device))
                     grad_weight = part.to(ctx.weight_dtype) if grad_weight is None else grad_weight.add_(part)
-        return grad_hidden, grad_weight, None, None, None, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None, None, None, None
 
 
 class _KeptLogits:
@@ -190,13 +193,28 @@ def _head_kernels_here() -> bool:
     return kernels.load(kernels.DECODE)
 
 
-def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, temperature: float, out: torch.Tensor | None = None) -> torch.Tensor:
-    """hidden @ weight.T / temperature in `out`, or else a workspace buffer, in fp32 (fp64 stays fp64)."""
+def _chunk_of(supplied: tuple[torch.Tensor, torch.Tensor] | None, rows: slice) -> tuple[torch.Tensor, torch.Tensor] | None:
+    return None if supplied is None else (supplied[0], supplied[1][rows])
+
+
+def _chunk_logits(
+    hidden: torch.Tensor, weight: torch.Tensor, temperature: float, out: torch.Tensor | None = None,
+    supplied: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """hidden @ weight.T / temperature in `out`, or else a workspace buffer, in fp32 (fp64 stays
+    fp64). `supplied` (logits [*, vocab], each row's index there or -1) gives the product of the
+    rows it indexes, as the rollout's decode computed it (llmrl/train/supplied_linears.py)."""
     ws = workspace()
     rows, vocab = hidden.shape[0], weight.shape[0]
     logits_dtype = torch.promote_types(hidden.dtype, torch.float32)
     z = ws.get("logits", (rows, vocab), logits_dtype, hidden.device) if out is None else out
-    if hidden.dtype == logits_dtype:
+    if supplied is not None and hidden.dtype == logits_dtype == supplied[0].dtype and bool((supplied[1] >= 0).any()):
+        source, index = supplied
+        torch.index_select(source, 0, index.clamp(min=0), out=z)
+        missing = (index < 0).nonzero().flatten()
+        if len(missing):
+            z.index_copy_(0, missing, torch.mm(hidden.index_select(0, missing), weight.t()))
+    elif hidden.dtype == logits_dtype:
         torch.mm(hidden, weight.t(), out=z)
     else:
         z.copy_(torch.mm(hidden, weight.t(), out=ws.get("low", (rows, vocab), hidden.dtype, hidden.device)))
@@ -252,6 +270,7 @@ def token_logprobs(
     only: torch.Tensor | None = None,
     entropy_grad: bool = True,
     keep_logits_bytes: int = DEFAULT_KEEP_LOGITS_BYTES,
+    supplied_logits: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Token-aligned logprobs (and entropies) for `input_ids` [B,T] from decoder states [B,T,H].
 
@@ -260,15 +279,19 @@ def token_logprobs(
     `only` ([B,T] mask) limits the work to those positions (others are 0): the lm_head is a
     large share of a small model's FLOPs, and prompt positions need no logprob. With
     `entropy_grad` False the entropy comes back detached, for logging. Up to `keep_logits_bytes` of
-    the logits are kept for the backward instead of recomputed there.
+    the logits are kept for the backward instead of recomputed there. `supplied_logits`
+    (logits [*, vocab] from the rollout's decode, and [B,T] the row there of each position's
+    logits, -1 for none) stands in for the head's product where it has a row.
     """
     B, T, H = hidden.shape
     h = hidden[:, :-1].reshape(-1, H)
     targets = input_ids[:, 1:].reshape(-1)
     selected = None
+    supplied_rows = None if supplied_logits is None else supplied_logits[1][:, :-1].reshape(-1)
     if only is not None:
         selected = only[:, 1:].reshape(-1).nonzero().flatten()
         h, targets = h.index_select(0, selected), targets.index_select(0, selected)
+        supplied_rows = None if supplied_rows is None else supplied_rows.index_select(0, selected)
     # A weight in another dtype is cast once for every chunk's forward and backward, outside
     # autograd: its gradient flows to lm_head_weight itself. A weight already in the compute dtype
     # is used as it is, since under ZeRO-3 its storage is valid only while DeepSpeed gathers it
@@ -279,7 +302,7 @@ def token_logprobs(
     backward_comes = torch.is_grad_enabled() and (h.requires_grad or lm_head_weight.requires_grad)
     logp, entropy = _HeadPass.apply(
         h, lm_head_weight, matmul_weight, targets, temperature, want_entropy, entropy_grad, chunk_tokens,
-        keep_logits_bytes if backward_comes else 0,
+        keep_logits_bytes if backward_comes else 0, None if supplied_logits is None else (supplied_logits[0], supplied_rows),
     )
     return _token_aligned(logp, selected, B, T), (_token_aligned(entropy, selected, B, T) if want_entropy else None)
 
@@ -336,13 +359,17 @@ def head_logprobs(
     only: torch.Tensor | None = None,
     entropy_grad: bool = True,
     keep_logits_bytes: int = DEFAULT_KEEP_LOGITS_BYTES,
+    supplied_logits: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """`token_logprobs` through the model's lm_head, via its TokenLogprobs module when it has one."""
+    """`token_logprobs` through the model's lm_head, via its TokenLogprobs module when it has one
+    (a ZeRO-3 engine's, which takes no supplied logits)."""
     module = getattr(model, LOGPROB_MODULE, None)
     if module is not None:
         return module(hidden, input_ids, temperature, want_entropy, chunk_tokens, only, entropy_grad, keep_logits_bytes)
     _, weight = decoder_and_head(model)
-    return token_logprobs(hidden, weight, input_ids, temperature, want_entropy, chunk_tokens, only, entropy_grad, keep_logits_bytes)
+    return token_logprobs(
+        hidden, weight, input_ids, temperature, want_entropy, chunk_tokens, only, entropy_grad, keep_logits_bytes, supplied_logits
+    )
 
 
 def sequence_logprobs(

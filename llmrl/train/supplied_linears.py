@@ -55,10 +55,13 @@ class _SuppliedLinear(torch.autograd.Function):
 @dataclass
 class SupplyPlan:
     """For the packed pass's N tokens: `gather` [N], each token's row of the kept outputs (any row
-    for the computed ones); `computed` [K], the tokens multiplied as usual."""
+    for the computed ones); `computed` [K], the tokens multiplied as usual. `suffix_rows` [R, S]:
+    the same rows laid out as the plan's suffixes, -1 where computed; a fed token's kept row also
+    holds the head's logits for the token after it."""
 
     gather: torch.Tensor
     computed: torch.Tensor
+    suffix_rows: torch.Tensor
 
     @property
     def supplied(self) -> int:
@@ -76,6 +79,7 @@ def supply_plan(plan: PrefixPlan, entries: dict[tuple[int, ...], Entry]) -> Supp
     offset = len(root) + int(prompt_real.sum())
     gather = torch.zeros(offset + sum(lengths), dtype=torch.long)
     supplied = torch.zeros(len(gather), dtype=torch.bool)
+    suffix_rows = torch.full(plan.suffix_ids.shape, -1, dtype=torch.long)
     for row, length in enumerate(lengths):
         prefix = prefixes[int(plan.source[row])]
         entry = entries.get(tuple(prefix) + tuple(plan.suffix_ids[row, :length].tolist()))
@@ -87,12 +91,13 @@ def supply_plan(plan: PrefixPlan, entries: dict[tuple[int, ...], Entry]) -> Supp
             stop = min(entry.prompt_length + len(entry.rows) - len(prefix), length)
             if first < stop:
                 columns = torch.arange(first, stop)
-                gather[offset + columns] = entry.rows[len(prefix) - entry.prompt_length + columns]
+                suffix_rows[row, columns] = entry.rows[len(prefix) - entry.prompt_length + columns]
+                gather[offset + columns] = suffix_rows[row, columns]
                 supplied[offset + columns] = True
         offset += length
     if not bool(supplied.any()):
         return None
-    return SupplyPlan(gather, (~supplied).nonzero().flatten())
+    return SupplyPlan(gather, (~supplied).nonzero().flatten(), suffix_rows)
 
 
 @contextlib.contextmanager

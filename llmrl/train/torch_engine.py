@@ -21,7 +21,7 @@ from llmrl.train.logprobs import head_logprobs, steady_weights
 from llmrl.train.optimizer_state import allocate_adam_state
 from llmrl.rollout.decode_outputs import DecodeOutputs
 from llmrl.train.shared_prefix import PrefixPlan, plan_shared_prefix
-from llmrl.train.supplied_linears import supply_plan, supplying_linears
+from llmrl.train.supplied_linears import SupplyPlan, supply_plan, supplying_linears
 
 TRAINER_STATE = "trainer_state.pt"
 # The trainer state's key for "the trainable weights are the export at this relative path".
@@ -166,19 +166,22 @@ class TorchTrainEngine:
         self, model: torch.nn.Module, plan: PrefixPlan, want: set[str], entropy_grad: bool
     ) -> dict[str, torch.Tensor]:
         with self._autocast():
-            hidden = self._run_decoder(model, plan)
+            hidden, supply = self._run_decoder(model, plan)
+            # a supply comes from decode_outputs, which may hold the head's logits too
+            kept = self.decode_outputs.logits if supply is not None and self.decode_outputs is not None else None
             logp, ent = head_logprobs(
                 model, hidden, plan.suffix_ids, self.temperature, "entropy" in want, self.cfg.logprob_chunk_tokens,
                 only=plan.suffix_loss_mask > 0, entropy_grad=entropy_grad, keep_logits_bytes=self.cfg.logprob_keep_logits_mb << 20,
+                supplied_logits=None if kept is None or supply is None else (kept, supply.suffix_rows),
             )
         out = {"logprobs": plan.to_rows(logp)}
         if ent is not None:
             out["entropy"] = plan.to_rows(ent)
         return out
 
-    def _run_decoder(self, model: torch.nn.Module, plan: PrefixPlan) -> torch.Tensor:
+    def _run_decoder(self, model: torch.nn.Module, plan: PrefixPlan) -> tuple[torch.Tensor, SupplyPlan | None]:
         """The plan's decoder pass, its linears taking the rollout's kept decode outputs where
-        there are current ones (llmrl/train/supplied_linears.py)."""
+        there are current ones (llmrl/train/supplied_linears.py), and which tokens did."""
         packed = self._packs_responses(model)
         decoder = model.get_decoder()
         tokens = len(plan.root_ids) + int(plan.prefix_mask.sum()) + int(plan.suffix_mask.sum())
@@ -187,10 +190,10 @@ class TorchTrainEngine:
         layers = model.config.num_hidden_layers
         self._reused[1] += tokens * layers
         if supply is None:
-            return plan.run_decoder(decoder, packed=packed)
+            return plan.run_decoder(decoder, packed=packed), None
         with supplying_linears(decoder, store, supply) as supplied_layers:
             self._reused[0] += supply.supplied * supplied_layers
-            return plan.run_decoder(decoder, packed=True)
+            return plan.run_decoder(decoder, packed=True), supply
 
     @torch.no_grad()
     def forward(self, batch: Batch, want: set[str], reference: bool = False, micro_batch_size: int | None = None) -> dict[str, torch.Tensor]:
