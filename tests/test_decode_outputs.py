@@ -7,7 +7,7 @@ import torch
 from llmrl import kernels
 from llmrl.algorithms import LOSSES, AlgorithmConfig, resolve_algorithm
 from llmrl.algorithms.base import LossContext
-from llmrl.models import LoraConfig, ModelConfig, load_policy
+from llmrl.models import LoraConfig, ModelConfig, load_causal_lm, load_policy
 from llmrl.rollout.base import RolloutConfig, SamplingParams
 from llmrl.rollout.decode_outputs import Entry, link_decode_outputs
 from llmrl.rollout.hf import HFRolloutEngine
@@ -16,6 +16,7 @@ from llmrl.train.shared_prefix import plan_shared_prefix
 from llmrl.train.supplied_linears import supply_plan
 from llmrl.train.torch_engine import TorchTrainEngine
 
+from conftest import right_padded
 from test_fused_decode import save_tiny
 
 pytestmark = pytest.mark.skipif(not kernels.load(kernels.DECODE), reason=f"the kernels do not build here: {kernels.failure(kernels.DECODE)}")
@@ -41,18 +42,9 @@ def rollout_batch(rollout: HFRolloutEngine, tokenizer, for_training: bool = True
     """Two prompts x 4 samples of up to 12 tokens, in collate's right-padded layout."""
     prompts = [tokenizer.encode(t) for t in TEXTS for _ in range(4)]
     completions = rollout.generate(prompts, SamplingParams(max_new_tokens=12, seed=seed, for_training=for_training))
-    rows = [(p, c.token_ids) for p, c in zip(prompts, completions)]
-    width, B = max(len(p) + len(r) for p, r in rows), len(rows)
-    batch = {k: torch.zeros(B, width, dtype=torch.long) for k in ("input_ids", "attention_mask", "position_ids")}
-    for key in ("loss_mask", "advantages", "rollout_logprobs"):
-        batch[key] = torch.zeros(B, width)
-    for i, (p, r) in enumerate(rows):
-        end = len(p) + len(r)
-        batch["input_ids"][i, :end] = torch.tensor(p + r)
-        batch["attention_mask"][i, :end] = 1
-        batch["position_ids"][i, :end] = torch.arange(end)
-        batch["loss_mask"][i, len(p) : end] = 1
-        batch["advantages"][i, len(p) : end] = (-1.0, 0.5, 1.5, -0.25)[i % 4]
+    batch = right_padded([(p, c.token_ids) for p, c in zip(prompts, completions)])
+    batch["rollout_logprobs"] = torch.zeros_like(batch["loss_mask"])
+    batch["advantages"] = batch["loss_mask"] * torch.tensor([-1.0, 0.5, 1.5, -0.25] * 2)[:, None]
     return batch
 
 
@@ -140,6 +132,29 @@ def test_kept_outputs_go_stale_when_either_model_changes(tiny_path, tokenizer):
     assert rollout.decode_outputs.entries
     rollout.load_weights((n, p.detach()) for n, p in trainer.model.named_parameters())
     assert trainer.step(batch, loss, LossContext(step=0, cfg=ALGO))["actor/reused_decode_frac"] == 0.0
+
+
+def test_the_reference_takes_them_while_it_equals_the_rollout(tiny_path, tokenizer):
+    rollout = HFRolloutEngine(RolloutConfig(dtype="float32", fused_decode=True), ModelConfig(name=tiny_path), tokenizer)
+    reference = load_causal_lm(ModelConfig(name=tiny_path)).eval().requires_grad_(False)
+    cfg = TrainConfig(lr=1e-3, precision="fp32", skip_zero_advantage_rows=False, micro_batch_size=8)
+    trainer = TorchTrainEngine(load_policy(ModelConfig(name=tiny_path)), cfg, total_updates=4, reference=reference)
+    assert link_decode_outputs(rollout, trainer, 64) is None
+    batch = rollout_batch(rollout, tokenizer)
+    # before any update: old and reference logprobs agree to the bit, both from the kept outputs
+    old = trainer.forward(batch, {"logprobs"})["logprobs"]
+    assert torch.equal(old, trainer.forward(batch, {"logprobs"}, reference=True)["logprobs"])
+    assert trainer.step(batch, LOSSES[ALGO.loss], LossContext(step=0, cfg=ALGO))["actor/reused_decode_frac"] > 0.5
+    rollout.load_weights((n, p.detach()) for n, p in trainer.model.named_parameters())
+    batch = rollout_batch(rollout, tokenizer, seed=1)
+    # the policy moved: the reference no longer equals the rollout, and is recomputed
+    assert trainer.decode_outputs.entries and not trainer.decode_outputs.reference_matches
+    reused = []
+    supplied = trainer._run_decoder
+    trainer._run_decoder = lambda model, plan: reused.append(model is reference) or supplied(model, plan)  # type: ignore[method-assign]
+    trainer._reused = [0, 0]
+    trainer.forward(batch, {"logprobs"}, reference=True)
+    assert reused == [True] and trainer._reused[0] == 0
 
 
 def test_only_training_rollouts_are_kept_and_only_rows_with_their_tokens_use_them(tiny_path, tokenizer):

@@ -18,6 +18,8 @@ from llmrl.train.torch_engine import TorchTrainEngine
 from llmrl.workspace import workspace
 from llmrl.train.value_model import ValueModel
 
+from conftest import right_padded
+
 
 class TokenMeanPG:
     """-A * logp averaged over all policy tokens of the mini-batch."""
@@ -463,17 +465,7 @@ def grouped_batch(seed=0, shared_start=0):
         prompt = start + torch.randint(1, 1000, (prompt_len - shared_start,), generator=g).tolist()
         for n in response_lens:
             rows.append((prompt, torch.randint(1, 1000, (n,), generator=g).tolist()))
-    width = max(len(p) + len(r) for p, r in rows)
-    B = len(rows)
-    batch = {k: torch.zeros(B, width, dtype=torch.long) for k in ("input_ids", "attention_mask", "position_ids")}
-    batch["loss_mask"] = torch.zeros(B, width)
-    for i, (p, r) in enumerate(rows):
-        n = len(p) + len(r)
-        batch["input_ids"][i, :n] = torch.tensor(p + r)
-        batch["attention_mask"][i, :n] = 1
-        batch["position_ids"][i, :n] = torch.arange(n)
-        batch["loss_mask"][i, len(p) : n] = 1
-    return batch
+    return right_padded(rows)
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])

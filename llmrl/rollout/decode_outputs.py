@@ -97,6 +97,16 @@ class DecodeOutputs:
         rollout_params = dict(rollout_model.named_parameters())
         self.pairs = [(rollout_params[name], param) for name, param in trainer_model.named_parameters()]
         self.trainer, self.trainer_model = trainer, trainer_model
+        # The frozen reference (a KL term's) equals the policy until the first update; while it
+        # equals the rollout too, its passes take the kept outputs as well, so that reference and
+        # old logprobs still agree to the bit (a KL of exactly 0 before any update).
+        self.reference: nn.Module | None = getattr(trainer, "reference", None)
+        reference = dict(self.reference.named_parameters()) if self.reference is not None else {}
+        self.reference_pairs = [
+            (rollout_params[name], reference[name]) for name, param in trainer_model.named_parameters()
+            if name in reference and reference[name].dtype == param.dtype and reference[name].shape == param.shape
+        ]
+        self.reference_matches = False
         self.layer_count = int(trainer_model.config.num_hidden_layers)
         self.dtype = next(rollout_model.parameters()).dtype
         self.budget_bytes = budget_bytes
@@ -172,11 +182,14 @@ class DecodeOutputs:
     # ------------------------------------------------------------------ trainer side
     def current_entries(self, model: nn.Module) -> dict[tuple[int, ...], Entry]:
         """The entries that hold what `model` computes now: all of them when `model` is the
-        linked trainer's and no weight of either model has changed since they were recorded."""
-        if model is not self.trainer_model or not self.entries:
+        linked trainer's (or its reference, while that equals the rollout) and no weight of
+        either model has changed since they were recorded."""
+        if not self.entries or (model is not self.trainer_model and model is not self.reference):
             return {}
         if not self._weights_current():
             self._drop_entries()
+            return {}
+        if model is self.reference and not self.reference_matches:
             return {}
         return self.entries
 
@@ -193,7 +206,8 @@ class DecodeOutputs:
         # A weight sync or a checkpoint load writes with copy_, which bumps a tensor's version
         # counter; torch's fused AdamW step does not (torch 2.x), so the trainer's count of
         # optimizer steps is part of the stamp.
-        return (int(self.trainer.updates), *(t._version for pair in self.pairs for t in pair))
+        pairs = self.pairs + self.reference_pairs
+        return (int(self.trainer.updates), *(t._version for pair in pairs for t in pair))
 
     def _weights_current(self) -> bool:
         return self.stamp is not None and self.stamp == self._versions()
@@ -203,6 +217,10 @@ class DecodeOutputs:
         # rollout after the weights moved.
         same = all(torch.equal(ours, theirs) for ours, theirs in self.pairs)
         self.stamp = self._versions() if same else None
+        # after the first update this stops at the first weight that moved
+        self.reference_matches = same and len(self.reference_pairs) == len(self.pairs) and all(
+            torch.equal(ours, theirs) for ours, theirs in self.reference_pairs
+        )
         return same
 
     def _drop_entries(self) -> None:
