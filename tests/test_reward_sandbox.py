@@ -486,15 +486,51 @@ def freed_heap_bytes() -> int:
 
 def test_memory_hog_scores_an_error_not_an_oom(hostile: str, guarantees: dict[str, str]) -> None:
     need(guarantees, "memory_limit")
-    # The limit caps new address space. A worker forked from a process whose heap holds freed
-    # memory (this test process after earlier tests: llmrl keeps freed memory for reuse) reuses
-    # that without a new mapping, beyond the limit: 4 GiB passed with 5 GiB freed. So the hog asks
-    # for 4 GiB more than the heap holds free. (`llmrl train` forks its workers before the model
-    # loads, while the heap is small; a replacement worker forks from the trainer as it is.)
-    parts, metrics = score(hostile, "hog", meta={"mb": 4096 + (freed_heap_bytes() >> 20)}, memory_limit_mb=256)
+    # The worker forks from a process whose heap holds 1 GiB it freed and kept (as llmrl's
+    # trainer keeps every freed byte). Unclaimed, that would serve the 768 MiB hog with no new
+    # mapping, past the 256 MiB limit: the worker claims it before the limit is set.
+    from llmrl.host_memory import keep_freed_memory
+
+    kept = keep_freed_memory()
+    block = bytearray(1 << 30)
+    del block
+    if kept:
+        assert freed_heap_bytes() >= 1 << 30
+    parts, metrics = score(hostile, "hog", meta={"mb": 768}, memory_limit_mb=256)
     assert parts["hog"] == 0.0 and metrics["reward/errors"] == 1.0  # MemoryError inside the worker
     parts, metrics = score(hostile, "hog", meta={"mb": 64}, memory_limit_mb=256)
     assert parts["hog"] == 64 * 1024 * 1024 and metrics["reward/failures"] == 0.0
+
+
+def test_claiming_the_freed_heap_leaves_new_memory_to_the_limit() -> None:
+    """In a fork with 512 MiB freed in its heap, the claim takes it all without a new mapping
+    (the address space does not grow); a request after it needs a mapping of its own."""
+    from llmrl.host_memory import keep_freed_memory
+    from llmrl.reward.freed_heap import address_space, claim_freed_heap
+
+    if not keep_freed_memory():
+        pytest.skip("glibc's keep-freed-memory settings are not in force here")
+    reader, writer = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # a fork, like a reward worker: the claim leaves its heap unusable
+        os.close(reader)
+        block = bytearray(512 << 20)
+        del block
+        free_before = freed_heap_bytes()
+        size_before = address_space()
+        claimed = claim_freed_heap()
+        report = [free_before, claimed, freed_heap_bytes(), size_before, address_space()]
+        os.write(writer, json.dumps(report).encode())
+        os._exit(0)
+    os.close(writer)
+    with os.fdopen(reader) as pipe:
+        free_before, claimed, free_after, size_before, size_after = json.loads(pipe.read())
+    os.waitpid(pid, 0)
+    assert free_before >= 512 << 20
+    assert claimed >= 512 << 20  # the freed block, and any other free memory in 64 KiB or more
+    assert free_after < 64 << 20  # only fragments below the smallest request are left
+    # Nothing was mapped to serve the claim: only Python's own objects after it (an arena of 256 KiB)
+    assert size_after - size_before < 8 << 20
 
 
 def test_cpu_spin_is_stopped_by_the_cpu_limit_before_the_timeout(hostile: str, guarantees: dict[str, str]) -> None:

@@ -9,7 +9,8 @@ timeout and a per-step budget, combines them by weight, and turns every failure 
 function that fails on every call for several steps in a row ends the run.
 
 Modules: `registry` (names, plugin resolution), `config` (the recipe section), `pool` (worker
-processes and timeouts), `sandbox` (the operating-system walls around a worker), `computer`
+processes and timeouts), `sandbox` (the operating-system walls around a worker), `freed_heap`
+(the trainer's freed heap out of a worker's reach, for its memory limit), `computer`
 (RewardComputer), `builtin` (the built-in rewards).
 """
 from llmrl.reward.computer import (

@@ -21,7 +21,8 @@ worker that runs it is confined by the kernel, not by Python checks:
   neither remount, reconfigure the network, nor open a device beyond a minimal /dev (null, zero,
   full, random, urandom). The PID namespace already hides the trainer from kill(2). Either
   way no_new_privs is set;
-- rlimits: address space (what the worker may map beyond its size at start), CPU seconds per
+- rlimits: address space (what the worker may map beyond its size at start, after it has claimed
+  the heap memory the trainer freed, so that the reward cannot reuse it unseen), CPU seconds per
   call, file size, process count (per user: meaningful only after the uid drop, root is exempt)
   and no core files;
 - cwd, HOME and TMPDIR point at the private directory, which the pool removes at close.
@@ -42,6 +43,8 @@ import stat
 import sys
 import tempfile
 from dataclasses import dataclass
+
+from llmrl.reward import freed_heap
 
 NOBODY = 65534
 
@@ -474,8 +477,10 @@ def _set_limits(settings: SandboxSettings, report: dict[str, str]) -> None:
     limits = {"file_size_limit": None, "process_limit": None, "memory_limit": None}
     if settings.memory_limit_mb is not None:
         # A fork starts as big as the trainer (torch alone maps gigabytes of address space), so
-        # the limit is on what the reward may add.
-        limits["memory_limit"] = (resource.RLIMIT_AS, _address_space() + settings.memory_limit_mb * mib)
+        # the limit is on what the reward may add; the trainer's freed heap is claimed first, or
+        # the reward could reuse it unseen by the limit.
+        freed_heap.claim_freed_heap()
+        limits["memory_limit"] = (resource.RLIMIT_AS, freed_heap.address_space() + settings.memory_limit_mb * mib)
     if settings.max_file_mb is not None:
         limits["file_size_limit"] = (resource.RLIMIT_FSIZE, settings.max_file_mb * mib)
     if settings.max_processes is not None:
@@ -491,14 +496,6 @@ def _set_limits(settings: SandboxSettings, report: dict[str, str]) -> None:
             report[name] = f"setrlimit failed: {exc}"
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     report["cpu_limit"] = "on (per call)" if settings.cpu_limit_s is not None else "off in the recipe"
-
-
-def _address_space() -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmSize:"):
-                return int(line.split()[1]) * 1024
-    return 0
 
 
 def _die_with_parent() -> None:
