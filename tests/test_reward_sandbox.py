@@ -503,8 +503,11 @@ def test_memory_hog_scores_an_error_not_an_oom(hostile: str, guarantees: dict[st
 
 
 def test_claiming_the_freed_heap_leaves_new_memory_to_the_limit() -> None:
-    """In a fork with 512 MiB freed in its heap, the claim takes it all without a new mapping
-    (the address space does not grow); a request after it needs a mapping of its own."""
+    """In a fork with 512 MiB freed in its heap, the claim takes it without a new mapping (the
+    address space does not grow), and afterwards malloc cannot serve 64 KiB without one."""
+    import ctypes
+    import resource
+
     from llmrl.host_memory import keep_freed_memory
     from llmrl.reward.freed_heap import address_space, claim_freed_heap
 
@@ -512,23 +515,28 @@ def test_claiming_the_freed_heap_leaves_new_memory_to_the_limit() -> None:
         pytest.skip("glibc's keep-freed-memory settings are not in force here")
     reader, writer = os.pipe()
     pid = os.fork()
-    if pid == 0:  # a fork, like a reward worker: the claim leaves its heap unusable
+    if pid == 0:  # a fork, like a reward worker
         os.close(reader)
+        malloc = ctypes.CDLL(None).malloc
+        malloc.argtypes, malloc.restype = [ctypes.c_size_t], ctypes.c_void_p
         block = bytearray(512 << 20)
         del block
-        free_before = freed_heap_bytes()
-        size_before = address_space()
+        free_before, size_before = freed_heap_bytes(), address_space()
         claimed = claim_freed_heap()
-        report = [free_before, claimed, freed_heap_bytes(), size_before, address_space()]
-        os.write(writer, json.dumps(report).encode())
+        size_after = address_space()
+        soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+        resource.setrlimit(resource.RLIMIT_AS, (size_after, hard))  # no new mapping from here
+        served_64k = bool(malloc(1 << 16))
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+        os.write(writer, json.dumps([free_before, claimed, size_before, size_after, served_64k]).encode())
         os._exit(0)
     os.close(writer)
     with os.fdopen(reader) as pipe:
-        free_before, claimed, free_after, size_before, size_after = json.loads(pipe.read())
+        free_before, claimed, size_before, size_after, served_64k = json.loads(pipe.read())
     os.waitpid(pid, 0)
     assert free_before >= 512 << 20
-    assert claimed >= 512 << 20  # the freed block, and any other free memory in 64 KiB or more
-    assert free_after < 64 << 20  # only fragments below the smallest request are left
+    assert claimed >= 512 << 20  # the freed block, and any other free memory in pieces of 64 KiB or more
+    assert not served_64k  # what is left free is in fragments smaller than that
     # Nothing was mapped to serve the claim: only Python's own objects after it (an arena of 256 KiB)
     assert size_after - size_before < 8 << 20
 

@@ -15,8 +15,9 @@ from __future__ import annotations
 import ctypes
 import resource
 
-# Requests start above any heap and halve; below this size the leftovers are fragments too small
-# to matter against a limit in MiB, and claiming them would take a call each.
+# Requests start above any heap and halve. Fragments below the smallest request stay reusable
+# (with other threads' arenas, 230 MB stayed free in a test process after 900 tests): each would
+# cost a call and a copied page (the next chunk's header is written) to claim.
 _FIRST_REQUEST = 1 << 40
 _SMALLEST_REQUEST = 1 << 16
 _MAX_CALLS = 1 << 16
