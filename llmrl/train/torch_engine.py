@@ -168,11 +168,11 @@ class TorchTrainEngine:
         with self._autocast():
             hidden, supply = self._run_decoder(model, plan)
             # a supply comes from decode_outputs, which may hold the head's logits too
-            kept = self.decode_outputs.logits if supply is not None and self.decode_outputs is not None else None
+            kept = self.decode_outputs.logits if supply is not None else None
             logp, ent = head_logprobs(
                 model, hidden, plan.suffix_ids, self.temperature, "entropy" in want, self.cfg.logprob_chunk_tokens,
                 only=plan.suffix_loss_mask > 0, entropy_grad=entropy_grad, keep_logits_bytes=self.cfg.logprob_keep_logits_mb << 20,
-                supplied_logits=None if kept is None or supply is None else (kept, supply.suffix_rows),
+                supplied_logits=None if kept is None else (kept, supply.suffix_rows),
             )
         out = {"logprobs": plan.to_rows(logp)}
         if ent is not None:
